@@ -1,0 +1,45 @@
+# Anytime: the two set-up commands are `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Debian packages the test suite uses (real data, real Prometheus, compose validation).
+TEST_DEBS := dataset-fashion-mnist prometheus docker-compose
+
+.PHONY: serve test lint venv debs
+
+venv: $(STAMP)
+
+# Re-install when the project's metadata changes; pip's cap file (if any) pins torch 2.14.1 here.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+debs:
+	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "The tests need Debian packages:$$missing"; \
+	    echo "Run: sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+test: venv debs
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+serve: venv
+	@echo "make serve will serve the bundled default model on http://$(HOST):$(PORT)."
+	@echo "The server (service/) is not built yet; nothing is served." >&2
+	@exit 1

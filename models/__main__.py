@@ -1,0 +1,45 @@
+"""`python -m models describe NAME --num-classes C --input 3x32x32` prints per-exit costs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.cost import exit_costs, format_cost_table
+from models.registry import build_model, list_models
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input must look like 3x32x32, got {text!r}") from None
+    return c, h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list registered models")
+    d = sub.add_parser("describe", help="per-exit parameters and FLOPs")
+    d.add_argument("name")
+    d.add_argument("--num-classes", type=int, default=100)
+    d.add_argument("--input", type=_shape, default=(3, 32, 32), help="CxHxW, e.g. 3x32x32")
+    d.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        sys.stdout.write("\n".join(list_models()) + "\n")
+        return 0
+    try:
+        model = build_model(args.name, args.num_classes, in_channels=args.input[0], stem=args.stem)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    costs = exit_costs(model, args.input)
+    sys.stdout.write(f"{args.name}: {args.num_classes} classes, input {'x'.join(map(str, args.input))}\n")
+    sys.stdout.write(format_cost_table(costs) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Multi-exit ResNets (He et al. 2016) with BYOT exits after each of the four stages.
+
+The residual blocks are torchvision's own, so the deepest path with the ImageNet stem and
+1000 classes has exactly torchvision's parameter count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from models.multi_exit import MultiExitNet, build_exit_heads
+from models.registry import register_model
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+
+def make_stem(in_channels: int, width: int, stem: str) -> nn.Sequential:
+    """CIFAR stem: 3x3 conv, no pooling. ImageNet stem: 7x7/2 conv and 3x3/2 max-pool."""
+    if stem == "cifar":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    )
+
+
+def make_layer(block: Block, inplanes: int, planes: int, blocks: int, stride: int, **block_kw: Any) -> nn.Sequential:
+    """A stage of `blocks` residual blocks; the first one changes stride and width."""
+    downsample = None
+    out = planes * block.expansion
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    layers = [block(inplanes, planes, stride, downsample, **block_kw)]
+    layers += [block(out, planes, **block_kw) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def build_resnet(
+    block: Block,
+    layers: Sequence[int],
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "cifar",
+    widths: Sequence[int] = (64, 128, 256, 512),
+    exit_style: str = "conv",
+    attention: bool = False,
+    **block_kw: Any,
+) -> MultiExitNet:
+    """A ResNet-style multi-exit network: stem, one stage per entry of `layers`, an exit per stage."""
+    stages: list[nn.Module] = []
+    inplanes = widths[0]
+    channels: list[int] = []
+    for i, (planes, blocks) in enumerate(zip(widths, layers, strict=True)):
+        layer = make_layer(block, inplanes, planes, blocks, 1 if i == 0 else 2, **block_kw)
+        inplanes = planes * block.expansion
+        channels.append(inplanes)
+        stages.append(nn.Sequential(make_stem(in_channels, widths[0], stem), layer) if i == 0 else layer)
+    n = len(stages)
+    downsamples = [n - 1 - i for i in range(n)]
+    heads = build_exit_heads(channels, downsamples, num_classes, None, exit_style, attention, block.expansion)
+    net = MultiExitNet(stages, heads)
+    _init_weights(net)
+    return net
+
+
+def _init_weights(net: nn.Module) -> None:
+    # torchvision's ResNet initialisation.
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+@register_model
+def resnet18(**kwargs: Any) -> MultiExitNet:
+    """ResNet-18 with four exits."""
+    return build_resnet(BasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet34(**kwargs: Any) -> MultiExitNet:
+    """ResNet-34 with four exits."""
+    return build_resnet(BasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet50(**kwargs: Any) -> MultiExitNet:
+    """ResNet-50 with four exits."""
+    return build_resnet(Bottleneck, (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet101(**kwargs: Any) -> MultiExitNet:
+    """ResNet-101 with four exits."""
+    return build_resnet(Bottleneck, (3, 4, 23, 3), **kwargs)
+
+
+@register_model
+def resnet152(**kwargs: Any) -> MultiExitNet:
+    """ResNet-152 with four exits."""
+    return build_resnet(Bottleneck, (3, 8, 36, 3), **kwargs)
+
+
+@register_model
+def resnet_fmnist(**kwargs: Any) -> MultiExitNet:
+    """Compact 4-exit ResNet for 28x28 grayscale images (Fashion-MNIST), about 1 M parameters."""
+    kwargs.setdefault("in_channels", 1)
+    return build_resnet(BasicBlock, (2, 2, 2, 2), widths=(16, 32, 64, 128), **kwargs)
+
+
+@register_model
+def test_tiny(**kwargs: Any) -> MultiExitNet:
+    """A tiny 3-exit network for tests: a forward pass takes milliseconds."""
+    return build_resnet(BasicBlock, (1, 1, 1), widths=(4, 8, 16), **kwargs)
