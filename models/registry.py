@@ -47,3 +47,16 @@ def build_model(
 def _import_families() -> None:
     # Importing the family modules runs their @register_model decorators.
     from models import pyramidnet, resnet, resnext, vgg, wide_resnet  # noqa: F401
+
+
+def build_model_from_spec(spec: dict[str, Any]) -> MultiExitNet:
+    """Rebuild a network from the architecture spec that checkpoints and artifacts carry.
+
+    `spec` is ``{"name", "num_classes", "in_channels", "stem", "kwargs"}``.
+    """
+    missing = {"name", "num_classes", "in_channels", "stem"} - set(spec)
+    if missing:
+        raise ValueError(f"Architecture spec lacks {', '.join(sorted(missing))}")
+    return build_model(
+        spec["name"], int(spec["num_classes"]), int(spec["in_channels"]), spec["stem"], **spec.get("kwargs", {})
+    )

@@ -1,0 +1,134 @@
+"""The trainer: optimisation steps, DDP under torchrun, exact resume, real data, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+from training.cli import main as train_cli
+from training.config import TrainConfig
+from training.data import DataError, load_data
+from training.trainer import Trainer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["byot", "dsn", "standard", "kd"])
+def test_one_step_lowers_the_loss(method: str) -> None:
+    model = build_model("test_tiny", 4)
+    teacher = build_model("test_tiny", 4).eval() if method == "kd" else None
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = TrainConfig(method=method, teacher="unused" if teacher else None)
+    model.eval()  # fixed BN statistics: the same function before and after the step
+    before, _ = train_step(model, x, y, optimizer, None, cfg, None, teacher)
+    after, _ = train_step(model, x, y, optimizer, None, cfg, None, teacher)
+    assert after["loss"] < before["loss"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={_free_port()}", *args]
+    # gloo on the loopback interface only: no test traffic leaves the machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
+    proc = _torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    r0, r1, one = (
+        torch.load(tmp_path / f, weights_only=True) for f in ("world2-rank0.pt", "world2-rank1.pt", "world1-rank0.pt")
+    )
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0)
+        torch.testing.assert_close(r0[key], one[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(one[k], build_model("test_tiny", 4).state_dict()[k]) for k in one)
+
+
+@pytest.mark.slow
+def test_trainer_cli_runs_under_torchrun(tmp_path: Path) -> None:
+    proc = _torchrun("-m", "training.cli", "--model", "test_tiny", "--dataset", "synthetic", "--epochs", "1",
+                     "--batch-size", "32", "--out-dir", str(tmp_path), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "results.md").is_file()
+
+
+def _cfg(out: Path, **kw: object) -> TrainConfig:
+    base = {"model": "test_tiny", "dataset": "synthetic", "epochs": 2, "batch_size": 16, "out_dir": str(out)}
+    return TrainConfig(**{"progress": False, "schedule": "multistep", "milestones": [0.5], **base, **kw})
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    Trainer(_cfg(tmp_path / "straight")).fit()
+    Trainer(_cfg(tmp_path / "split", stop_after=1)).fit()
+    assert not (tmp_path / "split" / "results.md").exists()
+    Trainer(_cfg(tmp_path / "split", resume=True)).fit()
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_fashion_mnist_loader_reads_the_real_files() -> None:
+    bundle = load_data("fashion-mnist", val_size=5000, allow_download=False)
+    assert len(bundle.train) + len(bundle.val) == 60_000 and len(bundle.val) == 5000
+    assert len(bundle.test) == 10_000
+    train_labels = bundle.train.dataset.labels  # type: ignore[attr-defined]
+    assert torch.bincount(train_labels).tolist() == [6000] * 10
+    assert torch.bincount(bundle.test.labels).tolist() == [1000] * 10  # type: ignore[attr-defined]
+    x, _ = bundle.test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert bundle.classes[0] == "T-shirt/top" and bundle.num_classes == 10
+
+
+def test_missing_data_names_every_way_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("training.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.delenv("ANYTIME_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="--data-dir.*ANYTIME_DATA_DIR.*apt-get install dataset-fashion-mnist"):
+        load_data("fashion-mnist", data_dir=str(tmp_path), allow_download=False)
+
+
+def test_cli_end_to_end_writes_checkpoint_log_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = train_cli(["--model", "test_tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
+                      "--max-steps", "3", "--out-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert "| test |" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "results.md", "results.json"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and "val_acc_exit3" in records[0]
+
+
+def test_cli_rejects_bad_settings_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli(["--method", "magic", "--dataset", "synthetic"]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_amp_channels_last_training_on_cuda(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, device="cuda", amp="bf16", channels_last=True, epochs=1)
+    rows = Trainer(cfg).fit()
+    assert rows["test"]["exit3"] > 0

@@ -1,0 +1,1 @@
+"""Self-distillation training, evaluation, calibration, threshold selection and export."""

@@ -1,0 +1,125 @@
+"""The trainer's configuration: defaults < ANYTIME_* environment < YAML file < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.data import DATASETS
+from training.losses import METHODS
+
+
+class TrainConfig(BaseSettings):
+    """Everything one training run needs; saved as `config.yaml` next to the run."""
+
+    model_config = SettingsConfigDict(env_prefix="ANYTIME_", extra="forbid")
+
+    # What to train.
+    model: str = Field("resnet_fmnist", description="registered model name (python -m models list)")
+    stem: Literal["cifar", "imagenet"] = Field("cifar", description="network stem")
+    exit_style: Literal["conv", "sepconv"] = Field("conv", description="exit head style")
+    attention: bool = Field(False, description="attention gate before each shallow exit (TPAMI variant)")
+    method: str = Field("byot", description=f"one of {', '.join(METHODS)}")
+    teacher: str | None = Field(None, description="kd only: teacher checkpoint (.pt) or artifact directory")
+    # Loss options (BYOT reference-code defaults).
+    alpha: float = Field(0.3, ge=0, le=1, description="weight of the distillation term")
+    temperature: float = Field(3.0, gt=0, description="distillation temperature T")
+    feature_weight: float = Field(0.03, ge=0, description="weight λ of the feature hint")
+    use_kd: bool = Field(True, description="byot: distil the deepest exit into the shallow ones")
+    use_feature: bool = Field(True, description="byot: L2 feature hint towards the deepest features")
+    # Data.
+    dataset: str = Field("fashion-mnist", description=f"one of {', '.join(DATASETS)}")
+    data_dir: str | None = Field(None, description="where the data set lives")
+    val_size: int = Field(5000, gt=0, description="images held out of the training set for validation")
+    split_seed: int = Field(0, description="seed of the validation split (kept apart from the training seed)")
+    augment: Literal["standard", "autoaugment", "erasing", "autoaugment+erasing"] = "standard"
+    allow_download: bool = Field(True, description="fashion-mnist: fall back to torchvision's download")
+    # Optimisation.
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0, description="global batch size (split across DDP ranks)")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[float] = Field([0.5, 0.75], description="multistep: fractions of the epochs where lr drops")
+    gamma: float = Field(0.1, description="multistep: lr factor at each milestone")
+    seed: int = 0
+    max_steps: int | None = Field(None, description="cap on steps per epoch (smoke runs)")
+    # Hardware.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    channels_last: bool = Field(True, description="CUDA only")
+    compile: bool = Field(False, description="torch.compile the model")
+    threads: int | None = Field(None, description="CPU: torch.set_num_threads")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    # Output.
+    out_dir: str = Field("runs/run", description="run directory: checkpoints, logs, config, results")
+    resume: bool = Field(False, description="continue from out_dir/last.pt")
+    stop_after: int | None = Field(None, gt=0, description="end this invocation after N epochs (resume later)")
+    progress: bool = Field(True, description="tqdm progress bars")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+
+def _arg_type(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a field annotation, for argparse."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _arg_type(args[0])
+    if origin is list:
+        return typing.get_args(annotation)[0], True
+    if origin is Literal:
+        return str, False
+    return annotation, False
+
+
+def build_parser(prog: str = "anytime-train") -> argparse.ArgumentParser:
+    """A flag per config field (`--batch-size 64`, `--no-use-kd`), plus `--config FILE.yaml`."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train a self-distilled multi-exit network.")
+    parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, is_list = _arg_type(field.annotation)
+        help_text = field.description or ""
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif is_list:
+            parser.add_argument(flag, type=kind, nargs="+", default=None, help=help_text)
+        else:
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
+            parser.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Resolve flags over the YAML file over the environment over the defaults."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config")
+    if config_file is not None:
+        values.update(yaml.safe_load(config_file.read_text()) or {})
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,239 @@
+"""Datasets, transforms and the held-out validation split.
+
+Every dataset comes back as a `DataBundle`: train / val / test datasets plus what the artifact
+needs to describe the input (class names, channels, size, mean/std). The validation split is
+held out of the training set with its own fixed seed; the test set is only ever reported.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+class DataError(RuntimeError):
+    """The data set cannot be found or read; the message says where it looked and what to do."""
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test splits and the input description that export writes into the manifest."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    resize: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a uint8 N×C×H×W tensor, transformed per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+    def with_transform(self, transform: v2.Transform) -> TensorImages:
+        return TensorImages(self.images, self.labels, transform)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), as the MNIST family ships them."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for suffix in ("", ".gz"):
+            p = directory / sub / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+    return None
+
+
+def fashion_mnist_dir(data_dir: str | None, allow_download: bool) -> Path:
+    """Where the Fashion-MNIST IDX files are: --data-dir, $ANYTIME_DATA_DIR, Debian's package, download."""
+    candidates = [Path(p) for p in (data_dir, os.environ.get("ANYTIME_DATA_DIR")) if p]
+    candidates.append(DEBIAN_FASHION_MNIST)
+    for c in candidates:
+        if _find_idx(c, "train-images-idx3-ubyte") and _find_idx(c, "t10k-labels-idx1-ubyte"):
+            return c
+    root = Path(data_dir or os.environ.get("ANYTIME_DATA_DIR") or Path.home() / ".cache" / "anytime")
+    if allow_download:
+        try:
+            datasets.FashionMNIST(str(root), train=True, download=True)
+            datasets.FashionMNIST(str(root), train=False, download=True)
+            return root
+        except Exception as exc:  # network errors come in many types
+            reason = f"download failed: {exc}"
+    else:
+        reason = "download disabled"
+    raise DataError(
+        "Fashion-MNIST not found. Looked in: "
+        + ", ".join(str(c) for c in candidates)
+        + f" ({reason}). Fix one of: pass --data-dir DIR holding the IDX files; set ANYTIME_DATA_DIR; "
+        "or `apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/fashion-mnist/)."
+    )
+
+
+def _tensor_transforms(train: bool, size: int, mean: list[float], std: list[float], flip: bool) -> v2.Transform:
+    steps: list[v2.Transform] = []
+    if train:
+        steps.append(v2.RandomCrop(size, padding=2 if size <= 28 else 4))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def _split(train_full: TensorImages, val_size: int, seed: int, eval_tf: v2.Transform) -> tuple[Dataset, Dataset]:
+    if not 0 < val_size < len(train_full):
+        raise DataError(f"val_size must be between 1 and {len(train_full) - 1}, got {val_size}")
+    order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = Subset(train_full, order[val_size:])
+    val = Subset(train_full.with_transform(eval_tf), order[:val_size])
+    return train, val
+
+
+def load_fashion_mnist(data_dir: str | None, val_size: int, split_seed: int, allow_download: bool) -> DataBundle:
+    """Fashion-MNIST from its IDX files; 28x28 grayscale, 10 classes."""
+    root = fashion_mnist_dir(data_dir, allow_download)
+
+    def part(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))  # type: ignore[arg-type]
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))  # type: ignore[arg-type]
+        return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+    mean, std = [0.2860], [0.3530]
+    eval_tf = _tensor_transforms(False, 28, mean, std, flip=False)
+    train_full = TensorImages(*part("train"), _tensor_transforms(True, 28, mean, std, flip=True))
+    train, val = _split(train_full, val_size, split_seed, eval_tf)
+    test = TensorImages(*part("t10k"), eval_tf)
+    return DataBundle("fashion-mnist", train, val, test, FASHION_MNIST_CLASSES, 1, 28, mean, std)
+
+
+CIFAR_STATS = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+def load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, augment: str) -> DataBundle:
+    """CIFAR-10/100 from the standard python-pickle directory (never downloaded)."""
+    root = data_dir or os.environ.get("ANYTIME_DATA_DIR")
+    if not root:
+        raise DataError(f"{name} needs --data-dir (or ANYTIME_DATA_DIR) pointing at the extracted python version")
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except RuntimeError as exc:
+        raise DataError(f"{name} not found under {root}: {exc}") from exc
+    mean, std = CIFAR_STATS[name]
+    train_steps: list[v2.Transform] = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    if augment in ("autoaugment", "autoaugment+erasing"):
+        train_steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    train_steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if augment in ("erasing", "autoaugment+erasing"):
+        train_steps.append(v2.RandomErasing())
+    eval_tf = _tensor_transforms(False, 32, mean, std, flip=False)
+
+    def tensors(ds: datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    train_full = TensorImages(*tensors(tr), v2.Compose(train_steps))
+    train, val = _split(train_full, val_size, split_seed, eval_tf)
+    return DataBundle(name, train, val, TensorImages(*tensors(te), eval_tf), list(tr.classes), 3, 32, mean, std)
+
+
+def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size: int = 224) -> DataBundle:
+    """`train/` and `val/` class folders (ImageNet layout); `val/` is the reported test set."""
+    if not data_dir or not (Path(data_dir) / "train").is_dir() or not (Path(data_dir) / "val").is_dir():
+        raise DataError(f"imagefolder needs --data-dir with train/ and val/ class folders, got {data_dir!r}")
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm])
+    eval_tf = v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size), *norm])
+    train_full = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=train_tf)
+    eval_full = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=eval_tf)
+    order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    test = datasets.ImageFolder(str(Path(data_dir) / "val"), transform=eval_tf)
+    return DataBundle(
+        "imagefolder", Subset(train_full, order[val_size:]), Subset(eval_full, order[:val_size]), test,
+        list(train_full.classes), 3, size, mean, std, resize=int(size * 256 / 224),
+    )  # fmt: skip
+
+
+def load_synthetic(num_classes: int = 4, size: int = 16, channels: int = 3, n: int = 256, seed: int = 0) -> DataBundle:
+    """Random images whose class sets their mean brightness, so a network can learn them (for tests)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    base = (labels.float() + 0.5) / num_classes * 200
+    noise = torch.randn(n, channels, size, size, generator=g) * 25
+    images = (base.view(-1, 1, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
+    mean, std = [0.5] * channels, [0.25] * channels
+    tf = _tensor_transforms(False, size, mean, std, flip=False)
+    full = TensorImages(images, labels, tf)
+    quarter = n // 4
+    return DataBundle(
+        "synthetic", Subset(full, range(2 * quarter, n)), Subset(full, range(quarter)),
+        Subset(full, range(quarter, 2 * quarter)), [f"class{i}" for i in range(num_classes)], channels, size, mean, std,
+    )  # fmt: skip
+
+
+def load_data(
+    name: str,
+    data_dir: str | None = None,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    augment: str = "standard",
+    allow_download: bool = True,
+) -> DataBundle:
+    """Load one of `DATASETS` by name."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(data_dir, val_size, split_seed, allow_download)
+    if name in CIFAR_STATS:
+        return load_cifar(name, data_dir, val_size, split_seed, augment)
+    if name == "imagefolder":
+        return load_imagefolder(data_dir, val_size, split_seed)
+    if name == "synthetic":
+        return load_synthetic()
+    raise DataError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")

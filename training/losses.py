@@ -1,0 +1,111 @@
+"""Training losses as pure functions of logits, features and labels, each returning named terms.
+
+Every function returns ``{"loss", "ce", "kd", "feature"}`` (terms a method does not use are 0),
+so the trainer logs the same keys whatever the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+METHODS = ("byot", "dsn", "standard", "kd")
+
+
+def distillation_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch (Hinton et al.)."""
+    log_p = F.log_softmax(student / temperature, dim=1)
+    q = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+
+
+def feature_hint(student: Tensor, teacher: Tensor) -> Tensor:
+    """Squared L2 distance ‖F_i − F_C‖² per sample, averaged over the batch."""
+    return (student - teacher).pow(2).flatten(1).sum(1).mean()
+
+
+def _terms(ce: Tensor, kd: Tensor | float = 0.0, feature: Tensor | float = 0.0) -> dict[str, Tensor]:
+    zero = ce.new_zeros(())
+    kd_t = kd if isinstance(kd, Tensor) else zero + kd
+    feat_t = feature if isinstance(feature, Tensor) else zero + feature
+    return {"loss": ce + kd_t + feat_t, "ce": ce, "kd": kd_t, "feature": feat_t}
+
+
+def byot_loss(
+    logits: Sequence[Tensor],
+    features: Sequence[Tensor],
+    target: Tensor,
+    alpha: float = 0.3,
+    temperature: float = 3.0,
+    feature_weight: float = 0.03,
+    use_kd: bool = True,
+    use_feature: bool = True,
+) -> dict[str, Tensor]:
+    """Be Your Own Teacher: the deepest exit teaches every shallow exit in the same pass.
+
+    Shallow exit i: (1-α)·CE(z_i, y) + α·T²·KL(q_C ‖ q_i) + λ·‖F_i − F_C‖², with the deepest
+    exit's logits and features detached; the deepest exit gets plain CE. With `use_kd=False`
+    the CE weight stays 1 (so switching KD off gives DSN plus the hint).
+    """
+    teacher_z, teacher_f = logits[-1].detach(), features[-1].detach()
+    ce = F.cross_entropy(logits[-1], target)
+    kd = ce.new_zeros(())
+    feat = ce.new_zeros(())
+    ce_weight = (1 - alpha) if use_kd else 1.0
+    for z, f in zip(logits[:-1], features[:-1], strict=True):
+        ce = ce + ce_weight * F.cross_entropy(z, target)
+        if use_kd:
+            kd = kd + alpha * distillation_kl(z, teacher_z, temperature)
+        if use_feature:
+            feat = feat + feature_weight * feature_hint(f, teacher_f)
+    return _terms(ce, kd, feat)
+
+
+def dsn_loss(logits: Sequence[Tensor], target: Tensor) -> dict[str, Tensor]:
+    """Deep supervision: cross-entropy at every exit, nothing else."""
+    return _terms(sum((F.cross_entropy(z, target) for z in logits), logits[0].new_zeros(())))
+
+
+def standard_loss(logits: Sequence[Tensor], target: Tensor) -> dict[str, Tensor]:
+    """The paper's baseline: cross-entropy at the deepest exit only."""
+    return _terms(F.cross_entropy(logits[-1], target))
+
+
+def kd_loss(
+    logits: Sequence[Tensor], teacher_logits: Tensor, target: Tensor, alpha: float = 0.3, temperature: float = 3.0
+) -> dict[str, Tensor]:
+    """Two-step distillation: a trained teacher's logits teach the student's deepest exit."""
+    ce = (1 - alpha) * F.cross_entropy(logits[-1], target)
+    return _terms(ce, alpha * distillation_kl(logits[-1], teacher_logits.detach(), temperature))
+
+
+def compute_loss(
+    method: str,
+    logits: Sequence[Tensor],
+    features: Sequence[Tensor],
+    target: Tensor,
+    teacher_logits: Tensor | None = None,
+    **options: float | bool,
+) -> dict[str, Tensor]:
+    """Dispatch to the loss of `method` (one of `METHODS`)."""
+    if method == "byot":
+        return byot_loss(logits, features, target, **options)  # type: ignore[arg-type]
+    if method == "dsn":
+        return dsn_loss(logits, target)
+    if method == "standard":
+        return standard_loss(logits, target)
+    if method == "kd":
+        if teacher_logits is None:
+            raise ValueError("method 'kd' needs the teacher's logits")
+        kd_opts = {k: v for k, v in options.items() if k in ("alpha", "temperature")}
+        return kd_loss(logits, teacher_logits, target, **kd_opts)  # type: ignore[arg-type]
+    raise ValueError(f"Unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def accuracy_counts(logits: Sequence[Tensor], target: Tensor) -> torch.Tensor:
+    """Correct predictions per exit, then for the ensemble (mean of exit logits)."""
+    preds = [z.argmax(1) for z in logits] + [torch.stack(list(logits)).mean(0).argmax(1)]
+    return torch.stack([(p == target).sum() for p in preds])

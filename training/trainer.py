@@ -1,0 +1,318 @@
+"""The training loop: BYOT and baselines on CPU, one GPU, or many under `torchrun` (DDP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from models.multi_exit import MultiExitNet
+from models.registry import build_model_from_spec
+from models.seed import seed_everything
+from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import TrainConfig
+from training.data import DataBundle, load_data
+from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
+from training.losses import accuracy_counts, compute_loss
+
+log = logging.getLogger("anytime.train")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a DDP job (world size 1 without `torchrun`)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistContext:
+    """Join the process group `torchrun` describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(cfg: TrainConfig, ctx: DistContext) -> torch.device:
+    """The configured device; `auto` picks CUDA when present. DDP ranks take their local GPU."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA; none on the CPU."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def model_spec(cfg: TrainConfig, bundle: DataBundle) -> dict[str, Any]:
+    """The constructor arguments that rebuild the network (kept in checkpoints and artifacts)."""
+    return {
+        "name": cfg.model,
+        "num_classes": bundle.num_classes,
+        "in_channels": bundle.in_channels,
+        "stem": cfg.stem,
+        "kwargs": {"exit_style": cfg.exit_style, "attention": cfg.attention},
+    }
+
+
+def data_spec(bundle: DataBundle) -> dict[str, Any]:
+    """How inputs must look: what the server needs to preprocess an image."""
+    return {
+        "dataset": bundle.name,
+        "classes": bundle.classes,
+        "channels": bundle.in_channels,
+        "size": bundle.image_size,
+        "resize": bundle.resize,
+        "mean": bundle.mean,
+        "std": bundle.std,
+        "color_mode": "L" if bundle.in_channels == 1 else "RGB",
+    }
+
+
+def load_teacher(path: str, device: torch.device) -> MultiExitNet:
+    """A trained teacher from a trainer checkpoint (.pt) or an exported artifact directory."""
+    p = Path(path)
+    if p.is_dir():
+        from models.artifact import load_artifact
+
+        model = load_artifact(p).model
+    else:
+        state = load_checkpoint(p)
+        model = build_model_from_spec(state["model_spec"])
+        model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    cfg: TrainConfig,
+    amp_dtype: torch.dtype | None,
+    teacher: MultiExitNet | None = None,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimisation step; returns the loss terms and per-exit correct counts."""
+    with autocast_for(x.device, amp_dtype):
+        out = model(x)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x).logits[-1]
+        opts = {"alpha": cfg.alpha, "temperature": cfg.temperature}
+        if cfg.method == "byot":
+            opts |= {"feature_weight": cfg.feature_weight, "use_kd": cfg.use_kd, "use_feature": cfg.use_feature}
+        logits = [z.float() for z in out.logits]
+        features = [f.float() for f in out.features]
+        terms = compute_loss(cfg.method, logits, features, y, teacher_logits, **opts)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        terms["loss"].backward()
+        optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}, accuracy_counts(logits, y).cpu()
+
+
+class Trainer:
+    """One training run: build everything from the config, then `fit()`."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.ctx = init_distributed()
+        self.device = resolve_device(cfg, self.ctx)
+        self.amp_dtype = resolve_amp(cfg, self.device)
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.bundle = load_data(
+            cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.augment, cfg.allow_download
+        )
+        self.spec = model_spec(cfg, self.bundle)
+        self.model = build_model_from_spec(self.spec).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = self._make_scheduler()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.teacher = None
+        if cfg.method == "kd":
+            if not cfg.teacher:
+                raise ValueError("method 'kd' needs --teacher (a checkpoint .pt or an artifact directory)")
+            self.teacher = load_teacher(cfg.teacher, self.device)
+        self.out = Path(cfg.out_dir)
+        self.start_epoch = 0
+        self.best_val = -1.0
+        if cfg.resume:
+            self._restore(load_checkpoint(self.out / "last.pt"))
+        self.net: nn.Module = self.model
+        if self.ctx.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            unused = cfg.method in ("standard", "kd")  # shallow exits get no gradient there
+            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+        if cfg.compile:
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.cfg.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
+        milestones = sorted({max(1, round(f * self.cfg.epochs)) for f in self.cfg.milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=self.cfg.gamma)
+
+    def _loader(self, dataset: Any, epoch: int | None) -> DataLoader:
+        cfg, ctx = self.cfg, self.ctx
+        if epoch is None:  # evaluation: in order, whole set
+            return DataLoader(dataset, batch_size=512, num_workers=cfg.num_workers)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        if ctx.world_size > 1:
+            sampler: Any = DistributedSampler(dataset, ctx.world_size, ctx.rank, True, cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+        return DataLoader(
+            dataset,
+            batch_size=max(1, cfg.batch_size // ctx.world_size),
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
+        )
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.net.train()
+        loader = self._loader(self.bundle.train, epoch)
+        sums = torch.zeros(4 + self.model.num_exits + 1 + 1, dtype=torch.float64)  # terms, correct, count
+        start = time.perf_counter()
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not (self.ctx.is_main and self.cfg.progress)
+        )
+        for step, (x, y) in enumerate(bar):
+            if self.cfg.max_steps is not None and step >= self.cfg.max_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            terms, correct = train_step(
+                self.net, x, y, self.optimizer, self.scaler, self.cfg, self.amp_dtype, self.teacher
+            )
+            n = len(y)
+            sums[:4] += torch.tensor([terms[k] * n for k in ("loss", "ce", "kd", "feature")], dtype=torch.float64)
+            sums[4:-1] += correct.double()
+            sums[-1] += n
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", acc=f"{100 * float(correct[-2]) / n:.1f}")
+        if self.ctx.world_size > 1:
+            dist.all_reduce(sums)  # gloo and nccl both sum float64 on the process's device
+        seconds = time.perf_counter() - start
+        count = max(float(sums[-1]), 1.0)
+        metrics = {k: float(sums[i]) / count for i, k in enumerate(("loss", "ce", "kd", "feature"))}
+        names = [f"exit{k + 1}" for k in range(self.model.num_exits)] + ["ensemble"]
+        metrics |= {f"train_acc_{n}": 100 * float(sums[4 + i]) / count for i, n in enumerate(names)}
+        metrics["images_per_s"] = count / seconds
+        return metrics
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Per-exit and ensemble accuracy (%) on `val` or `test`."""
+        dataset = self.bundle.val if split == "val" else self.bundle.test
+        logits, targets = collect_logits(
+            self.model, self._loader(dataset, None), self.device, self.amp_dtype, self.channels_last
+        )
+        return accuracies(logits, targets)
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": epoch,
+            "best_val": self.best_val,
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(),
+            "model_spec": self.spec,
+            "data_spec": data_spec(self.bundle),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_val = float(state["best_val"])
+        set_rng_state(state["rng"])
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        """Train the remaining epochs, checkpoint every epoch, and report the best (by val) model."""
+        main = self.ctx.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out / "config.yaml")
+        end = self.cfg.epochs
+        if self.cfg.stop_after is not None:
+            end = min(end, self.start_epoch + self.cfg.stop_after)
+        for epoch in range(self.start_epoch, end):
+            metrics = self._train_epoch(epoch)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            if main:
+                val = self.evaluate("val")
+                record = {"epoch": epoch + 1, "lr": lr, **metrics, **{f"val_acc_{k}": v for k, v in val.items()}}
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                final = val[f"exit{self.model.num_exits}"]
+                if final > self.best_val:
+                    self.best_val = final
+                    save_checkpoint(self._state(epoch), self.out / "best.pt")
+                save_checkpoint(self._state(epoch), self.out / "last.pt")
+                log.info("epoch %d: loss %.4f, val %s", epoch + 1, metrics["loss"], val)
+            if self.ctx.world_size > 1:
+                dist.barrier()
+        return self.report() if main and end == self.cfg.epochs else {}
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Evaluate the best checkpoint on val and test; write results.md and results.json."""
+        best = self.out / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(load_checkpoint(best, self.device)["model"])
+        rows = {"val": self.evaluate("val"), "test": self.evaluate("test")}
+        table = format_accuracy_table(rows)
+        (self.out / "results.json").write_text(json.dumps(rows, indent=2))
+        (self.out / "results.md").write_text(
+            f"# {self.cfg.model} / {self.cfg.method} on {self.cfg.dataset}\n\nTop-1 accuracy (%), best epoch by "
+            f"validation accuracy of the final exit:\n\n{table}\n"
+        )
+        return rows
