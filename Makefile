@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose
 
-.PHONY: serve test lint venv debs
+.PHONY: serve test lint venv debs reproduce default-model
 
 venv: $(STAMP)
 
@@ -43,3 +43,15 @@ serve: venv
 	@echo "make serve will serve the bundled default model on http://$(HOST):$(PORT)."
 	@echo "The server (service/) is not built yet; nothing is served." >&2
 	@exit 1
+
+# Training recipes (README: "Training" and "The bundled default model").
+EPOCHS ?= 10
+reproduce: venv debs
+	$(BIN)/python -m training.reproduce --epochs $(EPOCHS) --methods byot standard dsn
+
+DEFAULT_VERSION ?= 1
+default-model: venv debs
+	$(BIN)/anytime-train --model resnet_fmnist --method byot --epochs $(EPOCHS) --schedule cosine \
+	  --out-dir runs/default-model $(if $(wildcard runs/default-model/last.pt),--resume,)
+	$(BIN)/anytime-export runs/default-model/best.pt --store model_store --name fashion-mnist \
+	  --version $(DEFAULT_VERSION) --epsilon 0.5

@@ -132,3 +132,24 @@ def test_amp_channels_last_training_on_cuda(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, device="cuda", amp="bf16", channels_last=True, epochs=1)
     rows = Trainer(cfg).fit()
     assert rows["test"]["exit3"] > 0
+
+
+def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> None:
+    from models.artifact import load_artifact
+    from training.export import main as export_cli
+
+    run = tmp_path / "run"
+    assert train_cli(["--model", "test_tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
+                      "--out-dir", str(run), "--no-progress"]) == 0  # fmt: skip
+    assert export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "tiny"]) == 0
+    artifact = load_artifact(tmp_path / "store" / "tiny" / "1")
+    m = artifact.manifest
+    assert len(m["exits"]) == 3 and m["exits"][-1]["threshold"] == 0.0
+    assert set(m["exits"][0]["latency_ms"]) == {"1", "8", "32"}
+    assert m["policy"]["val"]["accuracy"] >= m["exits"][-1]["val_accuracy"] - 0.5 - 1e-9
+    assert m["weights_sha256"] and m["code_version"] and m["training"]["model"] == "test_tiny"
+    assert (artifact.path / "report.md").read_text().startswith("# tiny v1")
+    assert (artifact.path / "exit_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "tiny", "--version", "1"]) == 2
+    )

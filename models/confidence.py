@@ -1,0 +1,27 @@
+"""Calibrated confidence of an exit's prediction: what the exit policy compares with a threshold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MEASURES = ("max_softmax", "entropy", "margin")
+
+
+def confidence(logits: Tensor, temperature: float = 1.0, measure: str = "max_softmax") -> Tensor:
+    """Per-sample confidence in [0, 1] from logits at `temperature`.
+
+    `max_softmax`: the top class's probability. `entropy`: 1 − H(p)/log C. `margin`: p₁ − p₂.
+    """
+    p = torch.softmax(logits.float() / temperature, dim=1)
+    if measure == "max_softmax":
+        return p.max(dim=1).values
+    if measure == "entropy":
+        h = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+        return 1 - h / math.log(p.shape[1])
+    if measure == "margin":
+        top2 = p.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    raise ValueError(f"Unknown confidence measure {measure!r}; known: {', '.join(MEASURES)}")
