@@ -1,0 +1,1 @@
+"""The anytime inference server: stage-wise engine, exit policy, deadlines, HTTP API, metrics."""

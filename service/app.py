@@ -1,0 +1,117 @@
+"""Builds the FastAPI app and runs it: `anytime-serve` (settings from ANYTIME_* variables)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from models.artifact import Artifact, ArtifactError, load_artifact, resolve_artifact
+from service.api import router
+from service.config import ServiceSettings
+from service.engine import Engine
+from service.errors import BodyLimitMiddleware, install_error_handlers
+from service.metrics import Metrics
+from service.state import ServiceState
+
+log = logging.getLogger("anytime.serve")
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` → CUDA when present, else CPU; `cuda` without a GPU is an error."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("ANYTIME_DEVICE=cuda but no CUDA GPU is available")
+    return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def load_configured_artifact(settings: ServiceSettings) -> Artifact:
+    """The artifact the settings name, verified (raises ArtifactError with a clear message)."""
+    path = resolve_artifact(settings.model_store, settings.model_name, settings.model_version)
+    return load_artifact(path)
+
+
+def create_app(settings: ServiceSettings, artifact: Artifact | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app; its lifespan loads (if not given) and warms up the model, then starts the worker."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        device = resolve_device(settings.device)
+        loaded = artifact or load_configured_artifact(settings)
+        m = metrics or Metrics()
+        engine = Engine(loaded, device, m, settings.max_batch, settings.max_wait_ms, settings.queue_size)
+        state = ServiceState(settings, loaded, engine, m, str(device))
+        app.state.service = state
+        m.model_info.labels(name=state.name, version=state.version, device=str(device)).set(1)
+        engine.start(warmup=settings.warmup)
+        state.ready = True
+        log.info("serving %s v%s on %s", state.name, state.version, device)
+        try:
+            yield
+        finally:
+            state.draining = True
+            engine.stop(settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="Anytime",
+        summary="Anytime inference for multi-exit image classifiers",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that marks the service draining (readyz 503) as soon as a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        service = getattr(self.app.state, "service", None)
+        if service is not None:
+            service.draining = True
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def main() -> int:
+    """Entry point of `anytime-serve`."""
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        sys.stderr.write(f"anytime-serve: invalid settings:\n{exc}\n")
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        artifact = load_configured_artifact(settings)
+        resolve_device(settings.device)
+    except (ArtifactError, RuntimeError) as exc:
+        sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
+        return 2
+    app = create_app(settings, artifact)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        access_log=False,
+    )
+    server = DrainingServer(config, app)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

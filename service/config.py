@@ -1,0 +1,34 @@
+"""The server's settings: one class, filled from ANYTIME_* environment variables (README lists them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of `anytime-serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="ANYTIME_", extra="ignore", protected_namespaces=())
+
+    model_store: Path = Field(Path("model_store"), description="directory of artifacts <name>/<version>/")
+    model_name: str = Field("fashion-mnist", description="artifact name to serve")
+    model_version: str | None = Field(None, description="artifact version; newest when unset")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int = Field(32, ge=1, le=1024, description="most requests run through the stages together")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the worker waits to fill a batch")
+    queue_size: int = Field(256, ge=1, description="requests waiting beyond this are answered 503")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies are answered 413")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="larger images are answered 413")
+    max_files: int = Field(64, ge=1, description="most images in one /classify/batch request")
+    default_deadline_ms: float | None = Field(None, gt=0, description="deadline for requests that name none")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its answer")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; unset: torch's default")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
+    warmup: bool = Field(True, description="run warm-up batches before /readyz turns ready")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

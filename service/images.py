@@ -1,0 +1,104 @@
+"""Decoding client images into the tensor the model expects, safely.
+
+Pillow is restricted to a few well-known formats; the pixel count is checked from the header
+before any pixel is decoded (Pillow's own decompression-bomb guard stays on as well); EXIF
+orientation is applied; the first frame of animations and multi-page files is used; the image
+is converted to the manifest's colour mode and size and normalised with its mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
+
+class ImageRejected(Exception):
+    """An image that cannot be classified; `status` and `code` go into the HTTP error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def build_transform(spec: dict[str, Any]) -> v2.Transform:
+    """Resize (and centre-crop when the manifest says so), to float, normalise."""
+    size = int(spec["size"])
+    resize = spec.get("resize")
+    geometry = [v2.Resize(int(resize)), v2.CenterCrop(size)] if resize else [v2.Resize((size, size))]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+    )
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float images → 8-bit grayscale, scaled by the type's range."""
+    arr = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if im.mode == "F":
+        top = max(float(arr.max(initial=1.0)), 1.0)
+    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify, size-check and fully decode `data`; raise ImageRejected with the right status."""
+    if not data:
+        raise ImageRejected(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageRejected(*_unidentified(data)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
+    if im.width * im.height > max_pixels:
+        raise ImageRejected(
+            413, "image_too_large", f"the image is {im.width}x{im.height}; the limit is {max_pixels} pixels"
+        )
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(400, "undecodable_image", f"the {im.format} image cannot be decoded: {exc}") from None
+    return im
+
+
+def _unidentified(data: bytes) -> tuple[int, str, str]:
+    """400 for bytes that are no image at all; 415 for an image format we do not accept."""
+    try:
+        other = Image.open(io.BytesIO(data))  # identifies only; decodes nothing
+        fmt = other.format
+    except Exception:  # noqa: BLE001 - any failure here means "not an image we know"
+        fmt = None
+    if fmt:
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        return 415, "unsupported_image_format", f"{fmt} images are not accepted; use one of {accepted}"
+    return 400, "undecodable_image", "the body is not a decodable image"
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert to "L" or "RGB", dropping alpha and handling high-bit-depth images."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", im.size, (0, 0, 0))
+        background.paste(im.convert("RGB"), mask=im.getchannel("A"))
+        im = background
+    return im.convert(mode)
+
+
+def decode_image(data: bytes, spec: dict[str, Any], transform: v2.Transform, max_pixels: int) -> torch.Tensor:
+    """Bytes → normalised C×H×W float tensor for the model described by `spec`."""
+    im = to_mode(open_image(data, max_pixels), spec.get("color_mode", "RGB"))
+    return transform(im)

@@ -1,0 +1,59 @@
+"""Request options and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassifyOptions(BaseModel):
+    """Options of /classify, from the query string, the JSON body or the X-Deadline-Ms header."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="overrides every exit's")
+    deadline_ms: float | None = Field(None, gt=0, le=3_600_000, allow_inf_nan=False, description="latency budget")
+    top_k: int = Field(1, ge=1, le=1000, description="how many classes to return")
+    max_exit: int | None = Field(None, ge=1, description="answer at this exit at the latest (1-based)")
+
+
+class ClassifyJSON(ClassifyOptions):
+    """JSON body of /classify: a base64 image and the options."""
+
+    image: str = Field(..., description="base64-encoded image bytes", max_length=64 * 1024 * 1024)
+
+
+class TopK(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Classification(BaseModel):
+    """One image's answer."""
+
+    label: str
+    index: int
+    confidence: float = Field(description="calibrated confidence at the exit that answered")
+    exit: int = Field(description="the exit that answered, 1-based")
+    exits: int = Field(description="number of exits of the model")
+    reason: Literal["confidence", "deadline", "max_exit", "final"]
+    top_k: list[TopK]
+    latency_ms: float = Field(description="server-side time from receipt to answer")
+    queue_ms: float = Field(description="time spent waiting for the worker")
+    model: str
+    version: str
+
+
+class BatchClassification(BaseModel):
+    results: list[Classification]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

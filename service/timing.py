@@ -1,0 +1,71 @@
+"""Online estimates of each stage's time (stage k plus exit head k) by batch size.
+
+Seeded from the artifact's latency profile, updated with an exponential moving average of
+what the engine measures, so predictions follow the machine when it slows down or speeds up.
+Batch sizes between measured ones are interpolated linearly; beyond them, extrapolated from
+the per-sample cost of the nearest measured size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any
+
+
+class StageTimes:
+    """Predicts and learns per-stage seconds as a function of batch size."""
+
+    def __init__(self, num_stages: int, smoothing: float = 0.2) -> None:
+        self.num_stages = num_stages
+        self.smoothing = smoothing
+        self._table: list[dict[int, float]] = [{} for _ in range(num_stages)]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_manifest(cls, exits: list[dict[str, Any]]) -> StageTimes:
+        """Seed from the manifest's `latency_ms` entries (stage + head, per batch size)."""
+        times = cls(len(exits))
+        for k, e in enumerate(exits):
+            for bs, t in (e.get("latency_ms") or {}).items():
+                times._table[k][int(bs)] = (float(t["stage_ms"]) + float(t["head_ms"])) / 1e3
+        return times
+
+    def observe(self, stage: int, batch: int, seconds: float) -> None:
+        """Fold one measurement into the estimate for (stage, batch)."""
+        with self._lock:
+            table = self._table[stage]
+            if batch in table:
+                table[batch] += self.smoothing * (seconds - table[batch])
+            else:
+                prior = self._predict(stage, batch)
+                table[batch] = seconds if prior == 0 else prior + self.smoothing * (seconds - prior)
+
+    def predict(self, stage: int, batch: int) -> float:
+        """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown."""
+        if stage >= self.num_stages:
+            return 0.0
+        with self._lock:
+            return self._predict(stage, batch)
+
+    def _predict(self, stage: int, batch: int) -> float:
+        table = self._table[stage]
+        if not table:
+            return 0.0
+        if batch in table:
+            return table[batch]
+        sizes = sorted(table)
+        i = bisect.bisect_left(sizes, batch)
+        if i == 0:
+            return table[sizes[0]]  # fewer samples than the smallest measured batch: no cheaper than it
+        if i == len(sizes):
+            top = sizes[-1]
+            return table[top] * batch / top
+        lo, hi = sizes[i - 1], sizes[i]
+        w = (batch - lo) / (hi - lo)
+        return table[lo] * (1 - w) + table[hi] * w
+
+    def snapshot(self) -> list[dict[int, float]]:
+        """A copy of the current estimates (for /v1/model and tests)."""
+        with self._lock:
+            return [dict(t) for t in self._table]
