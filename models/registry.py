@@ -46,7 +46,7 @@ def build_model(
 
 def _import_families() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from models import pyramidnet, resnet, resnext, vgg, wide_resnet  # noqa: F401
+    from models import pyramidnet, resnet, resnext, testing, vgg, wide_resnet  # noqa: F401
 
 
 def build_model_from_spec(spec: dict[str, Any]) -> MultiExitNet:

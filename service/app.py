@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -109,6 +110,10 @@ def main() -> int:
         access_log=False,
     )
     server = DrainingServer(config, app)
+    # uvicorn re-raises the signal that stopped it once it has drained; these handlers take it
+    # so a graceful SIGTERM ends with exit code 0 instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0 if server.started else 1
 

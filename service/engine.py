@@ -118,7 +118,6 @@ class Engine:
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.fail_next_batch = False  # fault injection for tests (see tests/test_server_faults.py)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> None:
@@ -212,9 +211,6 @@ class Engine:
         return admitted
 
     def _serve(self, batch: list[Request]) -> None:
-        if self.fail_next_batch:
-            self.fail_next_batch = False
-            raise RuntimeError("injected fault")
         batch = self._admit(batch)
         if not batch:
             return
