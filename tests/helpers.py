@@ -32,11 +32,14 @@ def make_artifact(
     stage_ms: Sequence[float] | None = None,
     num_classes: int = 10,
     seed: int = 0,
+    profile_ms: Sequence[float] | None = None,
 ) -> Path:
     """Export an untrained network (same `seed`, same weights) with a hand-made manifest.
 
-    The manifest's latency profile says each stage takes `stage_ms` (1 ms when not given).
+    The manifest's latency profile says stage k takes `profile_ms[k]` (default: `stage_ms`, the
+    time test_sleepy really sleeps; 1 ms without either).
     """
+    profile_ms = profile_ms or stage_ms
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"stage_ms": list(stage_ms)} if stage_ms else {}
     model = build_model(model_name, num_classes, in_channels=1, **kwargs).eval()
@@ -44,7 +47,7 @@ def make_artifact(
     thresholds = list(thresholds) if thresholds is not None else [0.5] * (n - 1) + [0.0]
     exits = []
     for k in range(n):
-        ms = stage_ms[k] if stage_ms else 1.0
+        ms = profile_ms[k] if profile_ms else 1.0
         latency = {str(bs): {"stage_ms": ms, "head_ms": 0.0} for bs in (1, 8, 32)}
         exits.append({"exit": k + 1, "temperature": 1.0, "threshold": thresholds[k], "latency_ms": latency})
     spec = {"name": model_name, "num_classes": num_classes, "in_channels": 1, "stem": "cifar", "kwargs": kwargs}

@@ -1,0 +1,135 @@
+"""Writes `dashboards/anytime.json`, the Grafana dashboard, from the panel list below.
+
+Run `python docker/grafana/build_dashboard.py` after changing a panel; a test checks that the
+committed JSON is what this script writes and that every panel's query returns data from a
+real Prometheus scraping a real server. Uses only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DATASOURCE = {"type": "prometheus", "uid": "anytime-prometheus"}
+SEL = '{instance=~"$instance"}'
+RATE = "$__rate_interval"
+
+# (title, kind, unit, [(legend, expr)], description)
+PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
+    ("Per-exit hit rate", "stacked", "percentunit", [(
+        "exit {{exit}}",
+        f"sum by (exit) (rate(anytime_exits_total{SEL}[{RATE}])) / ignoring(exit) group_left "
+        f"sum(rate(anytime_exits_total{SEL}[{RATE}]))",
+    )], "Share of answers given by each exit (stacked to 100 %)."),
+    ("Exit distribution", "bars", "short", [(
+        "exit {{exit}}", f"sum by (exit) (increase(anytime_exits_total{SEL}[$__range]))",
+    )], "Answers per exit over the dashboard's time range."),
+    ("Request latency", "lines", "s", [
+        (f"p{q}", f"histogram_quantile(0.{q}, sum by (le) (rate(anytime_request_latency_seconds_bucket{SEL}[{RATE}])))")
+        for q in (50, 95, 99)
+    ], "Server-side latency of /classify, from receipt to answer."),
+    ("Latency per exit (p95)", "lines", "s", [(
+        "exit {{exit}}",
+        f"histogram_quantile(0.95, sum by (le, exit) (rate(anytime_exit_latency_seconds_bucket{SEL}[{RATE}])))",
+    )], "95th percentile latency of the requests each exit answered."),
+    ("Stage time (p95)", "lines", "s", [(
+        "stage {{stage}}",
+        f"histogram_quantile(0.95, sum by (le, stage) (rate(anytime_stage_seconds_bucket{SEL}[{RATE}])))",
+    )], "Time of one stage and its exit head for a whole batch."),
+    ("Deadlines", "stacked", "reqps", [(
+        "{{outcome}}", f"sum by (outcome) (rate(anytime_deadline_total{SEL}[{RATE}]))",
+    )], "Requests with a deadline: met, missed (answered late) or rejected (504 before any compute)."),
+    ("Exit reasons", "stacked", "reqps", [(
+        "{{reason}}", f"sum by (reason) (rate(anytime_exits_total{SEL}[{RATE}]))",
+    )], "Why samples stopped: confidence, deadline, max_exit or final."),
+    ("Throughput by status", "stacked", "reqps", [(
+        "{{status}}", f"sum by (status) (rate(anytime_requests_total{SEL}[{RATE}]))",
+    )], "Requests per second by HTTP status."),
+    ("Queue depth", "lines", "short", [(
+        "{{instance}}", f"anytime_queue_depth{SEL}",
+    )], "Requests waiting for the worker (503 when the queue is full)."),
+    ("Batch size", "lines", "short", [(
+        "mean", f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
+    )], "Mean number of requests the engine ran through the stages together."),
+    ("Model", "table", "short", [(
+        "", f"anytime_model_info{SEL}",
+    )], "The artifact (name, version) and device each instance serves."),
+]  # fmt: skip
+
+
+def _panel(i: int, title: str, kind: str, unit: str, targets: list[tuple[str, str]], description: str) -> dict:
+    width = 24 if kind == "table" else 12
+    grid = {"h": 6 if kind == "table" else 8, "w": width, "x": (i % 2) * 12, "y": (i // 2) * 8}
+    panel: dict = {
+        "id": i + 1,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": grid,
+        "targets": [
+            {
+                "refId": chr(65 + j),
+                "datasource": DATASOURCE,
+                "expr": expr,
+                "legendFormat": legend,
+                **({"format": "table", "instant": True} if kind == "table" else {}),
+            }
+            for j, (legend, expr) in enumerate(targets)
+        ],  # fmt: skip
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+    }
+    if kind == "table":
+        panel["type"] = "table"
+        panel["transformations"] = [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]
+    elif kind == "bars":
+        panel["type"] = "barchart"
+        panel["targets"][0] |= {"format": "table", "instant": True}
+    else:
+        panel["type"] = "timeseries"
+        custom = {
+            "fillOpacity": 60 if kind == "stacked" else 10,
+            "stacking": {"mode": "normal" if kind == "stacked" else "none"},
+        }
+        panel["fieldConfig"]["defaults"]["custom"] = custom
+    return panel
+
+
+def build() -> dict:
+    """The whole dashboard as a dict."""
+    return {
+        "uid": "anytime",
+        "title": "Anytime inference",
+        "tags": ["anytime"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "instance",
+                    "label": "Instance",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "query": {"query": "label_values(anytime_model_info, instance)", "refId": "instance"},
+                    "definition": "label_values(anytime_model_info, instance)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                    "refresh": 2,
+                }
+            ]
+        },
+        "panels": [_panel(i, *p) for i, p in enumerate(PANELS)],
+    }
+
+
+def main() -> None:
+    out = Path(__file__).resolve().parent / "dashboards" / "anytime.json"
+    out.write_text(json.dumps(build(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

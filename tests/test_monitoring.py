@@ -1,0 +1,127 @@
+"""The Grafana dashboard proven against a real Prometheus scraping a real server.
+
+Traffic exercises every exit and every deadline outcome; then every panel's PromQL (template
+variables substituted) must return data through Prometheus's HTTP API. Both processes bind
+127.0.0.1 and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.helpers import ROOT, ServerProcess, free_port, make_artifact, png_bytes
+
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "anytime.json"
+VARIABLES = {"$instance": ".*", "$__rate_interval": "30s", "$__range": "5m"}
+
+
+@pytest.fixture()
+def prometheus(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is missing; `make test` installs the Debian package")
+        pytest.skip("prometheus is not installed")
+    # Stages really take 40 ms; the manifest claims 2 ms, so the first deadline request is missed.
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0, 1.0, 1.0, 0.0], stage_ms=[40] * 4, profile_ms=[2] * 4)
+    server = ServerProcess(tmp_path, "sleepy", warmup="false", max_wait_ms=0).wait_ready()
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: anytime\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200, 60)
+        yield server, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        assert server.stop() == 0
+
+
+def _wait(check, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
+
+
+def _traffic(url: str, png: bytes) -> dict[str, int]:
+    seen: dict[str, int] = {}
+
+    def ask(deadline_ms: float | None = None, **params: object) -> None:
+        headers = {"content-type": "image/png"}
+        if deadline_ms is not None:
+            headers["x-deadline-ms"] = str(deadline_ms)
+        r = httpx.post(f"{url}/classify", content=png, headers=headers, params=params, timeout=30)
+        key = str(r.status_code) if r.status_code != 200 else f"exit{r.json()['exit']}-{r.json()['reason']}"
+        seen[key] = seen.get(key, 0) + 1
+
+    ask(60, threshold=1)  # predicted 2 ms per stage, really 40: answered after its deadline
+    ask(1, threshold=1)  # cannot reach exit 1: rejected
+    end = time.monotonic() + 6
+    while time.monotonic() < end:  # several scrapes' worth of every exit
+        ask(10_000, threshold=0)
+        ask(max_exit=2, threshold=1)
+        ask(max_exit=3, threshold=1)
+        ask(threshold=1)
+    return seen
+
+
+@pytest.mark.slow
+def test_every_dashboard_panel_returns_data(prometheus: tuple[ServerProcess, str]) -> None:
+    server, prom = prometheus
+    seen = _traffic(server.url, png_bytes(Image.new("L", (28, 28), 128)))
+    assert {"504", "exit1-confidence", "exit2-max_exit", "exit3-max_exit", "exit4-final"} <= set(seen), seen
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for outcome in ("met", "missed", "rejected"):
+        assert f'anytime_deadline_total{{outcome="{outcome}"}}' in metrics, outcome
+    dashboard = json.loads(DASHBOARD.read_text())
+
+    def query(expr: str) -> list:
+        r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]["result"]
+
+    _wait(lambda: len(query("anytime_exits_total")) >= 4 and len(query("anytime_deadline_total")) == 3, 30)
+    time.sleep(2)  # one more scrape after the last request
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var, value in VARIABLES.items():
+                expr = expr.replace(var, value)
+            result = query(expr)
+            assert result, f"panel {panel['title']!r} got no data from: {expr}"
+    hit = query(
+        "sum by (exit) (rate(anytime_exits_total[30s])) / ignoring(exit) group_left sum(rate(anytime_exits_total[30s]))"
+    )
+    assert {r["metric"]["exit"] for r in hit} == {"1", "2", "3", "4"}
+    assert abs(sum(float(r["value"][1]) for r in hit) - 1.0) < 1e-6
