@@ -92,8 +92,7 @@ def main() -> int:
         sys.stderr.write(f"anytime-serve: invalid settings:\n{exc}\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.torch_threads)
     try:
         artifact = load_configured_artifact(settings)
         resolve_device(settings.device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.calibration import ece_of_logits, expected_calibration_error, fit_temperature, nll
-from training.thresholds import NEVER, brute_force, evaluate_policy, select_thresholds
+from training.thresholds import NEVER, brute_force, evaluate_policy, policy_exits, select_thresholds
 
 
 def test_temperature_scaling_lowers_nll_of_an_overconfident_model() -> None:
@@ -42,12 +42,23 @@ def _synthetic(n: int = 600, exits: int = 3, seed: int = 0) -> tuple[np.ndarray,
 @pytest.mark.parametrize("epsilon", [0.0, 0.01, 0.03])
 def test_thresholds_meet_epsilon_and_beat_a_brute_force_grid(seed: int, epsilon: float) -> None:
     conf, correct, flops = _synthetic(seed=seed)
-    chosen = select_thresholds(conf, correct, flops, epsilon)
+    chosen = select_thresholds(conf, correct, flops, epsilon, z=0.0)
     assert chosen.accuracy >= correct[-1].mean() - epsilon - 1e-12
     grid = list(np.linspace(0, 1, 11))
-    best = brute_force(conf, correct, flops, grid, "accuracy", correct[-1].mean() - epsilon)
+    best = brute_force(conf, correct, flops, grid, "accuracy", epsilon)
     assert best is not None and chosen.mean_flops <= best.mean_flops + 1e-12
     assert evaluate_policy(conf, correct, flops, np.array(chosen.thresholds)) == chosen
+
+
+def test_the_confidence_bound_is_stricter_than_the_estimate() -> None:
+    conf, correct, flops = _synthetic(n=2000)
+    plain = select_thresholds(conf, correct, flops, 0.02, z=0.0)
+    bounded = select_thresholds(conf, correct, flops, 0.02, z=1.645)
+    assert bounded.loss_bound <= 0.02 + 1e-12
+    assert bounded.accuracy >= plain.accuracy and bounded.mean_flops >= plain.mean_flops
+    exits = policy_exits(conf, np.array(bounded.thresholds))
+    d = correct[-1].astype(float) - correct[exits, np.arange(2000)]
+    assert bounded.loss_bound == pytest.approx(d.mean() + 1.645 * d.std(ddof=1) / np.sqrt(2000))
 
 
 def test_budget_mode_respects_the_budget() -> None:

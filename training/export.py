@@ -64,7 +64,12 @@ def _conf_and_correct(
 
 
 def _policy_dict(r: PolicyResult) -> dict[str, Any]:
-    return {"accuracy": r.accuracy * 100, "mean_flops_fraction": r.mean_flops, "exit_rates": r.exit_rates}
+    return {
+        "accuracy": r.accuracy * 100,
+        "mean_flops_fraction": r.mean_flops,
+        "exit_rates": r.exit_rates,
+        "loss_bound_pp": r.loss_bound * 100,
+    }
 
 
 @dataclass
@@ -105,11 +110,11 @@ def _policy(ev: Evaluated, flops: np.ndarray, args: argparse.Namespace) -> dict[
     """Choose thresholds on val, report them on test, and sweep ε for the report."""
     val_conf, val_correct = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, args.confidence)
     test_conf, test_correct = _conf_and_correct(ev.test_logits, ev.test_y, ev.temps, args.confidence)
-    chosen = select_thresholds(val_conf, val_correct, flops, args.epsilon / 100, args.mode, args.budget)
+    chosen = select_thresholds(val_conf, val_correct, flops, args.epsilon / 100, args.mode, args.budget, z=args.z)
     on_test = evaluate_policy(test_conf, test_correct, flops, np.array(chosen.thresholds))
     sweep = []
     for eps in SWEEP_EPSILONS:
-        r = select_thresholds(val_conf, val_correct, flops, eps)
+        r = select_thresholds(val_conf, val_correct, flops, eps, z=args.z)
         t = evaluate_policy(test_conf, test_correct, flops, np.array(r.thresholds))
         sweep.append(
             {"epsilon_pp": eps * 100, "thresholds": r.thresholds, "val": _policy_dict(r), "test": _policy_dict(t)}
@@ -119,6 +124,7 @@ def _policy(ev: Evaluated, flops: np.ndarray, args: argparse.Namespace) -> dict[
         "mode": args.mode,
         "epsilon_pp": args.epsilon,
         "budget": args.budget,
+        "z": args.z,
         "thresholds": chosen.thresholds,
         "val": _policy_dict(chosen),
         "test": _policy_dict(on_test),
@@ -173,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="artifact name, e.g. fashion-mnist")
     parser.add_argument("--version", help="artifact version (default: next integer)")
     parser.add_argument("--epsilon", type=float, default=0.5, help="max accuracy loss vs the final exit, in pp")
+    parser.add_argument(
+        "--z",
+        type=float,
+        default=1.645,
+        help="standard errors added to the validation accuracy loss (1.645: 95 %% one-sided; 0: none)",
+    )
     parser.add_argument("--mode", choices=["accuracy", "budget"], default="accuracy")
     parser.add_argument("--budget", type=float, help="budget mode: target mean FLOPs fraction, e.g. 0.5")
     parser.add_argument("--confidence", choices=MEASURES, default="max_softmax")

@@ -22,8 +22,8 @@ def profile_latency(
     model: MultiExitNet,
     input_shape: tuple[int, int, int],
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
-    repeats: int = 15,
-    warmup: int = 3,
+    repeats: int = 40,
+    warmup: int = 5,
 ) -> list[dict[str, dict[str, float]]]:
     """Median milliseconds of stage k and exit head k, for each batch size (after warm-up).
 

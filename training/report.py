@@ -60,7 +60,8 @@ def report_markdown(manifest: dict[str, Any]) -> str:
         f"# {manifest['name']} v{manifest['version']}: exit profile",
         "",
         f"`{manifest['architecture']['name']}` on {manifest['dataset']}; thresholds chosen on the validation split "
-        f"({p['mode']} mode, ε = {p['epsilon_pp']} pp, confidence `{p['confidence']}`), reported on the test set.",
+        f"({p['mode']} mode, ε = {p['epsilon_pp']} pp as an upper bound at z = {p.get('z', 0)}, confidence "
+        f"`{p['confidence']}`), reported on the test set.",
         "",
         "![exit profile](exit_profile.png)",
         "",

@@ -6,6 +6,12 @@ fraction of the full network), `select_thresholds` finds thresholds that either 
 FLOPs within an accuracy loss ε of the final exit ("accuracy" mode) or maximise accuracy within
 a FLOPs budget ("budget" mode). It brute-forces a coarse grid, then refines one exit at a time
 on a fine grid, so its answer is never worse than the coarse grid's best.
+
+The accuracy loss is bounded with confidence, not just estimated: with d_i = 1 when the final
+exit is right and the policy wrong, −1 for the reverse, 0 otherwise, the policy is feasible
+when mean(d) + z·sd(d)/√n ≤ ε. Thresholds fitted to the point estimate alone lost twice ε on
+the test set of the bundled model (0.95 pp at ε = 0.5 pp); z = 1.645 (95 %, one-sided) makes ε
+a promise about unseen data rather than about the validation split. z = 0 gives the plain estimate.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class PolicyResult:
     accuracy: float  # fraction correct
     mean_flops: float  # fraction of the full network
     exit_rates: list[float]  # fraction of samples answered at each exit
+    loss_bound: float = 0.0  # upper confidence bound of the accuracy loss vs the final exit
 
 
 def policy_exits(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -35,38 +42,50 @@ def policy_exits(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return hit.argmax(axis=0)
 
 
-def evaluate_policy(conf: np.ndarray, correct: np.ndarray, flops: np.ndarray, thresholds: np.ndarray) -> PolicyResult:
-    """Accuracy, mean FLOPs and exit distribution of `thresholds`."""
+def evaluate_policy(
+    conf: np.ndarray, correct: np.ndarray, flops: np.ndarray, thresholds: np.ndarray, z: float = 0.0
+) -> PolicyResult:
+    """Accuracy, mean FLOPs, exit distribution and loss bound (at `z` standard errors) of `thresholds`."""
     exits = policy_exits(conf, thresholds)
-    cols = np.arange(conf.shape[1])
-    rates = np.bincount(exits, minlength=conf.shape[0]) / conf.shape[1]
+    n = conf.shape[1]
+    answered = correct[exits, np.arange(n)]
+    d = correct[-1].astype(np.float64) - answered
+    bound = float(d.mean() + z * d.std(ddof=1) / np.sqrt(n)) if n > 1 else float(d.mean())
+    rates = np.bincount(exits, minlength=conf.shape[0]) / n
     return PolicyResult(
         [float(t) for t in thresholds],
-        float(correct[exits, cols].mean()),
+        float(answered.mean()),
         float(np.asarray(flops)[exits].mean()),
         [float(r) for r in rates],
+        bound,
     )
 
 
-def _better(a: PolicyResult, b: PolicyResult | None, mode: str, target: float) -> bool:
-    """Is `a` feasible and better than `b`? (accuracy mode: target accuracy; budget: target FLOPs)."""
+def _better(a: PolicyResult, b: PolicyResult | None, mode: str, limit: float) -> bool:
+    """Is `a` feasible and better than `b`? (accuracy mode: `limit` = ε; budget mode: FLOPs budget)."""
     if mode == "accuracy":
-        if a.accuracy < target - 1e-12:
+        if a.loss_bound > limit + 1e-12:
             return False
         return b is None or (a.mean_flops, -a.accuracy) < (b.mean_flops, -b.accuracy)
-    if a.mean_flops > target + 1e-12:
+    if a.mean_flops > limit + 1e-12:
         return False
     return b is None or (-a.accuracy, a.mean_flops) < (-b.accuracy, b.mean_flops)
 
 
 def brute_force(
-    conf: np.ndarray, correct: np.ndarray, flops: np.ndarray, grid: list[float], mode: str, target: float
+    conf: np.ndarray,
+    correct: np.ndarray,
+    flops: np.ndarray,
+    grid: list[float],
+    mode: str,
+    limit: float,
+    z: float = 0.0,
 ) -> PolicyResult | None:
     """The best thresholds over every combination of `grid` values (and NEVER) per shallow exit."""
     best = None
     for combo in itertools.product([*grid, NEVER], repeat=conf.shape[0] - 1):
-        r = evaluate_policy(conf, correct, flops, np.array(combo))
-        if _better(r, best, mode, target):
+        r = evaluate_policy(conf, correct, flops, np.array(combo), z)
+        if _better(r, best, mode, limit):
             best = r
     return best
 
@@ -80,21 +99,22 @@ def select_thresholds(
     budget: float | None = None,
     coarse: int = 11,
     fine: int = 201,
+    z: float = 1.645,
 ) -> PolicyResult:
-    """Thresholds for `mode` "accuracy" (loss ≤ ε vs the final exit) or "budget" (mean FLOPs ≤ budget)."""
+    """Thresholds for `mode` "accuracy" (loss bound ≤ ε vs the final exit) or "budget" (mean FLOPs ≤ budget)."""
     if mode == "accuracy":
-        target = float(correct[-1].mean()) - epsilon
+        limit = epsilon
     elif mode == "budget":
         if budget is None:
             raise ValueError("budget mode needs a FLOPs budget (fraction of the full network)")
-        target = budget
+        limit = budget
     else:
         raise ValueError(f"Unknown mode {mode!r}; use 'accuracy' or 'budget'")
     k = conf.shape[0] - 1
     coarse_grid = list(np.linspace(0.0, 1.0, coarse)) if k <= 4 else list(np.linspace(0.5, 1.0, 6))
-    best = brute_force(conf, correct, flops, coarse_grid, mode, target)
+    best = brute_force(conf, correct, flops, coarse_grid, mode, limit, z)
     if best is None:  # nothing feasible: budget below exit 1, say; fall back to the final exit
-        return evaluate_policy(conf, correct, flops, np.full(k, NEVER))
+        return evaluate_policy(conf, correct, flops, np.full(k, NEVER), z)
     thresholds = np.array(best.thresholds)
     candidates = [*np.linspace(0.0, 1.0, fine), NEVER]
     improved = True
@@ -104,7 +124,7 @@ def select_thresholds(
             for c in candidates:
                 trial = thresholds.copy()
                 trial[i] = c
-                r = evaluate_policy(conf, correct, flops, trial)
-                if _better(r, best, mode, target) and r != best:
+                r = evaluate_policy(conf, correct, flops, trial, z)
+                if _better(r, best, mode, limit) and r != best:
                     best, thresholds, improved = r, trial, True
     return best
