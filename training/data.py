@@ -7,7 +7,6 @@ held out of the training set with its own fixed seed; the test set is only ever 
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from client.idx import IdxError, read_idx
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -27,6 +28,13 @@ DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 class DataError(RuntimeError):
     """The data set cannot be found or read; the message says where it looked and what to do."""
+
+
+def _read(path: Path | None) -> np.ndarray:
+    try:
+        return read_idx(path)  # type: ignore[arg-type]
+    except IdxError as exc:
+        raise DataError(str(exc)) from exc
 
 
 @dataclass
@@ -64,21 +72,6 @@ class TensorImages(Dataset):
 
     def with_transform(self, transform: v2.Transform) -> TensorImages:
         return TensorImages(self.images, self.labels, transform)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), as the MNIST family ships them."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
-    return body.reshape(dims)
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -139,8 +132,8 @@ def load_fashion_mnist(data_dir: str | None, val_size: int, split_seed: int, all
     root = fashion_mnist_dir(data_dir, allow_download)
 
     def part(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))  # type: ignore[arg-type]
-        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))  # type: ignore[arg-type]
+        images = _read(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+        labels = _read(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
         return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
     mean, std = [0.2860], [0.3530]
