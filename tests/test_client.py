@@ -112,8 +112,9 @@ def test_statistics_are_exact_on_a_fixed_log() -> None:
 def test_a_short_bench_run_writes_json_and_png(
     tiny: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = bench_main(["--url", tiny.url, "--rate", "40", "--duration", "2", "--requests", "200", "--images", "20",
-                       "--deadline-ms", "200", "1000", "--name", "short", "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    args = ["--url", tiny.url, "--rate", "40", "--duration", "2", "--requests", "200", "--images", "20"]
+    args += ["--deadline-ms", "200", "1000", "--name", "short", "--out", str(tmp_path), "--no-progress"]
+    code = bench_main(args)
     assert code == 0
     data = json.loads((tmp_path / "short.json").read_text())
     assert 10 <= data["summary"]["requests"] <= 200 and data["summary"]["ok"] > 0
