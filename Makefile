@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose
 
-.PHONY: serve test lint venv debs reproduce default-model
+.PHONY: serve test lint venv debs reproduce default-model bench
 
 venv: $(STAMP)
 
@@ -54,3 +54,7 @@ default-model: venv debs
 	  --out-dir runs/default-model $(if $(wildcard runs/default-model/last.pt),--resume,)
 	$(BIN)/anytime-export runs/default-model/best.pt --store model_store --name fashion-mnist \
 	  --version $(DEFAULT_VERSION) --epsilon 0.5
+
+# Benchmarks (README: "Benchmarks"): servers and load on 127.0.0.1, each run bounded in time.
+bench: venv debs
+	$(BIN)/python -m bench.run

@@ -99,7 +99,7 @@ class Engine:
         device: torch.device,
         metrics: Metrics,
         max_batch: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         queue_size: int = 256,
     ) -> None:
         self.model = artifact.model.to(device).eval()

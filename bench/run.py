@@ -1,0 +1,247 @@
+"""`make bench`: Anytime vs full depth, HTTP overhead, deadlines, and a peer server, side by side.
+
+Everything runs on this machine against 127.0.0.1: the servers are started here and stopped by
+PID, every load run is bounded in time and count. Results: `bench/results/*.json`, PNG plots,
+`bench/results/summary.json`, and a table on stdout. Speed-ups are ratios of runs made in
+this one invocation, one after the other, with the same images and client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from client.loadgen import LoadRun, fashion_mnist_pngs, plot_run
+from client.stats import format_summary, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on 127.0.0.1, started and stopped by PID."""
+
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None, ready: str = "/readyz") -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if ready and httpx.get(self.url + ready, timeout=1).status_code == 200:
+                    return
+                if not ready and httpx.get(self.url + "/docs", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"{argv} not ready in 120 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _load(url: str, images: list, name: str, seconds: float, *, rate: float | None = None, concurrency: int = 16,
+          params: dict | None = None, deadlines: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+    run = LoadRun(url, images, seconds, 200_000, deadlines, params, progress=False)
+    duration = asyncio.run(run.open_loop(rate) if rate else run.closed_loop(concurrency))
+    summary = summarize(run.records, duration)
+    from dataclasses import asdict
+
+    (OUT / f"{name}.json").write_text(json.dumps({"name": name, "summary": summary,
+                                                  "records": [asdict(r) for r in run.records]}))  # fmt: skip
+    plot_run(name, run.records, OUT)
+    sys.stdout.write(format_summary(name, summary) + "\n\n")
+    summary["records_by_deadline"] = _by_deadline(run.records) if deadlines else None
+    return summary
+
+
+def _by_deadline(records: list) -> dict[str, dict[str, float]]:
+    out = {}
+    for d in sorted({r.deadline_ms for r in records}):
+        rs = [r for r in records if r.deadline_ms == d]
+        ok = [r for r in rs if r.status == 200]
+        out[f"{d:g}"] = {
+            "requests": len(rs),
+            "attainment": sum(r.status == 200 and r.latency_ms <= d for r in rs) / len(rs),
+            "answered": len(ok) / len(rs),
+            "early_by_deadline": sum(r.reason == "deadline" for r in ok) / max(1, len(ok)),
+            "accuracy": sum(bool(r.correct) for r in ok) / max(1, len(ok)),
+        }
+    return out
+
+
+def in_process_latency(images: list, store: Path, name: str) -> float:
+    """Median ms of decode + the stage-wise exit path, in this process, one image at a time."""
+    import torch
+
+    from models.artifact import load_artifact, resolve_artifact
+    from models.confidence import confidence
+    from service.images import build_transform, decode_image
+    from service.policy import decide_exit
+
+    torch.set_num_threads(1)
+    artifact = load_artifact(resolve_artifact(store, name))
+    spec, exits = artifact.manifest["input"], artifact.manifest["exits"]
+    tf = build_transform(spec)
+    times = []
+    with torch.inference_mode():
+        for png, _ in images[:500]:
+            t0 = time.perf_counter()
+            x = decode_image(png, spec, tf, 16_000_000).unsqueeze(0)
+            for k, logits, _ in artifact.model.iter_exits(x):
+                conf = float(confidence(logits, exits[k]["temperature"]))
+                if decide_exit(k, len(exits), conf, exits[k]["threshold"], None, 0.0, None, 0.0) is not None:
+                    break
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _serve_anytime(store: Path, name: str) -> Server:
+    port = _free_port()
+    env = {"ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name, "ANYTIME_HOST": "127.0.0.1",
+           "ANYTIME_PORT": str(port), "ANYTIME_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    return Server([sys.executable, "-m", "service.app"], port, env)
+
+
+def anytime_benchmarks(images: list, store: Path, name: str, seconds: float) -> dict[str, Any]:
+    """1. anytime vs full depth, 2. HTTP overhead, 3. deadlines — all against one server."""
+    server = _serve_anytime(store, name)
+    try:
+        sat_any = _load(server.url, images, "saturation-anytime", seconds, concurrency=16)
+        sat_full = _load(server.url, images, "saturation-full", seconds, concurrency=16, params={"threshold": 1})
+        rate = 0.5 * sat_full["throughput_rps"]
+        fixed_any = _load(server.url, images, "fixed-rate-anytime", seconds, rate=rate)
+        fixed_full = _load(server.url, images, "fixed-rate-full", seconds, rate=rate, params={"threshold": 1})
+        single = _load(server.url, images, "single-client-anytime", seconds, concurrency=1)
+        deadline_rate = 0.8 * sat_any["throughput_rps"]
+        deadlines = _load(server.url, images, "deadlines", seconds * 2, rate=deadline_rate,
+                          deadlines=[1, 2, 5, 10, 20])  # fmt: skip
+    finally:
+        server.stop()
+    in_process = in_process_latency(images, store, name)
+    return {
+        "anytime_vs_full": {
+            "saturation_rps": {"anytime": sat_any["throughput_rps"], "full": sat_full["throughput_rps"]},
+            "throughput_ratio": sat_any["throughput_rps"] / sat_full["throughput_rps"],
+            "accuracy": {"anytime": sat_any["accuracy"], "full": sat_full["accuracy"]},
+            "accuracy_loss_pp": 100 * (sat_full["accuracy"] - sat_any["accuracy"]),
+            "fixed_rate_rps": rate,
+            "fixed_rate_latency_ms": {
+                "anytime": {k: fixed_any["latency_ms"][k] for k in ("mean", "p99")},
+                "full": {k: fixed_full["latency_ms"][k] for k in ("mean", "p99")},
+            },
+        },
+        "overhead": {
+            "http_p50_ms": single["latency_ms"]["p50"],
+            "in_process_p50_ms": in_process,
+            "ratio": single["latency_ms"]["p50"] / in_process,
+        },
+        "deadlines": {"rate_rps": deadline_rate, "by_deadline_ms": deadlines["records_by_deadline"]},
+    }
+
+
+def peer_benchmarks(images: list, store: Path, name: str, seconds: float, rate: float) -> dict[str, Any]:
+    """4. the plain FastAPI baseline serving the same model at full depth, same load."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", name, "--port", str(port)]
+    server = Server(argv, port, {"PYTHONPATH": str(ROOT)}, ready="")
+    try:
+        sat = _load(server.url, images, "saturation-baseline-fastapi", seconds, concurrency=16)
+        fixed = _load(server.url, images, "fixed-rate-baseline-fastapi", seconds, rate=rate)
+    finally:
+        server.stop()
+    return {
+        "baseline_fastapi": {
+            "saturation_rps": sat["throughput_rps"], "accuracy": sat["accuracy"],
+            "fixed_rate_latency_ms": {k: fixed["latency_ms"][k] for k in ("p50", "p99")},
+        },
+        "torchserve": "not run: see the README's benchmark section",
+    }  # fmt: skip
+
+
+def format_table(results: dict[str, Any]) -> str:
+    a, o = results["anytime_vs_full"], results["overhead"]
+    p = results["peers"]["baseline_fastapi"]
+    lines = [
+        "| measurement | Anytime (artifact thresholds) | same server, full depth | FastAPI baseline |",
+        "| --- | --- | --- | --- |",
+        f"| saturation throughput (req/s, 16 clients) | {a['saturation_rps']['anytime']:.0f} | "
+        f"{a['saturation_rps']['full']:.0f} | {p['saturation_rps']:.0f} |",
+        f"| accuracy | {100 * a['accuracy']['anytime']:.2f} % | {100 * a['accuracy']['full']:.2f} % | "
+        f"{100 * p['accuracy']:.2f} % |",
+        f"| latency at {a['fixed_rate_rps']:.0f} req/s, mean / p99 (ms) | "
+        f"{a['fixed_rate_latency_ms']['anytime']['mean']:.1f} / {a['fixed_rate_latency_ms']['anytime']['p99']:.1f} | "
+        f"{a['fixed_rate_latency_ms']['full']['mean']:.1f} / {a['fixed_rate_latency_ms']['full']['p99']:.1f} | "
+        f"p50 {p['fixed_rate_latency_ms']['p50']:.1f} / p99 {p['fixed_rate_latency_ms']['p99']:.1f} |",
+        "",
+        f"Throughput ratio anytime / full depth: {a['throughput_ratio']:.2f}x at "
+        f"{a['accuracy_loss_pp']:.2f} pp accuracy loss.",
+        f"Overhead: HTTP p50 {o['http_p50_ms']:.2f} ms vs in-process decode + exit path "
+        f"{o['in_process_p50_ms']:.2f} ms = {o['ratio']:.2f}x.",
+        "",
+        f"| deadline (ms) at {results['deadlines']['rate_rps']:.0f} req/s | attained | answered | "
+        "stopped early by deadline | accuracy of answers |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for d, r in results["deadlines"]["by_deadline_ms"].items():
+        lines.append(f"| {d} | {r['attainment']:.1%} | {r['answered']:.1%} | {r['early_by_deadline']:.1%} | "
+                     f"{r['accuracy']:.2%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--name", default="fashion-mnist")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load run")
+    parser.add_argument("--images", type=int, default=1000)
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    images = fashion_mnist_pngs(args.images)
+    results: dict[str, Any] = anytime_benchmarks(images, args.store, args.name, args.seconds)
+    rate = results["anytime_vs_full"]["fixed_rate_rps"]
+    results["peers"] = peer_benchmarks(images, args.store, args.name, args.seconds, rate)
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["command"] = "make bench"
+    (OUT / "summary.json").write_text(json.dumps(results, indent=2))
+    table = format_table(results)
+    (OUT / "summary.md").write_text(table + "\n")
+    sys.stdout.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
