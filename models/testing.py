@@ -38,3 +38,26 @@ def test_sleepy(stage_ms: Sequence[float] = (50, 50, 50, 50), **kwargs: Any) -> 
     net = build_resnet(BasicBlock, (1, 1, 1, 1), widths=(4, 8, 8, 8), **kwargs)
     net.stages = nn.ModuleList(nn.Sequential(stage, Sleep(ms)) for stage, ms in zip(net.stages, stage_ms, strict=True))
     return net
+
+
+class FailOnBright(nn.Module):
+    """Raises when any sample's mean exceeds `limit`: lets a test make one batch fail on purpose."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__()
+        self.limit = float(limit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x.flatten(1).mean(1) > self.limit).any()):
+            raise RuntimeError("test_faulty: a bright image was given")
+        return x
+
+
+@register_model
+def test_faulty(fail_above: float = 1.5, **kwargs: Any) -> MultiExitNet:
+    """`test_tiny` whose first stage fails on very bright images (for fault-handling tests)."""
+    from models.resnet import test_tiny
+
+    net = test_tiny(**kwargs)
+    net.stages[0] = nn.Sequential(FailOnBright(fail_above), net.stages[0])
+    return net

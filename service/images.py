@@ -59,6 +59,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(*_unidentified(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed header can raise nearly anything in a decoder
+        raise ImageRejected(400, "undecodable_image", f"the image header cannot be read: {exc}") from None
     if im.width * im.height > max_pixels:
         raise ImageRejected(
             413, "image_too_large", f"the image is {im.width}x{im.height}; the limit is {max_pixels} pixels"
@@ -67,7 +69,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         im.seek(0)
         im.load()
         im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - see above: untrusted bytes, any decoder error is the client's
         raise ImageRejected(400, "undecodable_image", f"the {im.format} image cannot be decoded: {exc}") from None
     return im
 
@@ -100,5 +104,10 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
 
 def decode_image(data: bytes, spec: dict[str, Any], transform: v2.Transform, max_pixels: int) -> torch.Tensor:
     """Bytes → normalised C×H×W float tensor for the model described by `spec`."""
-    im = to_mode(open_image(data, max_pixels), spec.get("color_mode", "RGB"))
-    return transform(im)
+    im = open_image(data, max_pixels)
+    try:
+        return transform(to_mode(im, spec.get("color_mode", "RGB")))
+    except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow can open but not convert
+        raise ImageRejected(
+            400, "undecodable_image", f"the {im.format} {im.mode} image cannot be converted: {exc}"
+        ) from None

@@ -227,8 +227,10 @@ def test_sigterm_under_load_drains_in_flight_and_exits_0(tmp_path: Path, fmnist_
             started = time.monotonic()
             results = await asyncio.gather(*inflight)
             await asyncio.sleep(0.3)
+            drained = time.monotonic() - started
             late = await one()
-            assert time.monotonic() - started < 20
+            print(f"SIGTERM with 12 requests in flight: drained in {drained * 1e3:.0f} ms")
+            assert drained < 20
             return [*results, late]
 
     results = asyncio.run(run())

@@ -1,0 +1,142 @@
+"""Overload, faults and bad artifacts against real servers: only 200/503/504, nothing lost, no 500
+except for a batch the model itself failed, and a clear exit when the artifact is bad."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.helpers import ROOT, ServerProcess, make_artifact, png_bytes
+
+PNG = png_bytes(Image.new("L", (28, 28), 60))
+BRIGHT = png_bytes(Image.new("L", (28, 28), 255))
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_twenty_times_saturation_gives_only_200_503_504(tmp_path: Path) -> None:
+    # Saturation is about 20 req/s: each batch of at most 2 takes 4 x 25 ms.
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[25] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=2, queue_size=8, warmup="false").wait_ready()
+    baseline = _rss_kb(srv.proc.pid)
+    rate, seconds = 400.0, 5.0  # 20x saturation
+
+    async def run() -> tuple[list[tuple[int, float]], list[float]]:
+        results: list[tuple[int, float]] = []
+        health: list[float] = []
+        limits = httpx.Limits(max_connections=500)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30, limits=limits) as client:
+
+            async def one(deadline: bool) -> None:
+                headers = {"content-type": "image/png", **({"x-deadline-ms": "300"} if deadline else {})}
+                t0 = time.monotonic()
+                try:
+                    r = await client.post("/classify", content=PNG, headers=headers)
+                    results.append((r.status_code, time.monotonic() - t0))
+                except httpx.HTTPError:
+                    results.append((-1, time.monotonic() - t0))
+
+            async def probe() -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    t0 = time.monotonic()
+                    r = await client.get("/healthz")
+                    assert r.status_code == 200
+                    health.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.2)
+
+            prober = asyncio.create_task(probe())
+            tasks, start, n = [], time.monotonic(), int(rate * seconds)
+            for i in range(n):
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+                tasks.append(asyncio.create_task(one(deadline=i % 2 == 0)))
+            await asyncio.gather(*tasks)
+            await prober
+        return results, health
+
+    try:
+        results, health = asyncio.run(run())
+        time.sleep(1.0)
+        after = _rss_kb(srv.proc.pid)
+    finally:
+        assert srv.stop() == 0
+    statuses = [s for s, _ in results]
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    print(f"overload at {rate:.0f} req/s for {seconds:.0f} s: {counts}; healthz max {max(health) * 1e3:.0f} ms")
+    assert len(results) == int(rate * seconds)  # every request got an answer
+    assert set(counts) <= {200, 503, 504} and counts.get(200, 0) > 0 and counts.get(503, 0) > 0
+    accepted = sorted(t for s, t in results if s == 200)
+    assert accepted[int(0.99 * (len(accepted) - 1))] < 3.0  # p99 of accepted requests bounded by the queue
+    assert len(health) >= 10 and max(health) < 2.0
+    assert after < baseline * 1.3 + 50_000, (baseline, after)
+
+
+def test_a_failing_batch_answers_500_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    make_artifact(tmp_path, "faulty", "test_faulty")
+    srv = ServerProcess(tmp_path, "faulty").wait_ready()
+    try:
+        bad = httpx.post(f"{srv.url}/classify", content=BRIGHT, headers={"content-type": "image/png"})
+        assert bad.status_code == 500
+        assert bad.json()["error"] == {"code": "inference_failed", "message": "inference failed: RuntimeError"}
+        for _ in range(3):
+            assert (
+                httpx.post(f"{srv.url}/classify", content=PNG, headers={"content-type": "image/png"}).status_code == 200
+            )
+        assert 'anytime_requests_total{status="500"} 1.0' in httpx.get(f"{srv.url}/metrics").text
+    finally:
+        assert srv.stop() == 0
+
+
+def test_clients_that_hang_up_do_not_leak_queue_slots(tmp_path: Path) -> None:
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[50] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=1, queue_size=3, warmup="false").wait_ready()
+
+    async def hang_up(n: int) -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=0.02) as client:
+            await asyncio.gather(*(client.post("/classify", content=PNG, headers={"content-type": "image/png"})
+                                   for _ in range(n)), return_exceptions=True)  # fmt: skip
+
+    try:
+        for _ in range(3):  # three rounds of clients that give up after 20 ms
+            asyncio.run(hang_up(4))
+        time.sleep(1.5)  # what they left in the queue drains
+        for _ in range(3):
+            r = httpx.post(f"{srv.url}/classify", content=PNG, headers={"content-type": "image/png"}, timeout=10)
+            assert r.status_code == 200, r.text
+        assert "anytime_queue_depth 0.0" in httpx.get(f"{srv.url}/metrics").text
+    finally:
+        assert srv.stop() == 0
+
+
+def _serve(store: Path, name: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
+           "ANYTIME_PORT": "0"}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "service.app"], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_missing_or_corrupt_artifact_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
+    missing = _serve(tmp_path, "nothing-here")
+    assert missing.returncode == 2 and "No artifact named 'nothing-here'" in missing.stderr
+    path = make_artifact(tmp_path, "tiny", "test_tiny")
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    corrupt = _serve(tmp_path, "tiny")
+    assert corrupt.returncode == 2 and "does not match its manifest" in corrupt.stderr
+    (path / "manifest.json").write_text("{")
+    truncated = _serve(tmp_path, "tiny")
+    assert truncated.returncode == 2 and "not valid JSON" in truncated.stderr
+    assert "Traceback" not in missing.stderr + corrupt.stderr + truncated.stderr
