@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,16 @@ class _Base:
         }
         return {"content": data, "headers": headers, "params": params, "timeout": timeout}, timeout
 
+    @contextmanager
+    def _transport_errors(self, timeout_s: float) -> Iterator[None]:
+        """Turn httpx's transport failures into the client's typed errors."""
+        try:
+            yield
+        except httpx.TimeoutException:
+            raise DeadlineExceeded(f"no answer within {timeout_s * 1e3:.0f} ms") from None
+        except httpx.TransportError as exc:
+            raise AnytimeError(f"cannot reach {self.base_url}: {exc}") from None
+
 
 class AnytimeClient(_Base):
     """Blocking client. Use as a context manager, or call `close()`."""
@@ -104,12 +116,8 @@ class AnytimeClient(_Base):
         """Classify one image; raises BadInput, Overloaded, DeadlineExceeded or ServerError."""
         kwargs, timeout = self._prepare(image, deadline_ms, threshold, max_exit, top_k)
         start = time.perf_counter()
-        try:
+        with self._transport_errors(timeout):
             response = self._http.post("/classify", **kwargs)
-        except httpx.TimeoutException:
-            raise DeadlineExceeded(f"no answer within {timeout * 1e3:.0f} ms") from None
-        except httpx.TransportError as exc:
-            raise AnytimeError(f"cannot reach {self.base_url}: {exc}") from None
         return Result.from_json(raise_for_answer(response), (time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:
@@ -140,12 +148,8 @@ class AsyncAnytimeClient(_Base):
         """Classify one image; raises BadInput, Overloaded, DeadlineExceeded or ServerError."""
         kwargs, timeout = self._prepare(image, deadline_ms, threshold, max_exit, top_k)
         start = time.perf_counter()
-        try:
+        with self._transport_errors(timeout):
             response = await self._http.post("/classify", **kwargs)
-        except httpx.TimeoutException:
-            raise DeadlineExceeded(f"no answer within {timeout * 1e3:.0f} ms") from None
-        except httpx.TransportError as exc:
-            raise AnytimeError(f"cannot reach {self.base_url}: {exc}") from None
         return Result.from_json(raise_for_answer(response), (time.perf_counter() - start) * 1e3)
 
     async def aclose(self) -> None:
