@@ -56,5 +56,7 @@ default-model: venv debs
 	  --version $(DEFAULT_VERSION) --epsilon 0.5
 
 # Benchmarks (README: "Benchmarks"): servers and load on 127.0.0.1, each run bounded in time.
+# TorchServe is a benchmark peer only: installed here, never by the product (it needs Java 17).
 bench: venv debs
+	$(BIN)/python -m pip install -q 'torchserve>=0.12,<0.13' 'torch-model-archiver>=0.12,<0.13'
 	$(BIN)/python -m bench.run

@@ -13,9 +13,11 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +27,7 @@ import httpx
 
 from client.loadgen import LoadRun, fashion_mnist_pngs, plot_run
 from client.stats import format_summary, summarize
+from models.artifact import resolve_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
@@ -44,9 +47,11 @@ class Server:
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None, ready: str = "/readyz") -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
+        # Its own process group: TorchServe starts a JVM and worker processes, all stopped together.
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT
-        )
+            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
         end = time.monotonic() + 120
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -62,19 +67,32 @@ class Server:
         self.stop()
         raise TimeoutError(f"{argv} not ready in 120 s")
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def stop(self) -> int:
+        """SIGTERM to the whole group, SIGKILL after 30 s; returns the exit code."""
+        if self.proc.poll() is not None:
+            sys.stderr.write(f"{self.url}: the server had already exited with {self.proc.returncode}\n")
+        self._signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
+        self._signal(signal.SIGKILL)  # children that outlived their parent
         self.log.close()
+        return self.proc.returncode
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
-def _load(url: str, images: list, name: str, seconds: float, *, rate: float | None = None, concurrency: int = 16,
-          params: dict | None = None, deadlines: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
-    run = LoadRun(url, images, seconds, 200_000, deadlines, params, progress=False)
+def _load(
+    url: str, images: list, name: str, seconds: float, *, rate: float | None = None, concurrency: int = 16,
+    params: dict | None = None, deadlines: list[float] | None = None, path: str = "/classify",
+) -> dict[str, Any]:  # fmt: skip
+    run = LoadRun(url, images, seconds, 200_000, deadlines, params, progress=False, path=path)
     duration = asyncio.run(run.open_loop(rate) if rate else run.closed_loop(concurrency))
     summary = summarize(run.records, duration)
     from dataclasses import asdict
@@ -159,8 +177,8 @@ def anytime_benchmarks(images: list, store: Path, name: str, seconds: float) -> 
             "accuracy_loss_pp": 100 * (sat_full["accuracy"] - sat_any["accuracy"]),
             "fixed_rate_rps": rate,
             "fixed_rate_latency_ms": {
-                "anytime": {k: fixed_any["latency_ms"][k] for k in ("mean", "p99")},
-                "full": {k: fixed_full["latency_ms"][k] for k in ("mean", "p99")},
+                "anytime": {k: fixed_any["latency_ms"][k] for k in ("mean", "p50", "p99")},
+                "full": {k: fixed_full["latency_ms"][k] for k in ("mean", "p50", "p99")},
             },
         },
         "overhead": {
@@ -173,38 +191,52 @@ def anytime_benchmarks(images: list, store: Path, name: str, seconds: float) -> 
 
 
 def peer_benchmarks(images: list, store: Path, name: str, seconds: float, rate: float) -> dict[str, Any]:
-    """4. the plain FastAPI baseline serving the same model at full depth, same load."""
+    """4. peers serving the same model at full depth, same images and load: a plain FastAPI
+    endpoint and TorchServe (every listener on 127.0.0.1, token auth off for the benchmark only)."""
+    results: dict[str, Any] = {}
     port = _free_port()
     argv = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", name, "--port", str(port)]
-    server = Server(argv, port, {"PYTHONPATH": str(ROOT)}, ready="")
-    try:
-        sat = _load(server.url, images, "saturation-baseline-fastapi", seconds, concurrency=16)
-        fixed = _load(server.url, images, "fixed-rate-baseline-fastapi", seconds, rate=rate)
-    finally:
-        server.stop()
-    return {
-        "baseline_fastapi": {
+    peers = [("baseline_fastapi", lambda: Server(argv, port, {"PYTHONPATH": str(ROOT)}, ready="/docs"), "/classify")]
+    ports = [_free_port() for _ in range(5)]
+
+    def torchserve() -> Server:
+        from bench.peers.torchserve.launch import prepare
+
+        work = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        command = prepare(resolve_artifact(store, name), work, ports)
+        env = {"PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}
+        return Server(command, ports[0], env, ready="/ping")
+
+    peers.append(("torchserve", torchserve, "/predictions/anytime"))
+    for label, start, path in peers:
+        server = start()
+        try:
+            sat = _load(server.url, images, f"saturation-{label}", seconds, concurrency=16, path=path)
+            fixed = _load(server.url, images, f"fixed-rate-{label}", seconds, rate=rate, path=path)
+        finally:
+            server.stop()
+        results[label] = {
             "saturation_rps": sat["throughput_rps"], "accuracy": sat["accuracy"],
             "fixed_rate_latency_ms": {k: fixed["latency_ms"][k] for k in ("p50", "p99")},
-        },
-        "torchserve": "not run: see the README's benchmark section",
-    }  # fmt: skip
+        }  # fmt: skip
+    return results
 
 
 def format_table(results: dict[str, Any]) -> str:
     a, o = results["anytime_vs_full"], results["overhead"]
-    p = results["peers"]["baseline_fastapi"]
+    p, t = results["peers"]["baseline_fastapi"], results["peers"]["torchserve"]
+    fa, ff = a["fixed_rate_latency_ms"]["anytime"], a["fixed_rate_latency_ms"]["full"]
     lines = [
-        "| measurement | Anytime (artifact thresholds) | same server, full depth | FastAPI baseline |",
-        "| --- | --- | --- | --- |",
+        "| measurement | Anytime (artifact thresholds) | same server, full depth | FastAPI baseline | TorchServe |",
+        "| --- | --- | --- | --- | --- |",
         f"| saturation throughput (req/s, 16 clients) | {a['saturation_rps']['anytime']:.0f} | "
-        f"{a['saturation_rps']['full']:.0f} | {p['saturation_rps']:.0f} |",
+        f"{a['saturation_rps']['full']:.0f} | {p['saturation_rps']:.0f} | {t['saturation_rps']:.0f} |",
         f"| accuracy | {100 * a['accuracy']['anytime']:.2f} % | {100 * a['accuracy']['full']:.2f} % | "
-        f"{100 * p['accuracy']:.2f} % |",
-        f"| latency at {a['fixed_rate_rps']:.0f} req/s, mean / p99 (ms) | "
-        f"{a['fixed_rate_latency_ms']['anytime']['mean']:.1f} / {a['fixed_rate_latency_ms']['anytime']['p99']:.1f} | "
-        f"{a['fixed_rate_latency_ms']['full']['mean']:.1f} / {a['fixed_rate_latency_ms']['full']['p99']:.1f} | "
-        f"p50 {p['fixed_rate_latency_ms']['p50']:.1f} / p99 {p['fixed_rate_latency_ms']['p99']:.1f} |",
+        f"{100 * p['accuracy']:.2f} % | {100 * t['accuracy']:.2f} % |",
+        f"| latency at {a['fixed_rate_rps']:.0f} req/s, p50 / p99 (ms) | {fa['p50']:.1f} / {fa['p99']:.1f} | "
+        f"{ff['p50']:.1f} / {ff['p99']:.1f} | {p['fixed_rate_latency_ms']['p50']:.1f} / "
+        f"{p['fixed_rate_latency_ms']['p99']:.1f} | {t['fixed_rate_latency_ms']['p50']:.1f} / "
+        f"{t['fixed_rate_latency_ms']['p99']:.1f} |",
         "",
         f"Throughput ratio anytime / full depth: {a['throughput_ratio']:.2f}x at "
         f"{a['accuracy_loss_pp']:.2f} pp accuracy loss.",

@@ -50,9 +50,9 @@ class LoadRun:
     def __init__(
         self, url: str, images: list[tuple[bytes, int]], duration_s: float, max_requests: int,
         deadlines_ms: list[float] | None = None, params: dict[str, Any] | None = None, seed: int = 0,
-        progress: bool = True,
+        progress: bool = True, path: str = "/classify",
     ) -> None:  # fmt: skip
-        self.url, self.images = url.rstrip("/"), images
+        self.url, self.images, self.path = url.rstrip("/"), images, path
         self.duration_s, self.max_requests = duration_s, max_requests
         self.deadlines, self.params = deadlines_ms or [], params or {}
         self.rng = random.Random(seed)
@@ -70,7 +70,7 @@ class LoadRun:
         sent = time.perf_counter()
         rec = Record(sent - start, 0.0, 0, deadline_ms=deadline)
         try:
-            r = await http.post("/classify", content=png, headers=headers, params=self.params, timeout=timeout)
+            r = await http.post(self.path, content=png, headers=headers, params=self.params, timeout=timeout)
             rec.status = r.status_code
             if r.status_code == 200:
                 body = r.json()
