@@ -43,9 +43,11 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     transform: v2.Transform = field(init=False)
+    classes: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.transform = build_transform(self.input_spec)
+        self.classes = list(self.manifest["classes"])
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -58,10 +60,6 @@ class ServiceState:
     @property
     def version(self) -> str:
         return str(self.manifest["version"])
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
 
     @property
     def input_spec(self) -> dict[str, Any]:
