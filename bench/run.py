@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from client.loadgen import LoadRun, fashion_mnist_pngs, plot_run
-from client.stats import format_summary, summarize
+from client.stats import by_deadline, format_summary, summarize
 from models.artifact import resolve_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,23 +101,8 @@ def _load(
                                                   "records": [asdict(r) for r in run.records]}))  # fmt: skip
     plot_run(name, run.records, OUT)
     sys.stdout.write(format_summary(name, summary) + "\n\n")
-    summary["records_by_deadline"] = _by_deadline(run.records) if deadlines else None
+    summary["records_by_deadline"] = by_deadline(run.records) if deadlines else None
     return summary
-
-
-def _by_deadline(records: list) -> dict[str, dict[str, float]]:
-    out = {}
-    for d in sorted({r.deadline_ms for r in records}):
-        rs = [r for r in records if r.deadline_ms == d]
-        ok = [r for r in rs if r.status == 200]
-        out[f"{d:g}"] = {
-            "requests": len(rs),
-            "attainment": sum(r.status == 200 and r.latency_ms <= d for r in rs) / len(rs),
-            "answered": len(ok) / len(rs),
-            "early_by_deadline": sum(r.reason == "deadline" for r in ok) / max(1, len(ok)),
-            "accuracy": sum(bool(r.correct) for r in ok) / max(1, len(ok)),
-        }
-    return out
 
 
 def in_process_latency(images: list, store: Path, name: str) -> float:

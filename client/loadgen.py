@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from client.idx import read_idx
-from client.stats import Record, format_summary, summarize
+from client.stats import Record, by_deadline, format_summary, summarize
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -143,15 +143,11 @@ def plot_run(name: str, records: list[Record], out: Path) -> list[Path]:
     exits = sorted({r.exit for r in records if r.exit})
     axes[1].bar([str(e) for e in exits], [sum(r.exit == e for r in records) for e in exits], color="tab:green")
     axes[1].set(xlabel="exit", ylabel="answers", title="Exit distribution")
-    deadlines = sorted({r.deadline_ms for r in records if r.deadline_ms is not None})
-    if deadlines:
-        acc, att = [], []
-        for d in deadlines:
-            rs = [r for r in records if r.deadline_ms == d]
-            answered = [r for r in rs if r.status == 200]
-            acc.append(100 * sum(bool(r.correct) for r in answered) / max(1, len(answered)))
-            att.append(100 * sum(r.status == 200 and r.latency_ms <= d for r in rs) / max(1, len(rs)))
-        labels = [f"{d:g}" for d in deadlines]
+    per_deadline = by_deadline(records)
+    if per_deadline:
+        labels = list(per_deadline)
+        acc = [100 * v["accuracy"] for v in per_deadline.values()]
+        att = [100 * v["attainment"] for v in per_deadline.values()]
         axes[2].plot(labels, acc, "o-", label="accuracy of answers (%)")
         axes[2].plot(labels, att, "s--", label="answered within deadline (%)")
         axes[2].legend(fontsize=8)

@@ -40,6 +40,22 @@ def attainment(records: list[Record]) -> float:
     return len(met) / len(with_deadline)
 
 
+def by_deadline(records: list[Record]) -> dict[str, dict[str, float]]:
+    """Per deadline: requests, attainment, share answered, share stopped by the deadline, accuracy of answers."""
+    out = {}
+    for d in sorted({r.deadline_ms for r in records if r.deadline_ms is not None}):
+        rs = [r for r in records if r.deadline_ms == d]
+        ok = [r for r in rs if r.status == 200]
+        out[f"{d:g}"] = {
+            "requests": len(rs),
+            "attainment": attainment(rs),
+            "answered": len(ok) / len(rs),
+            "early_by_deadline": sum(r.reason == "deadline" for r in ok) / max(1, len(ok)),
+            "accuracy": sum(bool(r.correct) for r in ok) / max(1, len(ok)),
+        }
+    return out
+
+
 def summarize(records: list[Record], duration_s: float) -> dict[str, Any]:
     """Throughput, latency percentiles, accuracy, exit distribution and deadline attainment."""
     ok = [r for r in records if r.status == 200]

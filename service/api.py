@@ -93,7 +93,7 @@ def _options(request: Request, extra: dict[str, Any] | None = None) -> ClassifyO
         raise ApiError(422, "invalid_option", msg) from None
 
 
-async def _read_single_image(request: Request, state: ServiceState) -> tuple[bytes, ClassifyOptions]:
+async def _read_single_image(request: Request) -> tuple[bytes, ClassifyOptions]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
@@ -172,7 +172,7 @@ async def classify(request: Request, state: State) -> Classification:
     received = time.monotonic()
     with state.track_request() as track:
         state.require_ready()
-        data, opts = await _read_single_image(request, state)
+        data, opts = await _read_single_image(request)
         x = await _decode(state, data)
         result = await _classify(state, x, opts, received)
         track.ok()
