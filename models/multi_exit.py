@@ -143,6 +143,7 @@ def build_exit_heads(
     stage_channels: Sequence[int],
     downsamples: Sequence[int],
     num_classes: int,
+    *,
     final_head: nn.Module | None = None,
     style: str = "conv",
     attention: bool = False,
@@ -166,7 +167,9 @@ def build_exit_heads(
         if style == "conv" and steps > 2:
             pre_pool = 2 ** (steps - 2)
             widths = [widths[0], *widths[-2:]]
-        heads.append(ExitHead(widths, num_classes, style, attention, pre_pool, reduction))
+        heads.append(
+            ExitHead(widths, num_classes, style=style, attention=attention, pre_pool=pre_pool, reduction=reduction)
+        )
     heads.append(final_head or FinalHead(stage_channels[last], num_classes))
     return nn.ModuleList(heads)
 
@@ -178,6 +181,19 @@ def _bottleneck_widths(stage_channels: Sequence[int], k: int, steps: int) -> lis
     # Spread the later stages' widths over the halvings; the last always hits the deepest width.
     picks = [later[min(len(later), math.ceil((i + 1) * len(later) / steps)) - 1] for i in range(steps)]
     return [stage_channels[k], *picks]
+
+
+def init_weights(net: nn.Module) -> None:
+    """torchvision's initialisation, used by every family: Kaiming-normal (fan-out) convolutions
+    with zero bias, batch norms at weight 1 and bias 0; linear layers keep PyTorch's default."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class MultiExitNet(nn.Module):

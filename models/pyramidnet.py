@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.multi_exit import MultiExitNet, build_exit_heads
+from models.multi_exit import MultiExitNet, build_exit_heads, init_weights
 from models.registry import register_model
 from models.resnet import make_stem
 
@@ -76,8 +76,12 @@ def build_pyramidnet(
             blocks += [nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)]
         stages.append(nn.Sequential(*blocks))
         channels.append(in_ch)
-    heads = build_exit_heads(channels, [2, 1, 0], num_classes, None, exit_style, attention, PyramidBottleneck.expansion)
-    return MultiExitNet(stages, heads)
+    heads = build_exit_heads(
+        channels, [2, 1, 0], num_classes, style=exit_style, attention=attention, reduction=PyramidBottleneck.expansion
+    )
+    net = MultiExitNet(stages, heads)
+    init_weights(net)
+    return net
 
 
 @register_model

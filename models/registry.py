@@ -1,4 +1,9 @@
-"""Model registry: builders registered by name, looked up by `build_model`."""
+"""Model registry: builders registered by name, looked up by `build_model`.
+
+The registry imports no model family: each family module registers its builders when it is
+imported, and `models/__init__.py` imports every family (timm's layout). So there is no import
+cycle, and the registry is complete as soon as `models` is imported.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,24 @@ if TYPE_CHECKING:
 
 Builder = Callable[..., "MultiExitNet"]
 _REGISTRY: dict[str, Builder] = {}
+STEMS = ("cifar", "imagenet")
 
 
-def register_model(fn: Builder) -> Builder:
-    """Register a model builder under its function name."""
-    name = fn.__name__
-    if name in _REGISTRY:
-        raise ValueError(f"Model {name!r} is already registered")
-    _REGISTRY[name] = fn
-    return fn
+def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any:
+    """Register a builder under its function name, or under `name` (`@register_model(name="wrn_16_4")`)."""
+
+    def add(builder: Builder) -> Builder:
+        key = name or builder.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"Model {key!r} is already registered")
+        _REGISTRY[key] = builder
+        return builder
+
+    return add(fn) if fn is not None else add
 
 
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
-    _import_families()
     return sorted(_REGISTRY)
 
 
@@ -35,25 +44,16 @@ def build_model(
     **kwargs: Any,
 ) -> MultiExitNet:
     """Build a registered multi-exit network by name."""
-    _import_families()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"Unknown model {name!r}; known: {known}")
-    if stem not in ("cifar", "imagenet"):
+    if stem not in STEMS:
         raise ValueError(f"Unknown stem {stem!r}; use 'cifar' or 'imagenet'")
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, stem=stem, **kwargs)
 
 
-def _import_families() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from models import pyramidnet, resnet, resnext, testing, vgg, wide_resnet  # noqa: F401
-
-
 def build_model_from_spec(spec: dict[str, Any]) -> MultiExitNet:
-    """Rebuild a network from the architecture spec that checkpoints and artifacts carry.
-
-    `spec` is ``{"name", "num_classes", "in_channels", "stem", "kwargs"}``.
-    """
+    """Rebuild a network from the architecture spec that checkpoints and artifacts carry."""
     missing = {"name", "num_classes", "in_channels", "stem"} - set(spec)
     if missing:
         raise ValueError(f"Architecture spec lacks {', '.join(sorted(missing))}")

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.multi_exit import MultiExitNet, build_exit_heads
+from models.multi_exit import MultiExitNet, build_exit_heads, init_weights
 from models.registry import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -65,20 +65,12 @@ def build_resnet(
         stages.append(nn.Sequential(make_stem(in_channels, widths[0], stem), layer) if i == 0 else layer)
     n = len(stages)
     downsamples = [n - 1 - i for i in range(n)]
-    heads = build_exit_heads(channels, downsamples, num_classes, None, exit_style, attention, block.expansion)
+    heads = build_exit_heads(
+        channels, downsamples, num_classes, style=exit_style, attention=attention, reduction=block.expansion
+    )
     net = MultiExitNet(stages, heads)
-    _init_weights(net)
+    init_weights(net)
     return net
-
-
-def _init_weights(net: nn.Module) -> None:
-    # torchvision's ResNet initialisation.
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
 
 
 @register_model
@@ -116,9 +108,3 @@ def resnet_fmnist(**kwargs: Any) -> MultiExitNet:
     """Compact 4-exit ResNet for 28x28 grayscale images (Fashion-MNIST), about 1 M parameters."""
     kwargs.setdefault("in_channels", 1)
     return build_resnet(BasicBlock, (2, 2, 2, 2), widths=(16, 32, 64, 128), **kwargs)
-
-
-@register_model
-def test_tiny(**kwargs: Any) -> MultiExitNet:
-    """A tiny 3-exit network for tests: a forward pass takes milliseconds."""
-    return build_resnet(BasicBlock, (1, 1, 1), widths=(4, 8, 16), **kwargs)

@@ -1,7 +1,8 @@
-"""Registered test networks (like timm's `test_*` models): tiny, and one whose stages take set times.
+"""Every registered test network (like timm's `test_*` models), so tests run in seconds.
 
-`test_sleepy` makes deadline behaviour deterministic in tests of the server: each stage sleeps
-for the milliseconds given in `stage_ms` (which the artifact's architecture spec carries).
+`test_tiny` is a 12 k-parameter 3-exit ResNet. `test_sleepy` makes deadline behaviour
+deterministic in tests of the server: each stage sleeps for the milliseconds given in
+`stage_ms` (which the artifact's architecture spec carries). `test_faulty` fails on purpose.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ class Sleep(nn.Module):
 
 
 @register_model
+def test_tiny(**kwargs: Any) -> MultiExitNet:
+    """A tiny 3-exit network for tests: a forward pass takes milliseconds."""
+    return build_resnet(BasicBlock, (1, 1, 1), widths=(4, 8, 16), **kwargs)
+
+
+@register_model
 def test_sleepy(stage_ms: Sequence[float] = (50, 50, 50, 50), **kwargs: Any) -> MultiExitNet:
     """A 4-exit tiny ResNet whose stage k sleeps `stage_ms[k]` milliseconds (for deadline tests)."""
     if len(stage_ms) != 4:
@@ -56,8 +63,6 @@ class FailOnBright(nn.Module):
 @register_model
 def test_faulty(fail_above: float = 1.5, **kwargs: Any) -> MultiExitNet:
     """`test_tiny` whose first stage fails on very bright images (for fault-handling tests)."""
-    from models.resnet import test_tiny
-
     net = test_tiny(**kwargs)
     net.stages[0] = nn.Sequential(FailOnBright(fail_above), net.stages[0])
     return net

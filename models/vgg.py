@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs
 
-from models.multi_exit import MultiExitNet, build_exit_heads
+from models.multi_exit import MultiExitNet, build_exit_heads, init_weights
 from models.registry import register_model
 
 
@@ -66,13 +66,11 @@ def build_vgg(
     final = VGGClassifier(num_classes) if classifier == "imagenet" else None
     if classifier not in ("cifar", "imagenet"):
         raise ValueError(f"Unknown classifier {classifier!r}; use 'cifar' or 'imagenet'")
-    heads = build_exit_heads(channels, [3, 2, 1, 0], num_classes, final, exit_style, attention)
+    heads = build_exit_heads(
+        channels, [3, 2, 1, 0], num_classes, final_head=final, style=exit_style, attention=attention
+    )
     net = MultiExitNet(stages, heads)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    init_weights(net)
     return net
 
 

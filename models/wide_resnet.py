@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from models.multi_exit import MultiExitNet, build_exit_heads
+from models.multi_exit import MultiExitNet, build_exit_heads, init_weights
 from models.registry import register_model
 from models.resnet import make_stem
 
@@ -68,17 +68,30 @@ def build_wide_resnet(
         stages.append(nn.Sequential(*blocks))
         in_ch = w
     heads = build_exit_heads(widths, [2, 1, 0], num_classes, style=exit_style, attention=attention)
-    return MultiExitNet(stages, heads)
+    net = MultiExitNet(stages, heads)
+    init_weights(net)
+    return net
 
 
-def _register(depth: int, widen: int) -> None:
-    def builder(**kwargs: Any) -> MultiExitNet:
-        return build_wide_resnet(depth, widen, **kwargs)
-
-    builder.__name__ = f"wrn_{depth}_{widen}"
-    builder.__doc__ = f"WRN-{depth}-{widen} with three exits."
-    register_model(builder)
+@register_model
+def wrn_16_4(**kwargs: Any) -> MultiExitNet:
+    """WRN-16-4 with three exits."""
+    return build_wide_resnet(16, 4, **kwargs)
 
 
-for _depth, _widen in ((16, 4), (20, 8), (28, 10), (44, 8)):
-    _register(_depth, _widen)
+@register_model
+def wrn_20_8(**kwargs: Any) -> MultiExitNet:
+    """WRN-20-8 with three exits."""
+    return build_wide_resnet(20, 8, **kwargs)
+
+
+@register_model
+def wrn_28_10(**kwargs: Any) -> MultiExitNet:
+    """WRN-28-10 with three exits."""
+    return build_wide_resnet(28, 10, **kwargs)
+
+
+@register_model
+def wrn_44_8(**kwargs: Any) -> MultiExitNet:
+    """WRN-44-8 with three exits."""
+    return build_wide_resnet(44, 8, **kwargs)
