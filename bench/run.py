@@ -13,9 +13,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,69 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from client.loadgen import LoadRun, fashion_mnist_pngs, plot_run
 from client.stats import by_deadline, format_summary, summarize
 from models.artifact import resolve_artifact
+from tools.processes import ROOT, LocalProcess, ServerProcess, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on 127.0.0.1, started and stopped by PID."""
-
-    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None, ready: str = "/readyz") -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(OUT / f"server-{port}.log", "w")  # noqa: SIM115 - closed in stop()
-        # Its own process group: TorchServe starts a JVM and worker processes, all stopped together.
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv} exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if ready and httpx.get(self.url + ready, timeout=1).status_code == 200:
-                    return
-                if not ready and httpx.get(self.url + "/docs", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"{argv} not ready in 120 s")
-
-    def stop(self) -> int:
-        """SIGTERM to the whole group, SIGKILL after 30 s; returns the exit code."""
-        if self.proc.poll() is not None:
-            sys.stderr.write(f"{self.url}: the server had already exited with {self.proc.returncode}\n")
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            self.proc.wait()
-        self._signal(signal.SIGKILL)  # children that outlived their parent
-        self.log.close()
-        return self.proc.returncode
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _load(
@@ -106,36 +47,29 @@ def _load(
 
 
 def in_process_latency(images: list, store: Path, name: str) -> float:
-    """Median ms of decode + the stage-wise exit path, in this process, one image at a time."""
+    """Median ms of decode + the engine's stage-wise exit path, in this process, one image at a time."""
     import torch
 
-    from models.artifact import load_artifact, resolve_artifact
-    from models.confidence import confidence
+    from models.artifact import load_artifact
+    from service.engine import Engine, Job
     from service.images import build_transform, decode_image
-    from service.policy import decide_exit
+    from service.metrics import Metrics
 
     torch.set_num_threads(1)
     artifact = load_artifact(resolve_artifact(store, name))
-    spec, exits = artifact.manifest["input"], artifact.manifest["exits"]
+    engine = Engine(artifact, torch.device("cpu"), Metrics(), max_batch=1)
+    spec = artifact.manifest.input
     tf = build_transform(spec)
     times = []
-    with torch.inference_mode():
-        for png, _ in images[:500]:
-            t0 = time.perf_counter()
-            x = decode_image(png, spec, tf, 16_000_000).unsqueeze(0)
-            for k, logits, _ in artifact.model.iter_exits(x):
-                conf = float(confidence(logits, exits[k]["temperature"]))
-                if decide_exit(k, len(exits), conf, exits[k]["threshold"], None, 0.0, None, 0.0) is not None:
-                    break
-            times.append((time.perf_counter() - t0) * 1e3)
+    for png, _ in images[:500]:
+        t0 = time.perf_counter()
+        engine.run([Job(decode_image(png, spec, tf, 16_000_000))])
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def _serve_anytime(store: Path, name: str) -> Server:
-    port = _free_port()
-    env = {"ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name, "ANYTIME_HOST": "127.0.0.1",
-           "ANYTIME_PORT": str(port), "ANYTIME_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}  # fmt: skip
-    return Server([sys.executable, "-m", "service.app"], port, env)
+def _serve_anytime(store: Path, name: str) -> ServerProcess:
+    return ServerProcess(store, name, log_dir=OUT).wait_ready()  # type: ignore[return-value]
 
 
 def anytime_benchmarks(images: list, store: Path, name: str, seconds: float) -> dict[str, Any]:
@@ -179,18 +113,22 @@ def peer_benchmarks(images: list, store: Path, name: str, seconds: float, rate: 
     """4. peers serving the same model at full depth, same images and load: a plain FastAPI
     endpoint and TorchServe (every listener on 127.0.0.1, token auth off for the benchmark only)."""
     results: dict[str, Any] = {}
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", name, "--port", str(port)]
-    peers = [("baseline_fastapi", lambda: Server(argv, port, {"PYTHONPATH": str(ROOT)}, ready="/docs"), "/classify")]
-    ports = [_free_port() for _ in range(5)]
 
-    def torchserve() -> Server:
+    def baseline() -> LocalProcess:
+        return LocalProcess(argv, port, OUT / f"server-{port}.log", {"PYTHONPATH": str(ROOT)}).wait_ready("/docs")
+
+    peers = [("baseline_fastapi", baseline, "/classify")]
+    ports = [free_port() for _ in range(5)]
+
+    def torchserve() -> LocalProcess:
         from bench.peers.torchserve.launch import prepare
 
         work = Path(tempfile.mkdtemp(prefix="torchserve-"))
         command = prepare(resolve_artifact(store, name), work, ports)
         env = {"PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}
-        return Server(command, ports[0], env, ready="/ping")
+        return LocalProcess(command, ports[0], OUT / f"server-{ports[0]}.log", env).wait_ready("/ping")
 
     peers.append(("torchserve", torchserve, "/predictions/anytime"))
     for label, start, path in peers:

@@ -50,13 +50,3 @@ def build_model(
     if stem not in STEMS:
         raise ValueError(f"Unknown stem {stem!r}; use 'cifar' or 'imagenet'")
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, stem=stem, **kwargs)
-
-
-def build_model_from_spec(spec: dict[str, Any]) -> MultiExitNet:
-    """Rebuild a network from the architecture spec that checkpoints and artifacts carry."""
-    missing = {"name", "num_classes", "in_channels", "stem"} - set(spec)
-    if missing:
-        raise ValueError(f"Architecture spec lacks {', '.join(sorted(missing))}")
-    return build_model(
-        spec["name"], int(spec["num_classes"]), int(spec["in_channels"]), spec["stem"], **spec.get("kwargs", {})
-    )

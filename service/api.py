@@ -15,19 +15,18 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.engine import (
-    Answer,
-    DeadlineUnreachable,
-    EngineFailure,
-    EngineStopped,
-    QueueFull,
-)
-from service.engine import (
-    Request as EngineRequest,
-)
+from service.engine import Answer, DeadlineUnreachable, EngineFailure, EngineStopped, Job, QueueFull
 from service.errors import ApiError
 from service.images import ImageRejected, decode_image
-from service.schemas import BatchClassification, Classification, ClassifyJSON, ClassifyOptions, ErrorBody, TopK
+from service.schemas import (
+    BatchClassification,
+    Classification,
+    ClassifyJSON,
+    ClassifyOptions,
+    ErrorBody,
+    ModelView,
+    TopK,
+)
 from service.state import ServiceState
 
 router = APIRouter()
@@ -135,9 +134,9 @@ async def _classify(state: ServiceState, x: Any, opts: ClassifyOptions, received
         raise ApiError(422, "invalid_option", f"max_exit: the model has {state.engine.num_exits} exits")
     deadline_ms = opts.deadline_ms if opts.deadline_ms is not None else state.settings.default_deadline_ms
     deadline = received + deadline_ms / 1e3 if deadline_ms is not None else None
-    req = EngineRequest(x, opts.threshold, opts.max_exit, deadline, min(opts.top_k, len(state.classes)))
+    job = Job(x, opts.threshold, opts.max_exit, deadline, min(opts.top_k, len(state.classes)))
     try:
-        future = state.engine.submit(req)
+        future = state.engine.submit(job)
     except QueueFull:
         raise ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"}) from None
     except EngineStopped:
@@ -218,10 +217,10 @@ async def readyz(state: State) -> dict[str, str]:
     return {"status": "ready", "model": state.name, "version": state.version}
 
 
-@router.get("/v1/model")
-async def model_info(state: State) -> dict[str, Any]:
+@router.get("/v1/model", response_model=ModelView)
+async def model_info(state: State) -> ModelView:
     """The served artifact's public manifest: exits, thresholds, accuracies, input spec."""
-    return state.public_manifest()
+    return state.model_view()
 
 
 @router.get("/metrics", include_in_schema=False)

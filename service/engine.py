@@ -1,35 +1,39 @@
 """The anytime engine: a bounded queue, one worker thread per device, stage-wise batched execution.
 
-The worker takes up to `max_batch` requests (or those that arrive within `max_wait_ms`),
-runs stage 1 and exit 1 for all of them, lets each sample leave as the exit policy says, and
-runs the next stage only on the samples that remain (`index_select`). The asyncio loop never
-runs the model: it enqueues a request and awaits its future.
+The worker takes up to `max_batch` jobs (or those that arrive within `max_wait_ms`), runs
+stage 1 and exit 1 for all of them, applies the exit rule (`models/exit_policy.py`) to the
+whole batch at once, answers the samples that stop, and runs the next stage only on the rest
+(`index_select`). The asyncio loop never runs the model: it enqueues a job and awaits its
+future; the worker settles every answer of a stage with one call into the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from models.artifact import Artifact
-from models.confidence import confidence
+from models.confidence import confidence_of, probabilities
+from models.exit_policy import GO_ON, NO_DEADLINE, NO_MAX_EXIT, REASONS, Reason, decide, reachable
 from service.metrics import Metrics
-from service.policy import Reason, can_reach_first_exit, decide_exit
 from service.timing import StageTimes
 
 log = logging.getLogger("anytime.engine")
 
 
 class QueueFull(Exception):
-    """The request queue is full; the caller should retry later."""
+    """The job queue is full; the caller should retry later."""
 
 
 class DeadlineUnreachable(Exception):
@@ -37,15 +41,15 @@ class DeadlineUnreachable(Exception):
 
 
 class EngineFailure(Exception):
-    """The model failed on the batch that held this request."""
+    """The model failed on the batch that held this job."""
 
 
 class EngineStopped(Exception):
     """The engine is shutting down and takes no more work."""
 
 
-@dataclass
-class Request:
+@dataclass(slots=True)
+class Job:
     """One image waiting for an answer. `deadline` is on the `time.monotonic()` clock."""
 
     x: Tensor
@@ -58,9 +62,9 @@ class Request:
     loop: asyncio.AbstractEventLoop | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
-    """What the engine found for one request."""
+    """What the engine found for one job."""
 
     index: int
     confidence: float
@@ -71,27 +75,37 @@ class Answer:
     compute_s: float
 
 
-def _settle(req: Request, value: Answer | BaseException) -> None:
-    """Complete the request's future from the worker thread (ignored if the client went away)."""
-    if req.future is None or req.loop is None:
-        return
+Outcome = Answer | BaseException
+Deliver = Callable[[list[tuple["Job", Outcome]]], None]
 
-    def apply() -> None:
-        if req.future is None or req.future.done():
-            return
+
+def _apply(settled: list[tuple[Job, Outcome]]) -> None:
+    """On the event loop: complete each job's future (unless its client went away)."""
+    for job, value in settled:
+        future = job.future
+        if future is None or future.done():
+            continue
         if isinstance(value, BaseException):
-            req.future.set_exception(value)
+            future.set_exception(value)
         else:
-            req.future.set_result(value)
+            future.set_result(value)
 
-    try:
-        req.loop.call_soon_threadsafe(apply)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
+
+def settle(settled: list[tuple[Job, Outcome]]) -> None:
+    """From the worker thread: complete futures with one call into each event loop involved."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Outcome]]] = {}
+    for job, value in settled:
+        if job.loop is not None:
+            by_loop.setdefault(job.loop, []).append((job, value))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_apply, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 class Engine:
-    """Runs an artifact's network stage by stage for batches of queued requests."""
+    """Runs an artifact's network stage by stage for batches of queued jobs."""
 
     def __init__(
         self,
@@ -102,20 +116,22 @@ class Engine:
         max_wait_ms: float = 0.0,
         queue_size: int = 256,
     ) -> None:
+        manifest = artifact.manifest
         self.model = artifact.model.to(device).eval()
-        self.manifest = artifact.manifest
+        self.input = manifest.input
         self.device = device
         self.metrics = metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
         self.num_exits = self.model.num_exits
-        self.temperatures = [float(e["temperature"]) for e in self.manifest["exits"]]
-        self.thresholds = [float(e["threshold"]) for e in self.manifest["exits"]]
-        self.measure = self.manifest.get("policy", {}).get("confidence", "max_softmax")
-        self.times = StageTimes.from_manifest(self.manifest["exits"])
+        self.temperatures = [e.temperature for e in manifest.exits]
+        self.thresholds = np.array([e.threshold for e in manifest.exits], dtype=np.float64)
+        self.measure = manifest.policy.confidence
+        self.times = StageTimes.from_manifest(manifest.exits)
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._queue: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
+        self._stage_hist = [metrics.stage_seconds.labels(stage=str(k + 1)) for k in range(self.num_exits)]
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -128,7 +144,7 @@ class Engine:
         self._thread.start()
 
     def warmup(self, rounds: int = 3) -> None:
-        shape = (self.manifest["input"]["channels"], self.manifest["input"]["size"], self.manifest["input"]["size"])
+        shape = (self.input.channels, self.input.size, self.input.size)
         for bs in sorted({1, self.max_batch}):
             x = torch.zeros(bs, *shape)
             for _ in range(rounds):
@@ -142,32 +158,41 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, end - time.monotonic()) + 5)
+        left: list[tuple[Job, Outcome]] = []
         while True:
             try:
-                _settle(self._queue.get_nowait(), EngineStopped("the server is shutting down"))
+                left.append((self._queue.get_nowait(), EngineStopped("the server is shutting down")))
             except queue.Empty:
                 break
+        settle(left)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        """Serve `jobs` as one batch in the calling thread (no queue, no futures): the in-process path."""
+        outcomes: dict[int, Outcome] = {}
+        with torch.inference_mode():
+            self._serve(jobs, lambda settled: outcomes.update((id(j), v) for j, v in settled))
+        return [outcomes[id(j)] for j in jobs]
+
     # -- submission (event loop side) ------------------------------------------------------
-    def submit(self, req: Request) -> asyncio.Future:
-        """Enqueue `req` and return the future its answer will complete; raises QueueFull."""
+    def submit(self, job: Job) -> asyncio.Future:
+        """Enqueue `job` and return the future its answer will complete; raises QueueFull."""
         if self._stop.is_set():
             raise EngineStopped("the server is shutting down")
-        req.loop = asyncio.get_running_loop()
-        req.future = req.loop.create_future()
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
         try:
-            self._queue.put_nowait(req)
+            self._queue.put_nowait(job)
         except queue.Full:
-            raise QueueFull("the request queue is full") from None
+            raise QueueFull("the job queue is full") from None
         self.metrics.queue_depth.set(self._queue.qsize())
-        return req.future
+        return job.future
 
     # -- worker side -------------------------------------------------------------------------
-    def _take_batch(self) -> list[Request]:
+    def _take_batch(self) -> list[Job]:
         try:
             first = self._queue.get(timeout=0.05)
         except queue.Empty:
@@ -186,86 +211,92 @@ class Engine:
     def _work(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            batch = [r for r in self._take_batch() if r.future is None or not r.future.done()]
+            batch = [j for j in self._take_batch() if j.future is None or not j.future.done()]
             if not batch:
                 continue
             try:
-                self._serve(batch)
+                self._serve(batch, settle)
             except Exception as exc:  # one bad batch must not take the worker down
                 log.exception("batch of %d failed", len(batch))
-                for req in batch:
-                    _settle(req, EngineFailure(f"inference failed: {type(exc).__name__}"))
+                failure = EngineFailure(f"inference failed: {type(exc).__name__}")
+                settle([(j, failure) for j in batch if j.future is not None and not j.future.done()])
 
-    def _admit(self, batch: list[Request]) -> list[Request]:
-        """Answer 504 to requests that cannot make their deadline; return the rest."""
+    def _admit(self, batch: list[Job], deliver: Deliver) -> list[Job]:
+        """Answer 504 to jobs that cannot make their deadline; return the rest."""
         now = time.monotonic()
         first = self.times.predict(0, len(batch))
-        admitted = []
-        for req in batch:
-            if req.deadline is not None and now >= req.deadline:
-                _settle(req, DeadlineUnreachable("the deadline passed while the request was queued"))
-            elif not can_reach_first_exit(now, req.deadline, first):
-                _settle(req, DeadlineUnreachable(f"exit 1 needs about {first * 1e3:.1f} ms; the deadline is sooner"))
-            else:
-                admitted.append(req)
-        return admitted
+        deadlines = np.array([NO_DEADLINE if j.deadline is None else j.deadline for j in batch])
+        ok = reachable(now, deadlines, first)
+        if ok.all():
+            return batch
+        rejected: list[tuple[Job, Outcome]] = []
+        for job, fits, deadline in zip(batch, ok.tolist(), deadlines.tolist(), strict=True):
+            if not fits:
+                reason = (
+                    "the deadline passed while the request was queued"
+                    if now >= deadline
+                    else f"exit 1 needs about {first * 1e3:.1f} ms; the deadline is sooner"
+                )
+                rejected.append((job, DeadlineUnreachable(reason)))
+        deliver(rejected)
+        return [j for j, fits in zip(batch, ok.tolist(), strict=True) if fits]
 
-    def _serve(self, batch: list[Request]) -> None:
-        batch = self._admit(batch)
+    def _serve(self, batch: list[Job], deliver: Deliver) -> None:
+        batch = self._admit(batch, deliver)
         if not batch:
             return
         self.metrics.batch_size.observe(len(batch))
         started = time.monotonic()
-        x = torch.stack([r.x for r in batch]).to(self.device, non_blocking=True)
+        override = np.array([math.nan if j.threshold is None else j.threshold for j in batch])
+        max_exit = np.array([NO_MAX_EXIT if j.max_exit is None else j.max_exit for j in batch])
+        deadline = np.array([NO_DEADLINE if j.deadline is None else j.deadline for j in batch])
+        x = torch.stack([j.x for j in batch]).to(self.device, non_blocking=True)
         if self.cuda:
             x = x.to(memory_format=torch.channels_last)
-        rows = torch.arange(len(batch))  # which request each remaining row belongs to
+        rows = np.arange(len(batch))  # which job each remaining row of `h` belongs to
         h = x
         with torch.inference_mode(), self._autocast():
             for k in range(self.num_exits):
                 t0 = time.monotonic()
                 h = self.model.run_stage(k, h)
                 logits, _ = self.model.run_exit(k, h)
-                conf = confidence(logits, self.temperatures[k], self.measure).cpu()  # the only per-stage copy
+                p = probabilities(logits, self.temperatures[k])  # the one softmax of this exit
+                conf = confidence_of(p, self.measure).cpu().numpy()  # the only per-stage copy
                 now = time.monotonic()
                 self.times.observe(k, len(rows), now - t0)
-                self.metrics.stage_seconds.labels(stage=str(k + 1)).observe(now - t0)
-                done = self._finish(batch, rows, logits, conf, k, now, started)
-                if done.all():
+                self._stage_hist[k].observe(now - t0)
+                thr = np.where(np.isnan(override[rows]), self.thresholds[k], override[rows])
+                codes = decide(
+                    k, self.num_exits, conf, thr, max_exit=max_exit[rows], deadline=deadline[rows], now=now,
+                    next_stage_s=self.times.predict(k + 1, len(rows)),
+                )  # fmt: skip
+                stop = codes != GO_ON
+                if stop.any():
+                    deliver(self._answers(batch, rows, stop, codes, p, conf, k, now, started))
+                if stop.all():
                     break
-                keep = torch.nonzero(~done).squeeze(1)
-                h = h.index_select(0, keep.to(h.device))
+                keep = np.flatnonzero(~stop)
+                h = h.index_select(0, torch.from_numpy(keep).to(h.device))
                 rows = rows[keep]
 
-    def _finish(
-        self, batch: list[Request], rows: Tensor, logits: Tensor, conf: Tensor, k: int, now: float, started: float
-    ) -> Tensor:
-        """Decide for every remaining row; answer the ones that stop at exit k. Returns the stop mask."""
-        next_s = self.times.predict(k + 1, len(rows))
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        reasons: dict[int, Reason] = {}
-        for i, r in enumerate(rows.tolist()):
-            req = batch[r]
-            threshold = self.thresholds[k] if req.threshold is None else req.threshold
-            reason = decide_exit(k, self.num_exits, float(conf[i]), threshold, req.max_exit, now, req.deadline, next_s)
-            if reason is not None:
-                done[i] = True
-                reasons[i] = reason
-        if not reasons:
-            return done
-        idx = torch.tensor(sorted(reasons))
-        probs = torch.softmax(logits.index_select(0, idx.to(logits.device)).float() / self.temperatures[k], dim=1)
-        top_p, top_i = probs.topk(min(max(batch[int(rows[i])].top_k for i in reasons), probs.shape[1]), dim=1)
-        top_p, top_i = top_p.cpu(), top_i.cpu()
-        for j, i in enumerate(idx.tolist()):
-            req = batch[int(rows[i])]
-            n = min(req.top_k, top_p.shape[1])
-            pairs = [(int(top_i[j, m]), float(top_p[j, m])) for m in range(n)]
-            answer = Answer(
-                pairs[0][0], float(conf[i]), k + 1, reasons[i], pairs, started - req.enqueued, now - started
-            )
-            _settle(req, answer)
-        return done
+    def _answers(
+        self, batch: list[Job], rows: np.ndarray, stop: np.ndarray, codes: np.ndarray, p: Tensor,
+        conf: np.ndarray, k: int, now: float, started: float,
+    ) -> list[tuple[Job, Outcome]]:  # fmt: skip
+        """The answers of the jobs whose rows stop at exit k, with their top-k classes."""
+        idx = np.flatnonzero(stop)
+        jobs = [batch[r] for r in rows[idx].tolist()]
+        width = min(max(j.top_k for j in jobs), p.shape[1])
+        top_p, top_i = p.index_select(0, torch.from_numpy(idx).to(p.device)).topk(width, dim=1)
+        top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+        settled: list[tuple[Job, Outcome]] = []
+        for j, job in enumerate(jobs):
+            n = min(job.top_k, width)
+            pairs = list(zip(top_i[j][:n], top_p[j][:n], strict=True))
+            reason: Reason = REASONS[int(codes[idx[j]])]  # type: ignore[assignment]
+            queued = started - job.enqueued
+            settled.append((job, Answer(pairs[0][0], float(conf[idx[j]]), k + 1, reason, pairs, queued, now - started)))
+        return settled
 
     def _run_all_stages(self, x: Tensor) -> None:
         with torch.inference_mode(), self._autocast():

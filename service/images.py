@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
+
+from models.artifact import InputSpec
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
@@ -28,13 +29,12 @@ class ImageRejected(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def build_transform(spec: dict[str, Any]) -> v2.Transform:
+def build_transform(spec: InputSpec) -> v2.Transform:
     """Resize (and centre-crop when the manifest says so), to float, normalise."""
-    size = int(spec["size"])
-    resize = spec.get("resize")
-    geometry = [v2.Resize(int(resize)), v2.CenterCrop(size)] if resize else [v2.Resize((size, size))]
+    size = spec.size
+    geometry = [v2.Resize(spec.resize), v2.CenterCrop(size)] if spec.resize else [v2.Resize((size, size))]
     return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
     )
 
 
@@ -102,11 +102,11 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
-def decode_image(data: bytes, spec: dict[str, Any], transform: v2.Transform, max_pixels: int) -> torch.Tensor:
+def decode_image(data: bytes, spec: InputSpec, transform: v2.Transform, max_pixels: int) -> torch.Tensor:
     """Bytes → normalised C×H×W float tensor for the model described by `spec`."""
     im = open_image(data, max_pixels)
     try:
-        return transform(to_mode(im, spec.get("color_mode", "RGB")))
+        return transform(to_mode(im, spec.color_mode))
     except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow can open but not convert
         raise ImageRejected(
             400, "undecodable_image", f"the {im.format} {im.mode} image cannot be converted: {exc}"

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.artifact import Ensemble, ExitInfo, InputSpec, PolicyChoice
+
 
 class ClassifyOptions(BaseModel):
     """Options of /classify, from the query string, the JSON body or the X-Deadline-Ms header."""
@@ -57,3 +59,20 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class ModelView(BaseModel):
+    """GET /v1/model: the served artifact's manifest without training internals, plus live stage times."""
+
+    name: str
+    version: str
+    created: str | None
+    architecture: str = Field(description="registered network name")
+    dataset: str | None
+    classes: list[str]
+    input: InputSpec
+    exits: list[ExitInfo]
+    ensemble: Ensemble | None
+    policy: PolicyChoice = Field(description="how the thresholds were chosen and what they give (no sweep)")
+    device: str
+    stage_ms_now: list[dict[str, float]] = Field(description="per stage: current estimate (ms) by batch size")

@@ -6,21 +6,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from torchvision.transforms import v2
 
-from models.artifact import Artifact
+from models.artifact import Artifact, InputSpec, Manifest, PolicyChoice
 from service.config import ServiceSettings
 from service.engine import Answer, Engine
 from service.errors import ApiError
 from service.images import build_transform
 from service.metrics import Metrics
-
-PUBLIC_EXIT_KEYS = (
-    "exit", "temperature", "threshold", "params", "flops", "flops_fraction", "latency_ms",
-    "val_accuracy", "test_accuracy", "val_ece_before", "val_ece_after",
-)  # fmt: skip
+from service.schemas import ModelView
 
 
 class _Tracker:
@@ -47,23 +42,23 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.transform = build_transform(self.input_spec)
-        self.classes = list(self.manifest["classes"])
+        self.classes = list(self.manifest.classes)
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.artifact.manifest
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
-    def input_spec(self) -> dict[str, Any]:
-        return self.manifest["input"]
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input
 
     @property
     def max_pixels(self) -> int:
@@ -98,22 +93,14 @@ class ServiceState:
             met = time.monotonic() <= deadline
             self.metrics.deadlines.labels(outcome="met" if met else "missed").inc()
 
-    def public_manifest(self) -> dict[str, Any]:
+    def model_view(self) -> ModelView:
         """The manifest without training internals, plus the live stage-time estimates."""
         m = self.manifest
-        return {
-            "name": m["name"],
-            "version": m["version"],
-            "created": m.get("created"),
-            "architecture": m["architecture"]["name"],
-            "dataset": m.get("dataset"),
-            "classes": m["classes"],
-            "input": m["input"],
-            "exits": [{k: e[k] for k in PUBLIC_EXIT_KEYS if k in e} for e in m["exits"]],
-            "ensemble": m.get("ensemble"),
-            "policy": {k: v for k, v in m.get("policy", {}).items() if k != "sweep"},
-            "device": self.device,
-            "stage_ms_now": [
+        return ModelView(
+            name=m.name, version=m.version, created=m.created, architecture=m.architecture.name, dataset=m.dataset,
+            classes=m.classes, input=m.input, exits=m.exits, ensemble=m.ensemble,
+            policy=PolicyChoice.model_validate(m.policy.model_dump(exclude={"sweep"})), device=self.device,
+            stage_ms_now=[
                 {str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in self.engine.times.snapshot()
             ],
-        }
+        )  # fmt: skip

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Any
+from collections.abc import Sequence
+
+from models.artifact import ExitInfo
 
 
 class StageTimes:
@@ -23,12 +25,12 @@ class StageTimes:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_manifest(cls, exits: list[dict[str, Any]]) -> StageTimes:
-        """Seed from the manifest's `latency_ms` entries (stage + head, per batch size)."""
+    def from_manifest(cls, exits: Sequence[ExitInfo]) -> StageTimes:
+        """Seed from the manifest's latency profile (stage + head, per batch size)."""
         times = cls(len(exits))
         for k, e in enumerate(exits):
-            for bs, t in (e.get("latency_ms") or {}).items():
-                times._table[k][int(bs)] = (float(t["stage_ms"]) + float(t["head_ms"])) / 1e3
+            for bs, t in e.latency_ms.items():
+                times._table[k][int(bs)] = (t.stage_ms + t.head_ms) / 1e3
         return times
 
     def observe(self, stage: int, batch: int, seconds: float) -> None:

@@ -13,19 +13,24 @@ import torch
 from models import build_model
 from models.artifact import (
     ArtifactError,
+    Manifest,
+    ManifestBody,
     list_versions,
     load_artifact,
+    read_manifest,
     resolve_artifact,
     save_artifact,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"name": "test_tiny", "num_classes": 3, "in_channels": 1, "stem": "cifar", "kwargs": {}}
 
 
-def _manifest() -> dict:
+def _manifest() -> ManifestBody:
     exits = [{"exit": k + 1, "temperature": 1.0, "threshold": 0.9} for k in range(3)]
     spec = {"size": 16, "channels": 1, "color_mode": "L", "resize": None, "mean": [0.5], "std": [0.25]}
-    return {"architecture": SPEC, "classes": ["a", "b", "c"], "exits": exits, "input": spec}
+    raw = {"architecture": SPEC, "classes": ["a", "b", "c"], "exits": exits, "input": spec}
+    return ManifestBody.model_validate(raw)
 
 
 def _trained_model() -> torch.nn.Module:
@@ -44,7 +49,7 @@ def test_round_trip_gives_identical_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         for a, b in zip(model(x).logits, loaded.model(x).logits, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert loaded.manifest["name"] == "tiny" and loaded.manifest["version"] == "1"
+    assert loaded.manifest.name == "tiny" and loaded.manifest.version == "1"
     assert save_artifact(model, _manifest(), tmp_path, "tiny").name == "2"
     assert resolve_artifact(tmp_path, "tiny") == tmp_path / "tiny" / "2"
 
@@ -106,7 +111,7 @@ def test_a_planted_pickle_is_never_executed(tmp_path: Path) -> None:
 
 
 def test_a_failed_save_leaves_nothing_visible(tmp_path: Path) -> None:
-    def crash(directory: Path, manifest: dict) -> None:
+    def crash(directory: Path, manifest: Manifest) -> None:
         (directory / "report.md").write_text("half")
         raise OSError("disk full")
 
@@ -127,3 +132,38 @@ def test_missing_artifact_names_the_versions(tmp_path: Path) -> None:
     save_artifact(_trained_model(), _manifest(), tmp_path, "tiny")
     with pytest.raises(ArtifactError, match="versions: 1"):
         resolve_artifact(tmp_path, "tiny", "7")
+
+
+def test_the_bundled_manifest_validates_unchanged() -> None:
+    m = read_manifest(ROOT / "model_store" / "fashion-mnist" / "1")
+    assert m.name == "fashion-mnist" and m.num_exits == 4 and m.exits[0].latency_ms["1"].stage_ms > 0
+    assert m.policy.thresholds[:2] == [0.73, 0.7000000000000001] and m.exits[0].expected_agreement is None
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda m: m["exits"][1].update(threshold="high"), "exits.1.threshold"),
+        (lambda m: m["exits"][0].pop("threshold"), "exits.0.threshold"),
+        (lambda m: m["input"].update(mean=[0.5, 0.5]), "input"),
+        (lambda m: m.update(classes=["a", "b"]), "2 class names for a network of 3 classes"),
+        (lambda m: m["exits"].reverse(), "exits must be numbered 1..3"),
+        (lambda m: m.update(weights_sha256="abc"), "weights_sha256"),
+    ],
+)
+def test_an_invalid_manifest_is_refused_naming_the_field(tmp_path: Path, edit, field: str) -> None:  # type: ignore[no-untyped-def]
+    path = save_artifact(_trained_model(), _manifest(), tmp_path, "tiny")
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="invalid manifest") as info:
+        load_artifact(path)
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_keys_of_a_later_schema_revision_are_ignored(tmp_path: Path) -> None:
+    path = save_artifact(_trained_model(), _manifest(), tmp_path, "tiny")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["exits"][0]["future_field"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_artifact(path).manifest.exits[0].threshold == 0.9

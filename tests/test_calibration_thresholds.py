@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.exit_policy import answering_exits
 from training.calibration import ece_of_logits, expected_calibration_error, fit_temperature, nll
-from training.thresholds import NEVER, brute_force, evaluate_policy, policy_exits, select_thresholds
+from training.thresholds import NEVER, brute_force, evaluate_policy, select_thresholds
 
 
 def test_temperature_scaling_lowers_nll_of_an_overconfident_model() -> None:
@@ -56,7 +57,7 @@ def test_the_confidence_bound_is_stricter_than_the_estimate() -> None:
     bounded = select_thresholds(conf, correct, flops, 0.02, z=1.645)
     assert bounded.loss_bound <= 0.02 + 1e-12
     assert bounded.accuracy >= plain.accuracy and bounded.mean_flops >= plain.mean_flops
-    exits = policy_exits(conf, np.array(bounded.thresholds))
+    exits = answering_exits(conf, np.array(bounded.thresholds))
     d = correct[-1].astype(float) - correct[exits, np.arange(2000)]
     assert bounded.loss_bound == pytest.approx(d.mean() + 1.645 * d.std(ddof=1) / np.sqrt(2000))
 

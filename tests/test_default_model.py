@@ -23,14 +23,14 @@ def test_bundled_model_matches_its_manifest_on_the_test_set() -> None:
     bundle = load_data("fashion-mnist", allow_download=False)
     logits, y = collect_logits(artifact.model, DataLoader(bundle.test, batch_size=1000), torch.device("cpu"))
     acc = accuracies(logits, y)
-    for e in m["exits"]:
-        assert abs(acc[f"exit{e['exit']}"] - e["test_accuracy"]) <= 0.05, (e["exit"], acc, e["test_accuracy"])
-    conf = torch.stack([confidence(z, e["temperature"]) for z, e in zip(logits, m["exits"], strict=True)]).numpy()
+    for e in m.exits:
+        assert abs(acc[f"exit{e.exit}"] - e.test_accuracy) <= 0.05, (e.exit, acc, e.test_accuracy)
+    conf = torch.stack([confidence(z, e.temperature) for z, e in zip(logits, m.exits, strict=True)]).numpy()
     correct = torch.stack([z.argmax(1) == y for z in logits]).numpy()
-    flops = np.array([e["flops_fraction"] for e in m["exits"]])
-    policy = evaluate_policy(conf, correct, flops, np.array([e["threshold"] for e in m["exits"][:-1]]))
-    final = m["exits"][-1]["test_accuracy"]
-    epsilon = m["policy"]["epsilon_pp"]
+    flops = np.array([e.flops_fraction for e in m.exits])
+    policy = evaluate_policy(conf, correct, flops, np.array([e.threshold for e in m.exits[:-1]]))
+    final = m.exits[-1].test_accuracy
+    epsilon = m.policy.epsilon_pp
     assert policy.accuracy * 100 >= final - epsilon, f"policy {policy.accuracy * 100:.2f} % vs final {final:.2f} %"
     assert policy.mean_flops <= 0.6, f"policy uses {policy.mean_flops:.1%} of the full network's FLOPs"
-    assert abs(policy.accuracy * 100 - m["policy"]["test"]["accuracy"]) <= 0.05
+    assert abs(policy.accuracy * 100 - m.policy.test.accuracy) <= 0.05

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from models.artifact import load_artifact
-from service.engine import Engine, EngineFailure, Request
+from models.exit_policy import Reason
+from service.engine import Engine, EngineFailure, Job
 from service.metrics import Metrics
-from service.policy import Reason
 from tests.helpers import make_artifact
 
 
@@ -22,7 +22,7 @@ def _engine(tmp_path: Path, max_wait_ms: float = 200.0) -> Engine:
     return engine
 
 
-async def _submit_all(engine: Engine, requests: list[Request]) -> list:
+async def _submit_all(engine: Engine, requests: list[Job]) -> list:
     futures = [engine.submit(r) for r in requests]
     return await asyncio.gather(*futures, return_exceptions=True)
 
@@ -33,7 +33,7 @@ def test_samples_confident_at_exit_1_leave_the_batch(tmp_path: Path) -> None:
     for k, stage in enumerate(engine.model.stages):
         stage.register_forward_hook(lambda _m, inp, _o, k=k: rows_per_stage[k].append(inp[0].shape[0]))
     x = torch.randn(1, 28, 28)
-    requests = [Request(x, threshold=0.0 if i % 2 else 1.0) for i in range(8)]
+    requests = [Job(x, threshold=0.0 if i % 2 else 1.0) for i in range(8)]
     answers = asyncio.run(_submit_all(engine, requests))
     engine.stop(1.0)
     assert rows_per_stage[0] == [8] and rows_per_stage[1] == [4] and rows_per_stage[2] == [4]
@@ -57,8 +57,8 @@ def test_a_failing_batch_is_answered_and_the_next_one_served(tmp_path: Path, mon
     x = torch.randn(1, 28, 28)
 
     async def scenario() -> tuple[list, list]:
-        first = await _submit_all(engine, [Request(x), Request(x)])
-        second = await _submit_all(engine, [Request(x)])
+        first = await _submit_all(engine, [Job(x), Job(x)])
+        second = await _submit_all(engine, [Job(x)])
         return first, second
 
     first, second = asyncio.run(scenario())

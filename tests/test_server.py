@@ -17,8 +17,8 @@ from PIL import Image
 
 from models.artifact import load_artifact
 from models.confidence import confidence
+from models.exit_policy import answering_exits
 from service.images import build_transform, decode_image
-from service.policy import decide_exit
 from tests.helpers import ServerProcess, make_artifact, png_bytes
 from training.data import load_data
 
@@ -37,8 +37,8 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, fmnist_pngs: list[tuple
     store = tmp_path_factory.mktemp("store")
     path = make_artifact(store, "probe", "test_tiny")
     artifact = load_artifact(path)
-    tf = build_transform(artifact.manifest["input"])
-    x = torch.stack([decode_image(b, artifact.manifest["input"], tf, 10**7) for b, _ in fmnist_pngs])
+    tf = build_transform(artifact.manifest.input)
+    x = torch.stack([decode_image(b, artifact.manifest.input, tf, 10**7) for b, _ in fmnist_pngs])
     with torch.no_grad():
         confs = [confidence(z) for z in artifact.model(x).logits]
     thresholds = [float(c.median()) for c in confs[:-1]] + [0.0]
@@ -84,19 +84,18 @@ def test_served_answers_equal_the_in_process_model_and_policy(
     server: ServerProcess, tiny_store: Path, fmnist_pngs: list
 ) -> None:
     artifact = load_artifact(tiny_store / "tiny" / "1")
-    spec, exits = artifact.manifest["input"], artifact.manifest["exits"]
+    spec, exits = artifact.manifest.input, artifact.manifest.exits
     tf = build_transform(spec)
     seen_exits = set()
     for png, _ in fmnist_pngs:
         served = httpx.post(f"{server.url}/classify", content=png, headers={"content-type": "image/png"}).json()
         x = decode_image(png, spec, tf, 10**7).unsqueeze(0)
         with torch.no_grad():
-            for k, logits, _ in artifact.model.iter_exits(x):
-                conf = float(confidence(logits, exits[k]["temperature"]))
-                reason = decide_exit(k, 3, conf, exits[k]["threshold"], None, 0.0, None, 0.0)
-                if reason is not None:
-                    break
-        assert (served["exit"], served["index"], served["reason"]) == (k + 1, int(logits.argmax()), reason.value)
+            logits = artifact.model(x).logits
+        conf = torch.stack([confidence(z, e.temperature) for z, e in zip(logits, exits, strict=True)]).numpy()
+        k = int(answering_exits(conf, [e.threshold for e in exits])[0])
+        reason = "final" if k == len(exits) - 1 else "confidence"
+        assert (served["exit"], served["index"], served["reason"]) == (k + 1, int(logits[k].argmax()), reason)
         seen_exits.add(served["exit"])
     assert seen_exits == {1, 2, 3}
 
@@ -147,7 +146,11 @@ def test_health_readiness_model_and_docs(server: ServerProcess) -> None:
     model = httpx.get(f"{server.url}/v1/model").json()
     assert model["name"] == "tiny" and len(model["exits"]) == 3 and "training" not in model
     assert httpx.get(f"{server.url}/docs").status_code == 200
-    assert "/classify" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/classify" in schema["paths"]
+    model_schema = schema["paths"]["/v1/model"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert model_schema == {"$ref": "#/components/schemas/ModelView"}
+    assert {"exits", "input", "policy", "stage_ms_now"} <= set(schema["components"]["schemas"]["ModelView"]["properties"])
     assert "anytime_model_info" in httpx.get(f"{server.url}/metrics").text
 
 

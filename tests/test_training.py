@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,11 @@ import pytest
 import torch
 
 from models import build_model
+from tools.processes import ROOT, free_port
 from training.cli import main as train_cli
 from training.config import TrainConfig
 from training.data import DataError, load_data
 from training.trainer import Trainer, train_step
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method", ["byot", "dsn", "standard", "kd"])
@@ -35,15 +33,9 @@ def test_one_step_lowers_the_loss(method: str) -> None:
     assert after["loss"] < before["loss"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
-    cmd += [f"--master_port={_free_port()}", *args]
+    cmd += [f"--master_port={free_port()}", *args]
     # gloo on the loopback interface only: no test traffic leaves the machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     # Own process group: on a timeout the workers go too, not only torchrun.
@@ -153,10 +145,10 @@ def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> No
     assert export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "tiny"]) == 0
     artifact = load_artifact(tmp_path / "store" / "tiny" / "1")
     m = artifact.manifest
-    assert len(m["exits"]) == 3 and m["exits"][-1]["threshold"] == 0.0
-    assert set(m["exits"][0]["latency_ms"]) == {"1", "8", "32"}
-    assert m["policy"]["val"]["accuracy"] >= m["exits"][-1]["val_accuracy"] - 0.5 - 1e-9
-    assert m["weights_sha256"] and m["code_version"] and m["training"]["model"] == "test_tiny"
+    assert len(m.exits) == 3 and m.exits[-1].threshold == 0.0
+    assert set(m.exits[0].latency_ms) == {"1", "8", "32"}
+    assert m.policy.val.accuracy >= m.exits[-1].val_accuracy - 0.5 - 1e-9
+    assert m.weights_sha256 and m.code_version and m.training["model"] == "test_tiny"
     assert (artifact.path / "report.md").read_text().startswith("# tiny v1")
     assert (artifact.path / "exit_profile.png").read_bytes()[:4] == b"\x89PNG"
     assert (

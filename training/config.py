@@ -96,15 +96,21 @@ def _arg_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def build_parser(prog: str = "anytime-train") -> argparse.ArgumentParser:
-    """A flag per config field (`--batch-size 64`, `--no-use-kd`), plus `--config FILE.yaml`."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a self-distilled multi-exit network.")
-    parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
-    for name, field in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+def build_parser(
+    settings: type[BaseSettings] = TrainConfig,
+    prog: str = "anytime-train",
+    description: str = "Train a self-distilled multi-exit network.",
+    positional: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """A flag per field of `settings` (`--batch-size 64`, `--no-use-kd`); `positional` fields are arguments."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, field in settings.model_fields.items():
+        flag = name if name in positional else "--" + name.replace("_", "-")
         kind, is_list = _arg_type(field.annotation)
         help_text = field.description or ""
-        if kind is bool:
+        if name in positional:
+            parser.add_argument(flag, type=kind, help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif is_list:
             parser.add_argument(flag, type=kind, nargs="+", default=None, help=help_text)
@@ -116,7 +122,9 @@ def build_parser(prog: str = "anytime-train") -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Resolve flags over the YAML file over the environment over the defaults."""
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    parser.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+    args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config")
     if config_file is not None:

@@ -6,26 +6,39 @@ reported (per-exit accuracy and what the chosen policy gives there).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from models.artifact import ArtifactError, save_artifact
+from models.artifact import (
+    ArchitectureSpec,
+    ArtifactError,
+    Ensemble,
+    ExitInfo,
+    InputSpec,
+    ManifestBody,
+    Policy,
+    PolicyOutcome,
+    StageLatency,
+    SweepPoint,
+    save_artifact,
+)
 from models.confidence import MEASURES, confidence
 from models.cost import ExitCost, exit_costs
-from models.registry import build_model_from_spec
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
+from training.config import build_parser
 from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
 from training.latency import profile_latency
@@ -34,6 +47,29 @@ from training.thresholds import PolicyResult, evaluate_policy, select_thresholds
 
 log = logging.getLogger("anytime.export")
 SWEEP_EPSILONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+class ExportConfig(BaseSettings):
+    """Settings of `anytime-export`: flags, or ANYTIME_EXPORT_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="ANYTIME_EXPORT_", extra="forbid")
+
+    checkpoint: Path = Field(description="trainer checkpoint, e.g. runs/x/best.pt")
+    name: str = Field(description="artifact name, e.g. fashion-mnist")
+    store: Path = Field(Path("model_store"), description="model store directory")
+    version: str | None = Field(None, description="artifact version (default: next integer)")
+    epsilon: float = Field(0.5, ge=0, le=100, description="max accuracy loss vs the final exit, in pp")
+    z: float = Field(1.645, ge=0, description="standard errors added to the accuracy loss (1.645: 95 %% one-sided)")
+    mode: Literal["accuracy", "budget"] = Field("accuracy", description="minimise FLOPs within ε, or best accuracy")
+    budget: float | None = Field(None, gt=0, le=1, description="budget mode: target mean FLOPs fraction, e.g. 0.5")
+    confidence: Literal[MEASURES] = Field("max_softmax", description="confidence measure")  # type: ignore[valid-type]
+    data_dir: str | None = Field(None, description="override the data directory recorded in the checkpoint")
+
+    @model_validator(mode="after")
+    def _budget_given(self) -> ExportConfig:
+        if self.mode == "budget" and self.budget is None:
+            raise ValueError("--mode budget needs --budget")
+        return self
 
 
 def code_version() -> str:
@@ -63,13 +99,11 @@ def _conf_and_correct(
     return conf, correct
 
 
-def _policy_dict(r: PolicyResult) -> dict[str, Any]:
-    return {
-        "accuracy": r.accuracy * 100,
-        "mean_flops_fraction": r.mean_flops,
-        "exit_rates": r.exit_rates,
-        "loss_bound_pp": r.loss_bound * 100,
-    }
+def _outcome(r: PolicyResult) -> PolicyOutcome:
+    return PolicyOutcome(
+        accuracy=r.accuracy * 100, mean_flops_fraction=r.mean_flops, exit_rates=r.exit_rates,
+        loss_bound_pp=r.loss_bound * 100,
+    )  # fmt: skip
 
 
 @dataclass
@@ -83,117 +117,99 @@ class Evaluated:
     temps: list[float]
 
 
-def _exit_entries(ev: Evaluated, costs: list[ExitCost], thresholds: list[float], latency: list[dict]) -> list[dict]:
+def _exit_entries(
+    ev: Evaluated, costs: list[ExitCost], thresholds: list[float], latency: list[dict[str, StageLatency]]
+) -> list[ExitInfo]:
     val_acc, test_acc = accuracies(ev.val_logits, ev.val_y), accuracies(ev.test_logits, ev.test_y)
-    entries = []
-    for k, c in enumerate(costs):
-        entries.append(
-            {
-                "exit": k + 1,
-                "temperature": ev.temps[k],
-                "threshold": thresholds[k] if k < len(thresholds) else 0.0,  # the last exit always answers
-                "params": c.params,
-                "flops": c.flops,
-                "flops_fraction": c.flops_fraction,
-                "head_flops": c.head_flops,
-                "latency_ms": latency[k],
-                "val_accuracy": val_acc[f"exit{k + 1}"],
-                "test_accuracy": test_acc[f"exit{k + 1}"],
-                "val_ece_before": ece_of_logits(ev.val_logits[k], ev.val_y),
-                "val_ece_after": ece_of_logits(ev.val_logits[k], ev.val_y, ev.temps[k]),
-            }
+    return [
+        ExitInfo(
+            exit=k + 1,
+            temperature=ev.temps[k],
+            threshold=thresholds[k] if k < len(thresholds) else 0.0,  # the last exit always answers
+            params=c.params,
+            flops=c.flops,
+            flops_fraction=c.flops_fraction,
+            head_flops=c.head_flops,
+            latency_ms=latency[k],
+            val_accuracy=val_acc[f"exit{k + 1}"],
+            test_accuracy=test_acc[f"exit{k + 1}"],
+            val_ece_before=ece_of_logits(ev.val_logits[k], ev.val_y),
+            val_ece_after=ece_of_logits(ev.val_logits[k], ev.val_y, ev.temps[k]),
         )
-    return entries
+        for k, c in enumerate(costs)
+    ]
 
 
-def _policy(ev: Evaluated, flops: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def _policy(ev: Evaluated, flops: np.ndarray, cfg: ExportConfig) -> Policy:
     """Choose thresholds on val, report them on test, and sweep ε for the report."""
-    val_conf, val_correct = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, args.confidence)
-    test_conf, test_correct = _conf_and_correct(ev.test_logits, ev.test_y, ev.temps, args.confidence)
-    chosen = select_thresholds(val_conf, val_correct, flops, args.epsilon / 100, args.mode, args.budget, z=args.z)
+    val_conf, val_correct = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, cfg.confidence)
+    test_conf, test_correct = _conf_and_correct(ev.test_logits, ev.test_y, ev.temps, cfg.confidence)
+    chosen = select_thresholds(val_conf, val_correct, flops, cfg.epsilon / 100, cfg.mode, cfg.budget, z=cfg.z)
     on_test = evaluate_policy(test_conf, test_correct, flops, np.array(chosen.thresholds))
     sweep = []
     for eps in SWEEP_EPSILONS:
-        r = select_thresholds(val_conf, val_correct, flops, eps, z=args.z)
+        r = select_thresholds(val_conf, val_correct, flops, eps, z=cfg.z)
         t = evaluate_policy(test_conf, test_correct, flops, np.array(r.thresholds))
-        sweep.append(
-            {"epsilon_pp": eps * 100, "thresholds": r.thresholds, "val": _policy_dict(r), "test": _policy_dict(t)}
-        )
-    return {
-        "confidence": args.confidence,
-        "mode": args.mode,
-        "epsilon_pp": args.epsilon,
-        "budget": args.budget,
-        "z": args.z,
-        "thresholds": chosen.thresholds,
-        "val": _policy_dict(chosen),
-        "test": _policy_dict(on_test),
-        "sweep": sweep,
-    }
+        sweep.append(SweepPoint(epsilon_pp=eps * 100, thresholds=r.thresholds, val=_outcome(r), test=_outcome(t)))
+    return Policy(
+        confidence=cfg.confidence, mode=cfg.mode, epsilon_pp=cfg.epsilon, budget=cfg.budget, z=cfg.z,
+        thresholds=chosen.thresholds, val=_outcome(chosen), test=_outcome(on_test), sweep=sweep,
+    )  # fmt: skip
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(cfg: ExportConfig) -> Path:
     """Run the whole export and return the artifact directory."""
-    state = load_checkpoint(Path(args.checkpoint))
-    cfg, spec = state["config"], state["data_spec"]
-    model = build_model_from_spec(state["model_spec"])
+    state = load_checkpoint(cfg.checkpoint)
+    train_cfg, data = state["config"], state["data_spec"]
+    architecture = ArchitectureSpec.model_validate(state["model_spec"])
+    model = architecture.build()
     model.load_state_dict(state["model"])
     model.eval()
-    data_dir = args.data_dir or cfg["data_dir"]
-    bundle = load_data(cfg["dataset"], data_dir, cfg["val_size"], cfg["split_seed"], cfg["augment"], False)
+    data_dir = cfg.data_dir or train_cfg["data_dir"]
+    bundle = load_data(
+        train_cfg["dataset"], data_dir, train_cfg["val_size"], train_cfg["split_seed"], train_cfg["augment"], False
+    )
     device = torch.device("cpu")
     val_logits, val_y = collect_logits(model, DataLoader(bundle.val, batch_size=512), device)
     test_logits, test_y = collect_logits(model, DataLoader(bundle.test, batch_size=512), device)
     ev = Evaluated(val_logits, val_y, test_logits, test_y, [fit_temperature(z, val_y) for z in val_logits])
-    input_shape = (spec["channels"], spec["size"], spec["size"])
+    input_spec = InputSpec.model_validate(data)
+    input_shape = (input_spec.channels, input_spec.size, input_spec.size)
     costs = exit_costs(model, input_shape)
-    policy = _policy(ev, np.array([c.flops_fraction for c in costs]), args)
+    policy = _policy(ev, np.array([c.flops_fraction for c in costs]), cfg)
     log.info("profiling latency")
     latency = profile_latency(model, input_shape)
     accs = {"val": accuracies(val_logits, val_y), "test": accuracies(test_logits, test_y)}
-    manifest = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "architecture": state["model_spec"],
-        "classes": spec["classes"],
-        "input": {k: spec[k] for k in ("size", "channels", "color_mode", "resize", "mean", "std")},
-        "exits": _exit_entries(ev, costs, policy["thresholds"], latency),
-        "ensemble": {
-            "val_accuracy": accs["val"]["ensemble"],
-            "test_accuracy": accs["test"]["ensemble"],
-            "flops_fraction": 1.0 + sum(c.head_flops for c in costs[:-1]) / costs[-1].flops,
-        },
-        "policy": policy,
-        "latency_device": f"{device.type} ({torch.get_num_threads()} threads)",
-        "dataset": spec["dataset"],
-        "training": cfg,
-        "code_version": code_version(),
-    }
-    return save_artifact(model, manifest, Path(args.store), args.name, args.version, write_report)
+    body = ManifestBody(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        architecture=architecture,
+        classes=data["classes"],
+        input=input_spec,
+        exits=_exit_entries(ev, costs, policy.thresholds, latency),
+        ensemble=Ensemble(
+            val_accuracy=accs["val"]["ensemble"],
+            test_accuracy=accs["test"]["ensemble"],
+            flops_fraction=1.0 + sum(c.head_flops for c in costs[:-1]) / costs[-1].flops,
+        ),
+        policy=policy,
+        latency_device=f"{device.type} ({torch.get_num_threads()} threads)",
+        dataset=data["dataset"],
+        training=train_cfg,
+        code_version=code_version(),
+    )
+    return save_artifact(model, body, cfg.store, cfg.name, cfg.version, write_report)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(prog="anytime-export", description=__doc__)
-    parser.add_argument("checkpoint", help="trainer checkpoint, e.g. runs/x/best.pt")
-    parser.add_argument("--store", default="model_store", help="model store directory")
-    parser.add_argument("--name", required=True, help="artifact name, e.g. fashion-mnist")
-    parser.add_argument("--version", help="artifact version (default: next integer)")
-    parser.add_argument("--epsilon", type=float, default=0.5, help="max accuracy loss vs the final exit, in pp")
-    parser.add_argument(
-        "--z",
-        type=float,
-        default=1.645,
-        help="standard errors added to the validation accuracy loss (1.645: 95 %% one-sided; 0: none)",
-    )
-    parser.add_argument("--mode", choices=["accuracy", "budget"], default="accuracy")
-    parser.add_argument("--budget", type=float, help="budget mode: target mean FLOPs fraction, e.g. 0.5")
-    parser.add_argument("--confidence", choices=MEASURES, default="max_softmax")
-    parser.add_argument("--data-dir", help="override the data directory recorded in the checkpoint")
-    args = parser.parse_args(argv)
-    if args.mode == "budget" and args.budget is None:
-        parser.error("--mode budget needs --budget")
+    parser = build_parser(ExportConfig, "anytime-export", __doc__ or "", positional=("checkpoint",))
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
-        path = export(args)
+        path = export(ExportConfig(**args))
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        sys.stderr.write(f"anytime-export: error: {errors}\n")
+        return 2
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"anytime-export: error: {exc}\n")
         return 2

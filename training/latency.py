@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from models.artifact import StageLatency
 from models.multi_exit import MultiExitNet
 
 BATCH_SIZES = (1, 8, 32)
@@ -24,14 +25,14 @@ def profile_latency(
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     repeats: int = 40,
     warmup: int = 5,
-) -> list[dict[str, dict[str, float]]]:
+) -> list[dict[str, StageLatency]]:
     """Median milliseconds of stage k and exit head k, for each batch size (after warm-up).
 
-    Returns one dict per exit: ``{"1": {"stage_ms": .., "head_ms": ..}, "8": {...}, ...}``.
+    Returns one dict per exit, keyed by batch size: ``{"1": StageLatency(...), "8": ..., ...}``.
     """
     model.eval()
     device = next(model.parameters()).device
-    result: list[dict[str, dict[str, float]]] = [{} for _ in range(model.num_exits)]
+    result: list[dict[str, StageLatency]] = [{} for _ in range(model.num_exits)]
     for bs in batch_sizes:
         x = torch.randn(bs, *input_shape, device=device)
         stage_times: list[list[float]] = [[] for _ in range(model.num_exits)]
@@ -51,8 +52,8 @@ def profile_latency(
                     stage_times[k].append((t1 - t0) * 1e3)
                     head_times[k].append((t2 - t1) * 1e3)
         for k in range(model.num_exits):
-            result[k][str(bs)] = {
-                "stage_ms": round(statistics.median(stage_times[k]), 4),
-                "head_ms": round(statistics.median(head_times[k]), 4),
-            }
+            result[k][str(bs)] = StageLatency(
+                stage_ms=round(statistics.median(stage_times[k]), 4),
+                head_ms=round(statistics.median(head_times[k]), 4),
+            )
     return result

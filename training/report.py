@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from models.artifact import Manifest  # noqa: E402
 
-def plot_exit_profile(manifest: dict[str, Any], path: Path) -> None:
+
+def plot_exit_profile(manifest: Manifest, path: Path) -> None:
     """Accuracy vs mean FLOPs (single exits, policy sweep, ensemble), ECE per exit, exit distribution."""
-    exits = manifest["exits"]
-    policy = manifest["policy"]
+    exits, policy = manifest.exits, manifest.policy
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
-    xs = [e["flops_fraction"] for e in exits]
-    ax1.plot(xs, [e["test_accuracy"] for e in exits], "o-", label="single exit")
+    ax1.plot([e.flops_fraction for e in exits], [e.test_accuracy for e in exits], "o-", label="single exit")
     for e in exits:
-        ax1.annotate(f"exit {e['exit']}", (e["flops_fraction"], e["test_accuracy"]), textcoords="offset points",
+        ax1.annotate(f"exit {e.exit}", (e.flops_fraction, e.test_accuracy), textcoords="offset points",
                      xytext=(4, -12), fontsize=8)  # fmt: skip
-    sweep = sorted(policy["sweep"], key=lambda s: s["test"]["mean_flops_fraction"])
-    ax1.plot([s["test"]["mean_flops_fraction"] for s in sweep], [s["test"]["accuracy"] for s in sweep], "s--",
+    sweep = sorted(policy.sweep, key=lambda s: s.test.mean_flops_fraction)
+    ax1.plot([s.test.mean_flops_fraction for s in sweep], [s.test.accuracy for s in sweep], "s--",
              label="anytime policy (ε sweep)")  # fmt: skip
-    ax1.plot([policy["test"]["mean_flops_fraction"]], [policy["test"]["accuracy"]], "r*", markersize=14,
-             label=f"chosen (ε = {policy['epsilon_pp']} pp)")  # fmt: skip
-    ax1.plot([manifest["ensemble"]["flops_fraction"]], [manifest["ensemble"]["test_accuracy"]], "D",
-             label="ensemble of all exits")  # fmt: skip
+    if policy.test is not None:
+        ax1.plot([policy.test.mean_flops_fraction], [policy.test.accuracy], "r*", markersize=14,
+                 label=f"chosen (ε = {policy.epsilon_pp} pp)")  # fmt: skip
+    if manifest.ensemble is not None:
+        ax1.plot([manifest.ensemble.flops_fraction], [manifest.ensemble.test_accuracy], "D",
+                 label="ensemble of all exits")  # fmt: skip
     ax1.set_xlabel("mean FLOPs (fraction of the full network)")
     ax1.set_ylabel("test top-1 accuracy (%)")
     ax1.set_title("Accuracy vs compute")
@@ -35,14 +36,14 @@ def plot_exit_profile(manifest: dict[str, Any], path: Path) -> None:
     ax1.legend(fontsize=8, loc="lower right")
     idx = range(1, len(exits) + 1)
     width = 0.38
-    ax2.bar([i - width / 2 for i in idx], [e["val_ece_before"] * 100 for e in exits], width, label="before")
-    ax2.bar([i + width / 2 for i in idx], [e["val_ece_after"] * 100 for e in exits], width, label="after scaling")
+    ax2.bar([i - width / 2 for i in idx], [(e.val_ece_before or 0) * 100 for e in exits], width, label="before")
+    ax2.bar([i + width / 2 for i in idx], [(e.val_ece_after or 0) * 100 for e in exits], width, label="after scaling")
     ax2.set_xlabel("exit")
     ax2.set_ylabel("ECE (%), 15 bins, validation")
     ax2.set_title("Calibration per exit")
     ax2.set_xticks(list(idx))
     ax2.legend(fontsize=8)
-    rates = policy["test"]["exit_rates"]
+    rates = policy.test.exit_rates if policy.test is not None else [0.0] * len(exits)
     ax3.bar(list(idx), [r * 100 for r in rates], color="tab:green")
     ax3.set_xlabel("exit")
     ax3.set_ylabel("share of test images answered (%)")
@@ -53,57 +54,56 @@ def plot_exit_profile(manifest: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def report_markdown(manifest: dict[str, Any]) -> str:
+def report_markdown(manifest: Manifest) -> str:
     """The export report as Markdown."""
-    p = manifest["policy"]
+    p = manifest.policy
     lines = [
-        f"# {manifest['name']} v{manifest['version']}: exit profile",
+        f"# {manifest.name} v{manifest.version}: exit profile",
         "",
-        f"`{manifest['architecture']['name']}` on {manifest['dataset']}; thresholds chosen on the validation split "
-        f"({p['mode']} mode, ε = {p['epsilon_pp']} pp as an upper bound at z = {p.get('z', 0)}, confidence "
-        f"`{p['confidence']}`), reported on the test set.",
+        f"`{manifest.architecture.name}` on {manifest.dataset}; thresholds chosen on the validation split "
+        f"({p.mode} mode, ε = {p.epsilon_pp} pp as an upper bound at z = {p.z}, confidence "
+        f"`{p.confidence}`), reported on the test set.",
         "",
         "![exit profile](exit_profile.png)",
         "",
         "| exit | params | FLOPs (of full) | temperature | threshold | val acc | test acc | ECE before → after |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for e in manifest["exits"]:
+    for e in manifest.exits:
         lines.append(
-            f"| {e['exit']} | {e['params']:,} | {e['flops'] / 1e6:.1f} M ({e['flops_fraction']:.0%}) | "
-            f"{e['temperature']:.3f} | {e['threshold']:.3f} | {e['val_accuracy']:.2f} | {e['test_accuracy']:.2f} | "
-            f"{e['val_ece_before'] * 100:.2f} % → {e['val_ece_after'] * 100:.2f} % |"
+            f"| {e.exit} | {e.params or 0:,} | {(e.flops or 0) / 1e6:.1f} M ({e.flops_fraction or 0:.0%}) | "
+            f"{e.temperature:.3f} | {e.threshold:.3f} | {e.val_accuracy or 0:.2f} | {e.test_accuracy or 0:.2f} | "
+            f"{(e.val_ece_before or 0) * 100:.2f} % → {(e.val_ece_after or 0) * 100:.2f} % |"
         )
-    t = p["test"]
-    lines += [
-        "",
-        f"Ensemble of all exits: {manifest['ensemble']['test_accuracy']:.2f} % (test).",
-        "",
-        f"Chosen policy on the test set: accuracy {t['accuracy']:.2f} % at {t['mean_flops_fraction']:.1%} of the "
-        f"full network's FLOPs; exit distribution "
-        + ", ".join(f"exit {i + 1}: {r:.1%}" for i, r in enumerate(t["exit_rates"]))
-        + ".",
-        "",
-        "| ε (pp) | thresholds | val acc | test acc | test mean FLOPs |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for s in p["sweep"]:
-        th = ", ".join("never" if v > 1 else f"{v:.3f}" for v in s["thresholds"])
+    if manifest.ensemble is not None:
+        lines += ["", f"Ensemble of all exits: {manifest.ensemble.test_accuracy:.2f} % (test)."]
+    if p.test is not None:
+        lines += [
+            "",
+            f"Chosen policy on the test set: accuracy {p.test.accuracy:.2f} % at {p.test.mean_flops_fraction:.1%} of "
+            "the full network's FLOPs; exit distribution "
+            + ", ".join(f"exit {i + 1}: {r:.1%}" for i, r in enumerate(p.test.exit_rates))
+            + ".",
+        ]
+    lines += ["", "| ε (pp) | thresholds | val acc | test acc | test mean FLOPs |", "| --- | --- | --- | --- | --- |"]
+    for s in p.sweep:
+        th = ", ".join("never" if v >= 1 else f"{v:.3f}" for v in s.thresholds)
         lines.append(
-            f"| {s['epsilon_pp']:g} | {th} | {s['val']['accuracy']:.2f} | {s['test']['accuracy']:.2f} | "
-            f"{s['test']['mean_flops_fraction']:.1%} |"
+            f"| {s.epsilon_pp:g} | {th} | {s.val.accuracy:.2f} | {s.test.accuracy:.2f} | "
+            f"{s.test.mean_flops_fraction:.1%} |"
         )
-    lines += ["", f"Latency (median ms per stage + head, {manifest['latency_device']}):", ""]
-    sizes = list(manifest["exits"][0]["latency_ms"])
-    lines.append("| exit | " + " | ".join(f"batch {b}" for b in sizes) + " |")
-    lines.append("|" + " --- |" * (len(sizes) + 1))
-    for e in manifest["exits"]:
-        cells = [f"{e['latency_ms'][b]['stage_ms']:.2f} + {e['latency_ms'][b]['head_ms']:.2f}" for b in sizes]
-        lines.append(f"| {e['exit']} | " + " | ".join(cells) + " |")
+    sizes = list(manifest.exits[0].latency_ms)
+    if sizes:
+        lines += ["", f"Latency (median ms per stage + head, {manifest.latency_device}):", ""]
+        lines.append("| exit | " + " | ".join(f"batch {b}" for b in sizes) + " |")
+        lines.append("|" + " --- |" * (len(sizes) + 1))
+        for e in manifest.exits:
+            cells = [f"{e.latency_ms[b].stage_ms:.2f} + {e.latency_ms[b].head_ms:.2f}" for b in sizes]
+            lines.append(f"| {e.exit} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path, manifest: dict[str, Any]) -> None:
+def write_report(directory: Path, manifest: Manifest) -> None:
     """Write report.md and exit_profile.png into `directory`."""
     plot_exit_profile(manifest, directory / "exit_profile.png")
     (directory / "report.md").write_text(report_markdown(manifest))

@@ -1,7 +1,8 @@
 """Choosing per-exit confidence thresholds on held-out data.
 
-The policy answers at the first exit whose confidence reaches its threshold, else at the last
-exit. Given each sample's confidence and correctness at every exit and each exit's FLOPs (as a
+The policy is the server's own exit rule (`models/exit_policy.py`): a sample is answered at the
+first exit whose confidence reaches its threshold (a threshold of 1 never answers early), else
+at the last exit. Given each sample's confidence and correctness at every exit and each exit's FLOPs (as a
 fraction of the full network), `select_thresholds` finds thresholds that either minimise mean
 FLOPs within an accuracy loss ε of the final exit ("accuracy" mode) or maximise accuracy within
 a FLOPs budget ("budget" mode). It brute-forces a coarse grid, then refines one exit at a time
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NEVER = 1.01  # a threshold no confidence reaches: the exit is skipped
+from models.exit_policy import answering_exits
+
+NEVER = 1.0  # the exit rule never answers early at a threshold of 1 or more: the exit is skipped
 
 
 @dataclass(frozen=True)
@@ -35,18 +38,11 @@ class PolicyResult:
     loss_bound: float = 0.0  # upper confidence bound of the accuracy loss vs the final exit
 
 
-def policy_exits(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Index of the exit that answers each sample. `conf` is exits × samples."""
-    hit = conf[:-1] >= np.asarray(thresholds)[:, None]
-    hit = np.vstack([hit, np.ones((1, conf.shape[1]), dtype=bool)])
-    return hit.argmax(axis=0)
-
-
 def evaluate_policy(
     conf: np.ndarray, correct: np.ndarray, flops: np.ndarray, thresholds: np.ndarray, z: float = 0.0
 ) -> PolicyResult:
     """Accuracy, mean FLOPs, exit distribution and loss bound (at `z` standard errors) of `thresholds`."""
-    exits = policy_exits(conf, thresholds)
+    exits = answering_exits(conf, thresholds)
     n = conf.shape[1]
     answered = correct[exits, np.arange(n)]
     d = correct[-1].astype(np.float64) - answered
@@ -83,7 +79,7 @@ def brute_force(
 ) -> PolicyResult | None:
     """The best thresholds over every combination of `grid` values (and NEVER) per shallow exit."""
     best = None
-    for combo in itertools.product([*grid, NEVER], repeat=conf.shape[0] - 1):
+    for combo in itertools.product(sorted({*grid, NEVER}), repeat=conf.shape[0] - 1):
         r = evaluate_policy(conf, correct, flops, np.array(combo), z)
         if _better(r, best, mode, limit):
             best = r
@@ -116,7 +112,7 @@ def select_thresholds(
     if best is None:  # nothing feasible: budget below exit 1, say; fall back to the final exit
         return evaluate_policy(conf, correct, flops, np.full(k, NEVER), z)
     thresholds = np.array(best.thresholds)
-    candidates = [*np.linspace(0.0, 1.0, fine), NEVER]
+    candidates = sorted({*np.linspace(0.0, 1.0, fine).tolist(), NEVER})
     improved = True
     while improved:
         improved = False

@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from models.artifact import ArchitectureSpec, load_artifact
 from models.multi_exit import MultiExitNet
-from models.registry import build_model_from_spec
 from models.seed import seed_everything
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
@@ -69,15 +69,15 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
 
 
-def model_spec(cfg: TrainConfig, bundle: DataBundle) -> dict[str, Any]:
+def model_spec(cfg: TrainConfig, bundle: DataBundle) -> ArchitectureSpec:
     """The constructor arguments that rebuild the network (kept in checkpoints and artifacts)."""
-    return {
-        "name": cfg.model,
-        "num_classes": bundle.num_classes,
-        "in_channels": bundle.in_channels,
-        "stem": cfg.stem,
-        "kwargs": {"exit_style": cfg.exit_style, "attention": cfg.attention},
-    }
+    return ArchitectureSpec(
+        name=cfg.model,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.in_channels,
+        stem=cfg.stem,
+        kwargs={"exit_style": cfg.exit_style, "attention": cfg.attention},
+    )
 
 
 def data_spec(bundle: DataBundle) -> dict[str, Any]:
@@ -98,12 +98,10 @@ def load_teacher(path: str, device: torch.device) -> MultiExitNet:
     """A trained teacher from a trainer checkpoint (.pt) or an exported artifact directory."""
     p = Path(path)
     if p.is_dir():
-        from models.artifact import load_artifact
-
         model = load_artifact(p).model
     else:
         state = load_checkpoint(p)
-        model = build_model_from_spec(state["model_spec"])
+        model = ArchitectureSpec.model_validate(state["model_spec"]).build()
         model.load_state_dict(state["model"])
     return model.to(device).eval()
 
@@ -159,7 +157,7 @@ class Trainer:
             cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.augment, cfg.allow_download
         )
         self.spec = model_spec(cfg, self.bundle)
-        self.model = build_model_from_spec(self.spec).to(self.device)
+        self.model = self.spec.build().to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(
@@ -261,7 +259,7 @@ class Trainer:
             "best_val": self.best_val,
             "rng": rng_state(),
             "config": self.cfg.model_dump(),
-            "model_spec": self.spec,
+            "model_spec": self.spec.model_dump(),
             "data_spec": data_spec(self.bundle),
         }
 

@@ -20,21 +20,21 @@ from models.artifact import load_artifact, resolve_artifact
 
 def build_app(store: str, name: str) -> FastAPI:
     artifact = load_artifact(resolve_artifact(store, name))
-    spec = artifact.manifest["input"]
-    size = (spec["size"], spec["size"])
+    spec = artifact.manifest.input
+    size = (spec.size, spec.size)
     steps = [
         v2.ToImage(),
         v2.Resize(size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(spec["mean"], spec["std"]),
+        v2.Normalize(spec.mean, spec.std),
     ]
     transform = v2.Compose(steps)
-    classes = artifact.manifest["classes"]
+    classes = artifact.manifest.classes
     app = FastAPI()
 
     @app.post("/classify")
     async def classify(request: Request) -> dict:
-        image = Image.open(io.BytesIO(await request.body())).convert(spec["color_mode"])
+        image = Image.open(io.BytesIO(await request.body())).convert(spec.color_mode)
         with torch.inference_mode():
             logits = artifact.model(transform(image).unsqueeze(0)).logits[-1]
         index = int(logits.argmax())

@@ -24,15 +24,15 @@ class AnytimeFullDepthHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         torch.set_num_threads(1)
         self.artifact = load_artifact(context.system_properties["model_dir"])
-        spec = self.artifact.manifest["input"]
-        self.mode = spec["color_mode"]
-        size = (spec["size"], spec["size"])
+        spec = self.artifact.manifest.input
+        self.mode = spec.color_mode
+        size = (spec.size, spec.size)
         self.transform = v2.Compose(
             [
                 v2.ToImage(),
                 v2.Resize(size),
                 v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(spec["mean"], spec["std"]),
+                v2.Normalize(spec.mean, spec.std),
             ]
         )
         self.initialized = True
@@ -49,6 +49,6 @@ class AnytimeFullDepthHandler(BaseHandler):
             return self.artifact.model(data).logits[-1]
 
     def postprocess(self, data: torch.Tensor) -> list[dict[str, Any]]:
-        classes = self.artifact.manifest["classes"]
+        classes = self.artifact.manifest.classes
         exits = self.artifact.num_exits
         return [{"label": classes[i], "index": i, "exit": exits, "reason": "final"} for i in data.argmax(1).tolist()]

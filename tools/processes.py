@@ -1,0 +1,101 @@
+"""Local server processes for tests and benchmarks: a free loopback port, start, wait, stop by PID.
+
+Every process binds 127.0.0.1, runs in its own process group (so a server that starts children,
+like TorchServe's JVM, is stopped as a whole) and is stopped with SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalProcess:
+    """A server process on 127.0.0.1:`port`, logging to `log_path`, started and stopped by PID."""
+
+    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv, self.port = argv, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
+        self.terminated = False
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, path: str = "/readyz", timeout: float = 120.0) -> LocalProcess:
+        """Poll `path` until it answers 200; raise (after stopping the process) if it dies or times out."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[:3]} exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"{self.argv[:3]} not ready in {timeout:.0f} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process group (nothing if it is gone)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        """Send SIGTERM once (a second one could land while the interpreter is exiting)."""
+        if self.proc.poll() is None and not self.terminated:
+            self.terminated = True
+            self.signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, SIGKILL after `timeout` s, and SIGKILL to children that outlived it; the exit code."""
+        self.terminate()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            code = self.proc.wait()
+        self.signal(signal.SIGKILL)
+        self.log.close()
+        return code
+
+
+class ServerProcess(LocalProcess):
+    """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*."""
+
+    def __init__(self, store: Path, name: str, log_dir: Path | None = None, **settings: Any) -> None:
+        port = free_port()
+        env = {"PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
+               "ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": "1",
+               "ANYTIME_LOG_LEVEL": "warning"}  # fmt: skip
+        env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
+        log_path = Path(log_dir or store) / f"server-{port}.log"
+        super().__init__([sys.executable, "-m", "service.app"], port, log_path, env)
