@@ -44,9 +44,12 @@ serve: venv
 	ANYTIME_HOST=$(HOST) ANYTIME_PORT=$(PORT) $(BIN)/anytime-serve
 
 # Training recipes (README: "Training" and "The bundled default model").
-EPOCHS ?= 10
+# The study: standard, dsn, byot, byot-nohint and ramps, 3 seeds each (resumable; about 3 h on 2 cores).
+STUDY_EPOCHS ?= 12
 reproduce: venv debs
-	$(BIN)/python -m training.reproduce --epochs $(EPOCHS) --methods byot standard dsn
+	$(BIN)/python -m training.reproduce --epochs $(STUDY_EPOCHS) --seeds 0 1 2 --threads 1 --no-progress
+
+EPOCHS ?= 10
 
 DEFAULT_VERSION ?= 1
 default-model: venv debs

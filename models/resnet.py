@@ -108,3 +108,10 @@ def resnet_fmnist(**kwargs: Any) -> MultiExitNet:
     """Compact 4-exit ResNet for 28x28 grayscale images (Fashion-MNIST), about 1 M parameters."""
     kwargs.setdefault("in_channels", 1)
     return build_resnet(BasicBlock, (2, 2, 2, 2), widths=(16, 32, 64, 128), **kwargs)
+
+
+@register_model
+def resnet_fmnist_narrow(**kwargs: Any) -> MultiExitNet:
+    """`resnet_fmnist` at half the width (0.24 M parameters): for seed studies on a small CPU."""
+    kwargs.setdefault("in_channels", 1)
+    return build_resnet(BasicBlock, (2, 2, 2, 2), widths=(8, 16, 32, 64), **kwargs)

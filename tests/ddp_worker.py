@@ -2,6 +2,8 @@
 
 BatchNorm stays in eval mode so a half batch is normalised exactly as the full batch would be;
 what is under test is DDP's gradient averaging and that every rank ends with the same weights.
+The hint is the per-sample "l2" form: the reference code's batch L2 norm is a norm over the
+whole batch, so under DDP each rank takes the norm of its own slice (README, Training).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main(out_dir: str) -> None:
     x, y = x.chunk(ctx.world_size)[ctx.rank], y.chunk(ctx.world_size)[ctx.rank]
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cfg = TrainConfig(method="byot")
+    cfg = TrainConfig(method="byot", hint="l2")
     for _ in range(3):
         train_step(net, x, y, optimizer, None, cfg, None)
     torch.save(model.state_dict(), Path(out_dir) / f"world{ctx.world_size}-rank{ctx.rank}.pt")

@@ -150,7 +150,8 @@ def test_health_readiness_model_and_docs(server: ServerProcess) -> None:
     assert "/classify" in schema["paths"]
     model_schema = schema["paths"]["/v1/model"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert model_schema == {"$ref": "#/components/schemas/ModelView"}
-    assert {"exits", "input", "policy", "stage_ms_now"} <= set(schema["components"]["schemas"]["ModelView"]["properties"])
+    properties = schema["components"]["schemas"]["ModelView"]["properties"]
+    assert {"exits", "input", "policy", "stage_ms_now"} <= set(properties)
     assert "anytime_model_info" in httpx.get(f"{server.url}/metrics").text
 
 

@@ -88,9 +88,55 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    for part in ("model", "adapters"):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0)
+    assert set(a["adapters"]) == {"0.weight", "0.bias"}  # reference hint: exit 1 of 3 has an adapter
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_ramps_train_only_the_shallow_heads(tmp_path: Path) -> None:
+    from models.artifact import load_artifact
+    from training.export import main as export_cli
+
+    Trainer(_cfg(tmp_path / "standard", method="standard", epochs=1)).fit()
+    init = torch.load(tmp_path / "standard" / "best.pt", weights_only=True)["model"]
+    Trainer(_cfg(tmp_path / "ramps", method="ramps", init=str(tmp_path / "standard" / "best.pt"))).fit()
+    after = torch.load(tmp_path / "ramps" / "last.pt", weights_only=True)["model"]
+    frozen = [k for k in init if k.startswith(("stages.", "exits.2."))]
+    trained = [k for k in init if k.startswith(("exits.0.", "exits.1.")) and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(init[k], after[k]) for k in frozen)  # weights and batch-norm statistics alike
+    assert all(not torch.equal(init[k], after[k]) for k in trained)
+    assert export_cli([str(tmp_path / "ramps" / "best.pt"), "--store", str(tmp_path / "store"), "--name", "r"]) == 0
+    exported = load_artifact(tmp_path / "store" / "r" / "1").model.state_dict()
+    assert set(exported) == set(init)  # adapters are training-only: never in the artifact
+
+
+def test_init_refuses_another_architecture(tmp_path: Path) -> None:
+    Trainer(_cfg(tmp_path / "standard", method="standard", epochs=1, max_steps=1)).fit()
+    with pytest.raises(ValueError, match="--model resnet18 but the --init network is test_tiny"):
+        Trainer(_cfg(tmp_path / "x", model="resnet18", init=str(tmp_path / "standard" / "best.pt")))
+    with pytest.raises(ValueError, match="needs --init"):
+        _cfg(tmp_path / "y", method="ramps")
+
+
+def test_kd_warmup_ramps_alpha(tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(tmp_path, kd_warmup_epochs=4, alpha=0.4))
+    assert [round(trainer._alpha(e), 3) for e in range(5)] == [0.1, 0.2, 0.3, 0.4, 0.4]
+
+
+def test_augmentation_recipes() -> None:
+    from torchvision.transforms import v2
+
+    from training.data import _tensor_transforms
+
+    def kinds(augment: str) -> list[type]:
+        return [type(t) for t in _tensor_transforms(True, 28, [0.5], [0.5], augment).transforms]
+
+    assert v2.RandomCrop not in kinds("none") and v2.RandomErasing not in kinds("standard")
+    assert {v2.RandomCrop, v2.RandomHorizontalFlip, v2.RandomErasing} <= set(kinds("erasing"))
+    assert v2.RandomCrop not in [type(t) for t in _tensor_transforms(False, 28, [0.5], [0.5], "erasing").transforms]
 
 
 def test_fashion_mnist_loader_reads_the_real_files() -> None:

@@ -7,7 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
-from training.config import config_from_args
+from training.config import config_from_args, settings_error
 from training.data import DataError
 from training.evaluate import format_accuracy_table
 
@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg)
         rows = trainer.fit()
-    except (ValidationError, DataError, ValueError, FileNotFoundError) as exc:
+    except ValidationError as exc:
+        sys.stderr.write(f"anytime-train: error: {settings_error(exc)}\n")
+        return 2
+    except (DataError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"anytime-train: error: {exc}\n")
         return 2
     if rows:

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.data import DATASETS
+from training.data import AUGMENTATIONS, DATASETS
 from training.losses import METHODS
 
 
@@ -28,18 +28,31 @@ class TrainConfig(BaseSettings):
     attention: bool = Field(False, description="attention gate before each shallow exit (TPAMI variant)")
     method: str = Field("byot", description=f"one of {', '.join(METHODS)}")
     teacher: str | None = Field(None, description="kd only: teacher checkpoint (.pt) or artifact directory")
+    init: str | None = Field(None, description="start from this checkpoint (.pt) or artifact directory (ramps)")
+    freeze_backbone: bool = Field(True, description="ramps: train the shallow exit heads only (else fine-tune all)")
     # Loss options (BYOT reference-code defaults).
     alpha: float = Field(0.3, ge=0, le=1, description="weight of the distillation term")
     temperature: float = Field(3.0, gt=0, description="distillation temperature T")
+    kd_scale: Literal["none", "t2"] | None = Field(
+        None, description="KD term times T² (t2) or not (none); default: none for byot/ramps (reference), t2 for kd"
+    )
+    kd_warmup_epochs: int = Field(0, ge=0, description="byot/ramps: ramp the KD weight from 0 to alpha over N epochs")
     feature_weight: float = Field(0.03, ge=0, description="weight λ of the feature hint")
+    hint: Literal["reference", "l2", "none"] = Field(
+        "reference", description="feature hint: reference (adapter + batch L2 norm), l2 (squared, per sample), none"
+    )
+    hint_exits: list[int] | None = Field(
+        None, description="1-based shallow exits that get the hint (default: reference all but the last; l2 all)"
+    )
     use_kd: bool = Field(True, description="byot: distil the deepest exit into the shallow ones")
-    use_feature: bool = Field(True, description="byot: L2 feature hint towards the deepest features")
     # Data.
     dataset: str = Field("fashion-mnist", description=f"one of {', '.join(DATASETS)}")
     data_dir: str | None = Field(None, description="where the data set lives")
     val_size: int = Field(5000, gt=0, description="images held out of the training set for validation")
     split_seed: int = Field(0, description="seed of the validation split (kept apart from the training seed)")
-    augment: Literal["standard", "autoaugment", "erasing", "autoaugment+erasing"] = "standard"
+    augment: Literal[AUGMENTATIONS] = Field(  # type: ignore[valid-type]
+        "standard", description="none; standard: random crop + flip; erasing adds random erasing; autoaugment..."
+    )
     allow_download: bool = Field(True, description="fashion-mnist: fall back to torchvision's download")
     # Optimisation.
     epochs: int = Field(10, gt=0)
@@ -71,6 +84,16 @@ class TrainConfig(BaseSettings):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _ramps_needs_init(self) -> TrainConfig:
+        if self.method == "ramps" and not self.init:
+            raise ValueError("method 'ramps' needs --init (a trained checkpoint .pt or an artifact directory)")
+        return self
+
+    @property
+    def effective_kd_scale(self) -> str:
+        return self.kd_scale or ("t2" if self.method == "kd" else "none")
 
     @field_validator("dataset")
     @classmethod
@@ -131,3 +154,12 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         values.update(yaml.safe_load(config_file.read_text()) or {})
     values.update({k: v for k, v in args.items() if v is not None})
     return TrainConfig(**values)
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A pydantic validation error as one line: `field: reason; field: reason`."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

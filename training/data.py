@@ -24,6 +24,7 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENTATIONS = ("none", "standard", "erasing", "autoaugment", "autoaugment+erasing")
 
 
 class DataError(RuntimeError):
@@ -108,13 +109,24 @@ def fashion_mnist_dir(data_dir: str | None, allow_download: bool) -> Path:
     )
 
 
-def _tensor_transforms(train: bool, size: int, mean: list[float], std: list[float], flip: bool) -> v2.Transform:
+def _tensor_transforms(
+    train: bool, size: int, mean: list[float], std: list[float], augment: str = "none"
+) -> v2.Transform:
+    """uint8 C×H×W tensor → normalised float; for training, the `augment` recipe (AUGMENTATIONS).
+
+    "standard": random crop (padding 2 for 28-pixel images, 4 otherwise) and horizontal flip;
+    "erasing" adds random erasing; "autoaugment" adds torchvision's CIFAR-10 AutoAugment policy.
+    """
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"Unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
     steps: list[v2.Transform] = []
-    if train:
-        steps.append(v2.RandomCrop(size, padding=2 if size <= 28 else 4))
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
+    if train and augment != "none":
+        steps += [v2.RandomCrop(size, padding=2 if size <= 28 else 4), v2.RandomHorizontalFlip()]
+        if augment.startswith("autoaugment"):
+            steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and augment.endswith("erasing"):
+        steps.append(v2.RandomErasing())
     return v2.Compose(steps)
 
 
@@ -127,7 +139,9 @@ def _split(train_full: TensorImages, val_size: int, seed: int, eval_tf: v2.Trans
     return train, val
 
 
-def load_fashion_mnist(data_dir: str | None, val_size: int, split_seed: int, allow_download: bool) -> DataBundle:
+def load_fashion_mnist(
+    data_dir: str | None, val_size: int, split_seed: int, allow_download: bool, augment: str = "standard"
+) -> DataBundle:
     """Fashion-MNIST from its IDX files; 28x28 grayscale, 10 classes."""
     root = fashion_mnist_dir(data_dir, allow_download)
 
@@ -137,8 +151,8 @@ def load_fashion_mnist(data_dir: str | None, val_size: int, split_seed: int, all
         return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
     mean, std = [0.2860], [0.3530]
-    eval_tf = _tensor_transforms(False, 28, mean, std, flip=False)
-    train_full = TensorImages(*part("train"), _tensor_transforms(True, 28, mean, std, flip=True))
+    eval_tf = _tensor_transforms(False, 28, mean, std)
+    train_full = TensorImages(*part("train"), _tensor_transforms(True, 28, mean, std, augment))
     train, val = _split(train_full, val_size, split_seed, eval_tf)
     test = TensorImages(*part("t10k"), eval_tf)
     return DataBundle("fashion-mnist", train, val, test, FASHION_MNIST_CLASSES, 1, 28, mean, std)
@@ -161,18 +175,12 @@ def load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, 
     except RuntimeError as exc:
         raise DataError(f"{name} not found under {root}: {exc}") from exc
     mean, std = CIFAR_STATS[name]
-    train_steps: list[v2.Transform] = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-    if augment in ("autoaugment", "autoaugment+erasing"):
-        train_steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
-    train_steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if augment in ("erasing", "autoaugment+erasing"):
-        train_steps.append(v2.RandomErasing())
-    eval_tf = _tensor_transforms(False, 32, mean, std, flip=False)
+    eval_tf = _tensor_transforms(False, 32, mean, std)
 
     def tensors(ds: datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
-    train_full = TensorImages(*tensors(tr), v2.Compose(train_steps))
+    train_full = TensorImages(*tensors(tr), _tensor_transforms(True, 32, mean, std, augment))
     train, val = _split(train_full, val_size, split_seed, eval_tf)
     return DataBundle(name, train, val, TensorImages(*tensors(te), eval_tf), list(tr.classes), 3, 32, mean, std)
 
@@ -203,7 +211,7 @@ def load_synthetic(num_classes: int = 4, size: int = 16, channels: int = 3, n: i
     noise = torch.randn(n, channels, size, size, generator=g) * 25
     images = (base.view(-1, 1, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
     mean, std = [0.5] * channels, [0.25] * channels
-    tf = _tensor_transforms(False, size, mean, std, flip=False)
+    tf = _tensor_transforms(False, size, mean, std)
     full = TensorImages(images, labels, tf)
     quarter = n // 4
     return DataBundle(
@@ -222,7 +230,7 @@ def load_data(
 ) -> DataBundle:
     """Load one of `DATASETS` by name."""
     if name == "fashion-mnist":
-        return load_fashion_mnist(data_dir, val_size, split_seed, allow_download)
+        return load_fashion_mnist(data_dir, val_size, split_seed, allow_download, augment)
     if name in CIFAR_STATS:
         return load_cifar(name, data_dir, val_size, split_seed, augment)
     if name == "imagefolder":

@@ -38,7 +38,7 @@ from models.confidence import MEASURES, confidence
 from models.cost import ExitCost, exit_costs
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
-from training.config import build_parser
+from training.config import build_parser, settings_error
 from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
 from training.latency import profile_latency
@@ -207,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export(ExportConfig(**args))
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        sys.stderr.write(f"anytime-export: error: {errors}\n")
+        sys.stderr.write(f"anytime-export: error: {settings_error(exc)}\n")
         return 2
     except (ArtifactError, DataError, FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"anytime-export: error: {exc}\n")

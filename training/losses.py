@@ -12,19 +12,49 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-METHODS = ("byot", "dsn", "standard", "kd")
+METHODS = ("byot", "dsn", "standard", "kd", "ramps")
+HINTS = ("reference", "l2", "none")
+KD_SCALES = ("none", "t2")
 
 
-def distillation_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch (Hinton et al.)."""
+def distillation_kl(student: Tensor, teacher: Tensor, temperature: float, scale: str = "t2") -> Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over the batch, times T² when `scale` is "t2".
+
+    Hinton et al. multiply by T² so that the soft term's gradients keep their size as T grows;
+    BYOT's reference code does not ("none"). Its soft cross-entropy differs from this KL by the
+    teacher's entropy, a constant for the student, so the gradients are the same.
+    """
     log_p = F.log_softmax(student / temperature, dim=1)
     q = F.softmax(teacher / temperature, dim=1)
-    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+    kl = F.kl_div(log_p, q, reduction="batchmean")
+    return kl * temperature**2 if scale == "t2" else kl
 
 
 def feature_hint(student: Tensor, teacher: Tensor) -> Tensor:
-    """Squared L2 distance ‖F_i − F_C‖² per sample, averaged over the batch."""
+    """Squared L2 distance ‖F_i − F_C‖² per sample, averaged over the batch (the ICCV paper's form)."""
     return (student - teacher).pow(2).flatten(1).sum(1).mean()
+
+
+def batch_l2_hint(student: Tensor, teacher: Tensor) -> Tensor:
+    """The reference code's `torch.dist`: the L2 norm of the whole batch's difference, not squared or averaged."""
+    return torch.dist(student, teacher)
+
+
+def hinted_exits(num_exits: int, hint: str, exits: Sequence[int] | None = None) -> list[int]:
+    """0-based shallow exits that get the feature hint.
+
+    `exits` (1-based) when given; otherwise every shallow exit for "l2", and for "reference" every
+    shallow exit but the one just before the last (the reference code hints exits 1–2 of 4).
+    """
+    if hint == "none":
+        return []
+    if exits is not None:
+        bad = [e for e in exits if not 1 <= e < num_exits]
+        if bad:
+            raise ValueError(f"hint exits must be shallow exits 1..{num_exits - 1}, got {bad}")
+        return sorted({e - 1 for e in exits})
+    shallow = list(range(num_exits - 1))
+    return shallow if hint == "l2" else shallow[:-1] or shallow
 
 
 def _terms(ce: Tensor, kd: Tensor | float = 0.0, feature: Tensor | float = 0.0) -> dict[str, Tensor]:
@@ -42,25 +72,33 @@ def byot_loss(
     temperature: float = 3.0,
     feature_weight: float = 0.03,
     use_kd: bool = True,
-    use_feature: bool = True,
+    hint: str = "reference",
+    hint_exits: Sequence[int] | None = None,
+    kd_scale: str = "none",
 ) -> dict[str, Tensor]:
     """Be Your Own Teacher: the deepest exit teaches every shallow exit in the same pass.
 
-    Shallow exit i: (1-α)·CE(z_i, y) + α·T²·KL(q_C ‖ q_i) + λ·‖F_i − F_C‖², with the deepest
-    exit's logits and features detached; the deepest exit gets plain CE. With `use_kd=False`
-    the CE weight stays 1 (so switching KD off gives DSN plus the hint).
+    Shallow exit i: (1-α)·CE(z_i, y) + α·KL(q_C ‖ q_i) at temperature T (× T² with `kd_scale="t2"`),
+    plus λ times the feature hint on the hinted exits: "reference" is the batch L2 norm between
+    F_i (already passed through its training-only adapter) and F_C, "l2" the per-sample squared
+    distance, "none" nothing. The deepest exit's logits and features are detached; the deepest
+    exit gets plain CE. With `use_kd=False` the CE weight stays 1 (DSN plus the hint).
     """
+    if hint not in HINTS:
+        raise ValueError(f"Unknown hint {hint!r}; known: {', '.join(HINTS)}")
     teacher_z, teacher_f = logits[-1].detach(), features[-1].detach()
     ce = F.cross_entropy(logits[-1], target)
     kd = ce.new_zeros(())
     feat = ce.new_zeros(())
     ce_weight = (1 - alpha) if use_kd else 1.0
-    for z, f in zip(logits[:-1], features[:-1], strict=True):
+    hinted = set(hinted_exits(len(logits), hint, hint_exits))
+    distance = batch_l2_hint if hint == "reference" else feature_hint
+    for i, (z, f) in enumerate(zip(logits[:-1], features[:-1], strict=True)):
         ce = ce + ce_weight * F.cross_entropy(z, target)
         if use_kd:
-            kd = kd + alpha * distillation_kl(z, teacher_z, temperature)
-        if use_feature:
-            feat = feat + feature_weight * feature_hint(f, teacher_f)
+            kd = kd + alpha * distillation_kl(z, teacher_z, temperature, kd_scale)
+        if i in hinted:
+            feat = feat + feature_weight * distance(f, teacher_f)
     return _terms(ce, kd, feat)
 
 
@@ -75,11 +113,16 @@ def standard_loss(logits: Sequence[Tensor], target: Tensor) -> dict[str, Tensor]
 
 
 def kd_loss(
-    logits: Sequence[Tensor], teacher_logits: Tensor, target: Tensor, alpha: float = 0.3, temperature: float = 3.0
+    logits: Sequence[Tensor],
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.3,
+    temperature: float = 3.0,
+    kd_scale: str = "t2",
 ) -> dict[str, Tensor]:
     """Two-step distillation: a trained teacher's logits teach the student's deepest exit."""
     ce = (1 - alpha) * F.cross_entropy(logits[-1], target)
-    return _terms(ce, alpha * distillation_kl(logits[-1], teacher_logits.detach(), temperature))
+    return _terms(ce, alpha * distillation_kl(logits[-1], teacher_logits.detach(), temperature, kd_scale))
 
 
 def compute_loss(
@@ -90,8 +133,8 @@ def compute_loss(
     teacher_logits: Tensor | None = None,
     **options: float | bool,
 ) -> dict[str, Tensor]:
-    """Dispatch to the loss of `method` (one of `METHODS`)."""
-    if method == "byot":
+    """Dispatch to the loss of `method` (one of `METHODS`); "ramps" trains heads with the BYOT loss."""
+    if method in ("byot", "ramps"):
         return byot_loss(logits, features, target, **options)  # type: ignore[arg-type]
     if method == "dsn":
         return dsn_loss(logits, target)
@@ -100,7 +143,7 @@ def compute_loss(
     if method == "kd":
         if teacher_logits is None:
             raise ValueError("method 'kd' needs the teacher's logits")
-        kd_opts = {k: v for k, v in options.items() if k in ("alpha", "temperature")}
+        kd_opts = {k: v for k, v in options.items() if k in ("alpha", "temperature", "kd_scale")}
         return kd_loss(logits, teacher_logits, target, **kd_opts)  # type: ignore[arg-type]
     raise ValueError(f"Unknown method {method!r}; known: {', '.join(METHODS)}")
 

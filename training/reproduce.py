@@ -1,8 +1,15 @@
-"""`python -m training.reproduce`: standard vs DSN vs BYOT on Fashion-MNIST, same schedule and seeds.
+"""`python -m training.reproduce`: the Fashion-MNIST study behind `make reproduce`.
 
-Writes one run directory per method and seed, then a Markdown summary (mean and spread over
-seeds of every exit's and the ensemble's test accuracy) with the exact command, wall time and
-machine.
+Trains every method for every seed with one schedule (resumable: a finished run is skipped, an
+interrupted one continues from its `last.pt`), computes each run's accuracy–compute frontier,
+and writes `results/fashion_mnist.md` (per-exit and ensemble test accuracy, mean ± std over
+seeds; the FLOPs each method needs to stay within 0.5 pp of the best final exit; wall times)
+and `results/fashion_mnist_frontier.png` (one curve per method).
+
+Methods: `standard` (CE at the last exit), `dsn` (CE at every exit), `byot` (the reference
+code's loss: KD without T², adapter + batch-L2 hint on exits 1–2), `byot-nohint` (the same
+without the hint), `byot-l2` (the ICCV paper's squared per-sample hint on every shallow exit,
+KD × T²), and `ramps` (exit heads trained on the frozen `standard` network of the same seed).
 """
 
 from __future__ import annotations
@@ -15,33 +22,55 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from training.config import TrainConfig
+from training.frontier import as_dicts, flops_to_reach, from_dicts, frontier, mean_curve, plot_frontiers
 from training.trainer import Trainer
 
-METHODS = ("standard", "dsn", "byot")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "standard": {"method": "standard"},
+    "dsn": {"method": "dsn"},
+    "byot": {"method": "byot", "hint": "reference"},
+    "byot-nohint": {"method": "byot", "hint": "none"},
+    "byot-l2": {"method": "byot", "hint": "l2", "kd_scale": "t2"},
+    "ramps": {"method": "ramps"},
+}
+DEFAULT_METHODS = ("standard", "dsn", "byot", "byot-nohint", "ramps")
 
 
-def run_all(args: argparse.Namespace) -> dict[str, list[dict[str, dict[str, float]]]]:
-    """Train every method for every seed (skipping finished runs) and collect their results."""
-    results: dict[str, list[dict[str, dict[str, float]]]] = {m: [] for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
-            out = Path(args.out_dir) / f"{method}-seed{seed}"
-            done = out / "results.json"
-            if not done.is_file():
-                cfg = TrainConfig(
-                    model=args.model, method=method, epochs=args.epochs, seed=seed, schedule=args.schedule,
-                    batch_size=args.batch_size, lr=args.lr, out_dir=str(out), resume=(out / "last.pt").is_file(),
-                    progress=not args.no_progress,
-                )  # fmt: skip
-                started = time.perf_counter()
-                Trainer(cfg).fit()
-                (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
-            results[method].append(json.loads(done.read_text()))
-    return results
+def _config(args: argparse.Namespace, variant: str, seed: int, out: Path) -> TrainConfig:
+    options = dict(VARIANTS[variant])
+    if variant == "ramps":
+        options["init"] = str(Path(args.out_dir) / f"standard-seed{seed}" / "best.pt")
+    else:
+        options["model"] = args.model
+    return TrainConfig(
+        **options, epochs=args.epochs, seed=seed, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
+        augment=args.augment, out_dir=str(out), resume=(out / "last.pt").is_file(), progress=not args.no_progress,
+        threads=args.threads, max_steps=args.max_steps,
+    )  # fmt: skip
+
+
+def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
+    """Train (or resume, or skip) one run, then compute its frontier once; its results.json + frontier."""
+    out = Path(args.out_dir) / f"{variant}-seed{seed}"
+    done, front = out / "results.json", out / "frontier.json"
+    if not done.is_file():
+        if variant == "ramps" and not (Path(args.out_dir) / f"standard-seed{seed}" / "results.json").is_file():
+            raise SystemExit(f"ramps seed {seed} needs the standard run of that seed first (list 'standard' earlier)")
+        started = time.perf_counter()
+        previous = float((out / "wall_seconds.txt").read_text()) if (out / "wall_seconds.txt").is_file() else 0.0
+        trainer = Trainer(_config(args, variant, seed, out))
+        trainer.fit()
+        (out / "wall_seconds.txt").write_text(f"{previous + time.perf_counter() - started:.0f}\n")
+    if not front.is_file():
+        trainer = Trainer(_config(args, variant, seed, out).model_copy(update={"resume": False}))
+        trainer.model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+        front.write_text(json.dumps(as_dicts(frontier(trainer.model, trainer.bundle)), indent=1))
+    return {"results": json.loads(done.read_text()), "frontier": from_dicts(json.loads(front.read_text()))}
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -50,34 +79,83 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summary(results: dict[str, list[dict[str, dict[str, float]]]], args: argparse.Namespace, command: str) -> str:
-    """The Markdown report: a row per method, a column per exit and the ensemble (test set)."""
-    columns = list(next(iter(results.values()))[0]["test"])
+def _accuracy_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    columns = list(next(iter(runs.values()))[0]["results"]["test"])
     lines = ["| method | " + " | ".join(c.replace("exit", "exit ") for c in columns) + " |"]
     lines.append("|" + " --- |" * (len(columns) + 1))
-    for method, runs in results.items():
-        cells = [_mean_spread([r["test"][c] for r in runs]) for c in columns]
+    for method, rs in runs.items():
+        cells = [_mean_spread([r["results"]["test"][c] for r in rs]) for c in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    walls = []
-    for method in results:
-        for seed in args.seeds:
-            f = Path(args.out_dir) / f"{method}-seed{seed}" / "wall_seconds.txt"
-            if f.is_file():
-                walls.append(f"{method} seed {seed}: {int(f.read_text()) / 60:.1f} min")
+    return lines
+
+
+def _frontier_table(curves: dict[str, list[dict[str, float]]], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    last = f"exit{len(next(iter(runs.values()))[0]['frontier'][0].test_exit_rates)}"
+    finals = {m: statistics.mean(r["results"]["test"][last] for r in rs) for m, rs in runs.items()}
+    best_method = max(finals, key=lambda m: finals[m])
+    target = finals[best_method] - 0.5
+    lines = [
+        f"Best final exit of any method: {best_method}, {finals[best_method]:.2f} % (mean over seeds); target "
+        f"{target:.2f} % (0.5 pp below it).",
+        "",
+        "| method | mean FLOPs to reach the target | test accuracy at 30 % / 50 % / 70 % of full FLOPs |",
+        "| --- | --- | --- |",
+    ]
+    for method, curve in curves.items():
+        need = flops_to_reach(curve, target)
+        at = []
+        for budget in (0.3, 0.5, 0.7):
+            under = [p for p in curve if p["flops"] <= budget + 1e-9]
+            at.append(f"{max(p['accuracy'] for p in under):.2f}" if under else "–")
+        lines.append(f"| {method} | {'not reached' if need is None else f'{need:.1%}'} | {' / '.join(at)} |")
+    return lines
+
+
+def _walls(args: argparse.Namespace, methods: list[str]) -> tuple[str, float]:
+    parts, total = [], 0.0
+    for method in methods:
+        secs = [
+            float(f.read_text())
+            for seed in args.seeds
+            if (f := Path(args.out_dir) / f"{method}-seed{seed}" / "wall_seconds.txt").is_file()
+        ]
+        total += sum(secs)
+        if secs:
+            parts.append(f"{method} {statistics.mean(secs) / 60:.1f} min")
+    return "; ".join(parts), total
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], command: str) -> str:
+    """The Markdown report, and the frontier PNG beside it."""
+    curves = {m: mean_curve([r["frontier"] for r in rs]) for m, rs in runs.items()}
+    png = Path(args.report).with_name(Path(args.report).stem + "_frontier.png")
+    plot_frontiers(curves, png, f"Fashion-MNIST, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds")
+    walls, total = _walls(args, list(runs))
     return "\n".join(
         [
-            "# Fashion-MNIST: standard vs deep supervision vs BYOT self-distillation",
+            "# Fashion-MNIST: standard, deep supervision, BYOT variants and ramps",
             "",
             f"Model `{args.model}`, {args.epochs} epochs, {args.schedule} schedule, batch {args.batch_size}, "
-            f"lr {args.lr}, seeds {', '.join(map(str, args.seeds))}. Test-set top-1 accuracy (%), "
-            "checkpoint chosen by validation accuracy of the final exit (5,000 images held out of training).",
+            f"lr {args.lr}, augmentation `{args.augment}`, seeds {', '.join(map(str, args.seeds))}. Test-set top-1 "
+            "accuracy (%), mean ± standard deviation over seeds; each run's checkpoint is chosen by the validation "
+            "accuracy of its final exit (5,000 images held out of training).",
             "",
-            *lines,
+            *_accuracy_table(runs),
+            "",
+            "## Accuracy–compute frontier",
+            "",
+            f"![frontier]({png.name})",
+            "",
+            "Per run, thresholds are chosen on the validation split for 20 mean-FLOPs budgets (the server's exit "
+            "rule, temperatures fitted on validation); the curve is the test accuracy and mean FLOPs they give, "
+            "averaged over seeds budget by budget (band: ±1 std).",
+            "",
+            *_frontier_table(curves, runs),
             "",
             f"Command: `{command}`",
             "",
-            f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'CPU'}, "
-            f"torch {torch.__version__}. Wall time per run: {'; '.join(walls) or 'n/a'}.",
+            f"Machine: {platform.machine()}, {args.threads or torch.get_num_threads()} torch threads, torch "
+            f"{torch.__version__}. Mean wall time per run: {walls}; {total / 3600:.1f} h in all.",
             "",
         ]
     )
@@ -85,23 +163,32 @@ def summary(results: dict[str, list[dict[str, dict[str, float]]]], args: argpars
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__)
-    parser.add_argument("--model", default="resnet_fmnist")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--model", default="resnet_fmnist_narrow")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_METHODS))
     parser.add_argument("--schedule", choices=["multistep", "cosine"], default="cosine")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--augment", default="standard")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     parser.add_argument("--out-dir", default="runs/reproduce")
     parser.add_argument("--report", default="results/fashion_mnist.md")
+    parser.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    results = run_all(args)
+    if "ramps" in args.methods and "standard" not in args.methods:
+        parser.error("ramps trains exits on the standard runs: list 'standard' too")
+    order = sorted(args.methods, key=lambda m: m == "ramps")  # ramps after the standard runs it builds on
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in order:
+            runs[method].append(run_one(args, method, seed))
     command = "python -m training.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report = Path(args.report)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(summary(results, args, command.strip()))
-    sys.stdout.write(report.read_text())
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(args, runs, command.strip()))
+    sys.stdout.write(out.read_text())
     return 0
 
 

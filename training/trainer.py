@@ -24,7 +24,8 @@ from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from training.config import TrainConfig
 from training.data import DataBundle, load_data
 from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
-from training.losses import accuracy_counts, compute_loss
+from training.losses import accuracy_counts, compute_loss, hinted_exits
+from training.wrapper import TrainNet
 
 log = logging.getLogger("anytime.train")
 
@@ -94,16 +95,26 @@ def data_spec(bundle: DataBundle) -> dict[str, Any]:
     }
 
 
-def load_teacher(path: str, device: torch.device) -> MultiExitNet:
-    """A trained teacher from a trainer checkpoint (.pt) or an exported artifact directory."""
+def load_trained(path: str) -> tuple[MultiExitNet, ArchitectureSpec]:
+    """A trained network and its spec, from a trainer checkpoint (.pt) or an exported artifact directory."""
     p = Path(path)
     if p.is_dir():
-        model = load_artifact(p).model
-    else:
-        state = load_checkpoint(p)
-        model = ArchitectureSpec.model_validate(state["model_spec"]).build()
-        model.load_state_dict(state["model"])
-    return model.to(device).eval()
+        artifact = load_artifact(p)
+        return artifact.model, artifact.manifest.architecture
+    state = load_checkpoint(p)
+    spec = ArchitectureSpec.model_validate(state["model_spec"])
+    model = spec.build()
+    model.load_state_dict(state["model"])
+    return model, spec
+
+
+def loss_options(cfg: TrainConfig, alpha: float) -> dict[str, Any]:
+    """The keyword arguments of `compute_loss` for the configured method."""
+    opts: dict[str, Any] = {"alpha": alpha, "temperature": cfg.temperature, "kd_scale": cfg.effective_kd_scale}
+    if cfg.method in ("byot", "ramps"):
+        opts |= {"feature_weight": cfg.feature_weight, "use_kd": cfg.use_kd, "hint": cfg.hint,
+                 "hint_exits": cfg.hint_exits}  # fmt: skip
+    return opts
 
 
 def train_step(
@@ -115,17 +126,19 @@ def train_step(
     cfg: TrainConfig,
     amp_dtype: torch.dtype | None,
     teacher: MultiExitNet | None = None,
+    alpha: float | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """One optimisation step; returns the loss terms and per-exit correct counts."""
+    """One optimisation step; returns the loss terms and per-exit correct counts.
+
+    `alpha` overrides the config's KD weight (the KD warm-up).
+    """
     with autocast_for(x.device, amp_dtype):
         out = model(x)
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x).logits[-1]
-        opts = {"alpha": cfg.alpha, "temperature": cfg.temperature}
-        if cfg.method == "byot":
-            opts |= {"feature_weight": cfg.feature_weight, "use_kd": cfg.use_kd, "use_feature": cfg.use_feature}
+        opts = loss_options(cfg, cfg.alpha if alpha is None else alpha)
         logits = [z.float() for z in out.logits]
         features = [f.float() for f in out.features]
         terms = compute_loss(cfg.method, logits, features, y, teacher_logits, **opts)
@@ -156,12 +169,13 @@ class Trainer:
         self.bundle = load_data(
             cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.augment, cfg.allow_download
         )
-        self.spec = model_spec(cfg, self.bundle)
-        self.model = self.spec.build().to(self.device)
+        self.model, self.spec = self._network()
+        self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_net = self._train_net()
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            self.train_net.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -169,19 +183,54 @@ class Trainer:
         if cfg.method == "kd":
             if not cfg.teacher:
                 raise ValueError("method 'kd' needs --teacher (a checkpoint .pt or an artifact directory)")
-            self.teacher = load_teacher(cfg.teacher, self.device)
+            self.teacher = load_trained(cfg.teacher)[0].to(self.device).eval()
         self.out = Path(cfg.out_dir)
         self.start_epoch = 0
         self.best_val = -1.0
         if cfg.resume:
             self._restore(load_checkpoint(self.out / "last.pt"))
-        self.net: nn.Module = self.model
+        self.net: nn.Module = self.train_net
         if self.ctx.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             unused = cfg.method in ("standard", "kd")  # shallow exits get no gradient there
-            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+            self.net = DistributedDataParallel(self.train_net, device_ids=ids, find_unused_parameters=unused)
         if cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def _network(self) -> tuple[MultiExitNet, ArchitectureSpec]:
+        """A fresh network for the data, or the `--init` checkpoint's (whose architecture wins)."""
+        cfg, bundle = self.cfg, self.bundle
+        if not cfg.init:
+            spec = model_spec(cfg, bundle)
+            return spec.build(), spec
+        model, spec = load_trained(cfg.init)
+        if "model" in cfg.model_fields_set and cfg.model != spec.name:
+            raise ValueError(f"--model {cfg.model} but the --init network is {spec.name}; leave --model out")
+        if (spec.num_classes, spec.in_channels) != (bundle.num_classes, bundle.in_channels):
+            raise ValueError(
+                f"the --init network takes {spec.in_channels} channels and {spec.num_classes} classes; "
+                f"{bundle.name} has {bundle.in_channels} and {bundle.num_classes}"
+            )
+        self.cfg = cfg.model_copy(update={"model": spec.name, "stem": spec.stem})
+        log.info("initialised from %s (%s)", cfg.init, spec.name)
+        return model, spec
+
+    def _train_net(self) -> TrainNet:
+        """The network with its hint adapters (reference hint) and, for ramps, a frozen backbone."""
+        cfg = self.cfg
+        adapted: list[int] = []
+        if cfg.method in ("byot", "ramps") and cfg.hint == "reference":
+            adapted = hinted_exits(self.model.num_exits, cfg.hint, cfg.hint_exits)
+        shape = (1, self.bundle.in_channels, self.bundle.image_size, self.bundle.image_size)
+        with torch.no_grad():
+            dim = self.model.eval()(torch.zeros(shape, device=self.device)).features[-1].shape[1]
+        frozen = cfg.method == "ramps" and cfg.freeze_backbone
+        return TrainNet(self.model, adapted, dim, frozen).to(self.device)
+
+    def _alpha(self, epoch: int) -> float:
+        """The KD weight of `epoch`: ramped up linearly over `kd_warmup_epochs`."""
+        warmup = self.cfg.kd_warmup_epochs
+        return self.cfg.alpha * min(1.0, (epoch + 1) / warmup) if warmup else self.cfg.alpha
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         if self.cfg.schedule == "cosine":
@@ -224,7 +273,7 @@ class Trainer:
             if self.channels_last:
                 x = x.to(memory_format=torch.channels_last)
             terms, correct = train_step(
-                self.net, x, y, self.optimizer, self.scaler, self.cfg, self.amp_dtype, self.teacher
+                self.net, x, y, self.optimizer, self.scaler, self.cfg, self.amp_dtype, self.teacher, self._alpha(epoch)
             )
             n = len(y)
             sums[:4] += torch.tensor([terms[k] * n for k in ("loss", "ce", "kd", "feature")], dtype=torch.float64)
@@ -252,6 +301,7 @@ class Trainer:
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            "adapters": self.train_net.adapters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -265,6 +315,7 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        self.train_net.adapters.load_state_dict(state.get("adapters") or {})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
