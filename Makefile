@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose
 
-.PHONY: serve test lint venv debs reproduce default-model bench
+.PHONY: serve test lint venv debs install-debs reproduce default-model bench
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 debs:
-	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory install-debs DEBS="$(TEST_DEBS)"
+
+# Installs the Debian packages named in DEBS when root, else prints the apt-get command and fails.
+install-debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing Debian packages:$$missing"; \
@@ -60,6 +64,8 @@ default-model: venv debs
 
 # Benchmarks (README: "Benchmarks"): servers and load on 127.0.0.1, each run bounded in time.
 # TorchServe is a benchmark peer only: installed here, never by the product (it needs Java 17).
+# wrk (Debian) is the load generator; servers and wrk are pinned to different cores (needs 2).
 bench: venv debs
+	@$(MAKE) --no-print-directory install-debs DEBS="wrk"
 	$(BIN)/python -m pip install -q 'torchserve>=0.12,<0.13' 'torch-model-archiver>=0.12,<0.13'
 	$(BIN)/python -m bench.run

@@ -1,200 +1,387 @@
-"""`make bench`: Anytime vs full depth, HTTP overhead, deadlines, and a peer server, side by side.
+"""`make bench`: the request path and the anytime savings, measured so that a ratio can be trusted.
 
-Everything runs on this machine against 127.0.0.1: the servers are started here and stopped by
-PID, every load run is bounded in time and count. Results: `bench/results/*.json`, PNG plots,
-`bench/results/summary.json`, and a table on stdout. Speed-ups are ratios of runs made in
-this one invocation, one after the other, with the same images and client.
+Every server is pinned to core 0 with one torch thread, the load generator (wrk, compiled) to
+core 1; everything binds 127.0.0.1 and every run is bounded in time. Each comparison is made of
+interleaved repetitions (A, B, A, B, …) and reported as the median with its min–max spread.
+Cost is also reported as the server's CPU time (user + system, /proc) per answered request,
+which the machine's drift disturbs least.
+
+1. HTTP overhead: one client's HTTP p50 against the in-process path (decode + the engine's exit
+   path, `bench/inprocess.py`, pinned to the same core), on the same 200 Fashion-MNIST images.
+2. Anytime vs full depth on the bundled model: saturation throughput (16 connections) and CPU
+   per request, with the artifact's thresholds and with `threshold=1`.
+3. Realized efficiency on compute-bound networks (resnet18 3x32x32, resnet50 3x224x224, random
+   weights): exits forced by `max_exit` drawn from an exit mix; CPU saved over FLOPs saved.
+4. Deadlines: Poisson arrivals at 80 % of the measured saturation rate, deadlines 2/5/10/20 ms,
+   attainment as the client saw it and as the server did.
+5. Peers at full depth (a plain FastAPI endpoint, TorchServe), for context.
+
+Results: `bench/results/summary.json` (with a `headline` object) and `summary.md`, and the table
+on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.loadgen import LoadRun, fashion_mnist_pngs, plot_run
-from client.stats import by_deadline, format_summary, summarize
-from models.artifact import resolve_artifact
+import httpx
+
+from bench.workloads import MIXES, NETWORKS, fashion_images, mean_flops, mix_paths, random_weight_artifact, rgb_images
+from bench.wrk import WrkResult, run_wrk
+from models.artifact import read_manifest, resolve_artifact
 from tools.processes import ROOT, LocalProcess, ServerProcess, free_port
 
 OUT = ROOT / "bench" / "results"
+SERVER_CPU, LOAD_CPU = "0", 1
+DEADLINES_MS = (2, 5, 10, 20)
 
 
-def _load(
-    url: str, images: list, name: str, seconds: float, *, rate: float | None = None, concurrency: int = 16,
-    params: dict | None = None, deadlines: list[float] | None = None, path: str = "/classify",
-) -> dict[str, Any]:  # fmt: skip
-    run = LoadRun(url, images, seconds, 200_000, deadlines, params, progress=False, path=path)
-    duration = asyncio.run(run.open_loop(rate) if rate else run.closed_loop(concurrency))
-    summary = summarize(run.records, duration)
-    from dataclasses import asdict
-
-    (OUT / f"{name}.json").write_text(json.dumps({"name": name, "summary": summary,
-                                                  "records": [asdict(r) for r in run.records]}))  # fmt: skip
-    plot_run(name, run.records, OUT)
-    sys.stdout.write(format_summary(name, summary) + "\n\n")
-    summary["records_by_deadline"] = by_deadline(run.records) if deadlines else None
-    return summary
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and min–max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def in_process_latency(images: list, store: Path, name: str) -> float:
-    """Median ms of decode + the engine's stage-wise exit path, in this process, one image at a time."""
-    import torch
-
-    from models.artifact import load_artifact
-    from service.engine import Engine, Job
-    from service.images import build_transform, decode_image
-    from service.metrics import Metrics
-
-    torch.set_num_threads(1)
-    artifact = load_artifact(resolve_artifact(store, name))
-    engine = Engine(artifact, torch.device("cpu"), Metrics(), max_batch=1)
-    spec = artifact.manifest.input
-    tf = build_transform(spec)
-    times = []
-    for png, _ in images[:500]:
-        t0 = time.perf_counter()
-        engine.run([Job(decode_image(png, spec, tf, 16_000_000))])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _answers(server: LocalProcess) -> float:
+    """Samples the server's engine has taken into batches so far (anytime_batch_size_sum): every one of
+    them is computed, including those whose client hung up when a run ended."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("anytime_batch_size_sum")
+    )
 
 
-def _serve_anytime(store: Path, name: str) -> ServerProcess:
-    return ServerProcess(store, name, log_dir=OUT).wait_ready()  # type: ignore[return-value]
+def _wait_idle(server: LocalProcess, timeout: float = 30.0) -> None:
+    """Until the server's CPU time stops growing: the work in flight when the load stopped is done."""
+    end, last = time.monotonic() + timeout, -1.0
+    while time.monotonic() < end:
+        now = server.cpu_seconds()
+        if now == last:
+            return
+        last = now
+        time.sleep(0.25)
 
 
-def anytime_benchmarks(images: list, store: Path, name: str, seconds: float) -> dict[str, Any]:
-    """1. anytime vs full depth, 2. HTTP overhead, 3. deadlines — all against one server."""
-    server = _serve_anytime(store, name)
+def metered(server: LocalProcess, run: Callable[[], WrkResult], counted: bool = True) -> tuple[WrkResult, float]:
+    """A wrk run and the server's CPU milliseconds per request, the run's tail included.
+
+    `counted`: the server counts the samples it computed (Anytime); otherwise (peers) wrk's answers.
+    """
+    _wait_idle(server)
+    cpu, answered = server.cpu_seconds(), _answers(server) if counted else 0.0
+    result = run()
+    _wait_idle(server)
+    done = _answers(server) - answered if counted else result.ok
+    return result, (server.cpu_seconds() - cpu) * 1e3 / max(done, 1)
+
+
+def in_process(artifact: Path, images: Path, seconds: float, threshold: float | None = None) -> dict[str, Any]:
+    argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "bench.inprocess", str(artifact), str(images)]
+    argv += ["--seconds", str(seconds)] + (["--threshold", str(threshold)] if threshold is not None else [])
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    return json.loads(out.stdout)
+
+
+def evaluate_in_process(artifact: Path, images: Path, threshold: float | None) -> dict[str, Any]:
+    labels = images.parent / f"{images.name}-labels.json"
+    argv = [sys.executable, "-m", "bench.inprocess", str(artifact), str(images), "--evaluate", str(labels)]
+    argv += ["--threshold", str(threshold)] if threshold is not None else []
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout)
+
+
+def _serve(store: Path, name: str, **settings: Any) -> ServerProcess:
+    server = ServerProcess(store, name, log_dir=OUT, cpus=SERVER_CPU, **settings)
+    server.wait_ready(timeout=300)
+    return server
+
+
+def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds: float) -> dict[str, Any]:
+    """1, 2 and 4: overhead, anytime vs full depth, deadlines, on the bundled model."""
+    artifact = resolve_artifact(store, "fashion-mnist")
+    flops = [e.flops_fraction or 1.0 for e in read_manifest(artifact).exits]
+    server = _serve(store, "fashion-mnist")
+    url = f"{server.url}/classify"
     try:
-        sat_any = _load(server.url, images, "saturation-anytime", seconds, concurrency=16)
-        sat_full = _load(server.url, images, "saturation-full", seconds, concurrency=16, params={"threshold": 1})
-        rate = 0.5 * sat_full["throughput_rps"]
-        fixed_any = _load(server.url, images, "fixed-rate-anytime", seconds, rate=rate)
-        fixed_full = _load(server.url, images, "fixed-rate-full", seconds, rate=rate, params={"threshold": 1})
-        single = _load(server.url, images, "single-client-anytime", seconds, concurrency=1)
-        deadline_rate = 0.8 * sat_any["throughput_rps"]
-        deadlines = _load(server.url, images, "deadlines", seconds * 2, rate=deadline_rate,
-                          deadlines=[1, 2, 5, 10, 20])  # fmt: skip
+        run_wrk(url, images, 2, 16, cpu=LOAD_CPU)  # warm-up
+        overhead, http_p50, inproc_p50 = [], [], []
+        for _ in range(reps):
+            http = run_wrk(url, images, seconds, 1, cpu=LOAD_CPU)
+            local = in_process(artifact, image_dir, seconds)
+            http_p50.append(http.p50_ms)
+            inproc_p50.append(local["p50_ms"])
+            overhead.append(http.p50_ms / local["p50_ms"])
+        runs: dict[str, list[tuple[WrkResult, float]]] = {"anytime": [], "full": []}
+        for _ in range(reps):
+            for label, path in (("anytime", "/classify"), ("full", "/classify?threshold=1")):
+                runs[label].append(
+                    metered(server, lambda p=path: run_wrk(url, images, seconds, 16, paths=[p], cpu=LOAD_CPU))
+                )
+        saturation = statistics.median(r.throughput for r, _ in runs["anytime"])
+        deadlines: dict[str, list[WrkResult]] = {str(d): [] for d in DEADLINES_MS}
+        for _ in range(reps):
+            for d in DEADLINES_MS:
+                deadlines[str(d)].append(
+                    run_wrk(url, images, seconds, 64, rate=0.8 * saturation, deadline_ms=d, cpu=LOAD_CPU)
+                )
     finally:
         server.stop()
-    in_process = in_process_latency(images, store, name)
+    exits: dict[str, int] = {}
+    for r, _ in runs["anytime"]:
+        for e, c in r.exits.items():
+            exits[e] = exits.get(e, 0) + c
+    taken = sum(exits.values())
+    mean_taken = sum(flops[int(e) - 1] * c for e, c in exits.items()) / taken
     return {
-        "anytime_vs_full": {
-            "saturation_rps": {"anytime": sat_any["throughput_rps"], "full": sat_full["throughput_rps"]},
-            "throughput_ratio": sat_any["throughput_rps"] / sat_full["throughput_rps"],
-            "accuracy": {"anytime": sat_any["accuracy"], "full": sat_full["accuracy"]},
-            "accuracy_loss_pp": 100 * (sat_full["accuracy"] - sat_any["accuracy"]),
-            "fixed_rate_rps": rate,
-            "fixed_rate_latency_ms": {
-                "anytime": {k: fixed_any["latency_ms"][k] for k in ("mean", "p50", "p99")},
-                "full": {k: fixed_full["latency_ms"][k] for k in ("mean", "p50", "p99")},
+        "overhead": {
+            "ratio": spread(overhead),
+            "http_p50_ms": spread(http_p50),
+            "in_process_p50_ms": spread(inproc_p50),
+        },
+        "saturation": {
+            label: {
+                "throughput_rps": spread([r.throughput for r, _ in rs]),
+                "cpu_ms_per_request": spread([cpu for _, cpu in rs]),
+                "p50_ms": spread([r.p50_ms for r, _ in rs]),
+            }
+            for label, rs in runs.items()
+        },
+        "throughput_ratio": spread(
+            [a.throughput / f.throughput for (a, _), (f, _) in zip(*runs.values(), strict=True)]
+        ),
+        "cpu_ratio": spread([ca / cf for (_, ca), (_, cf) in zip(*runs.values(), strict=True)]),
+        "exit_shares": {e: c / taken for e, c in sorted(exits.items())},
+        "ideal_speedup": 1 / mean_taken,
+        "deadlines": {
+            "rate_rps": 0.8 * saturation,
+            "by_deadline_ms": {
+                d: {
+                    "client_attainment": spread([r.client_attainment() for r in rs]),
+                    "server_attainment": spread([r.server_attainment() for r in rs]),
+                    "achieved_rps": spread([r.requests / r.seconds for r in rs]),
+                    "rejected_504": spread([r.status.get("504", 0) / max(r.requests, 1) for r in rs]),
+                    "early_by_deadline": spread([r.early_by_deadline / max(r.ok, 1) for r in rs]),
+                    "p99_ms": spread([r.p99_ms for r in rs]),
+                }
+                for d, rs in deadlines.items()
             },
         },
-        "overhead": {
-            "http_p50_ms": single["latency_ms"]["p50"],
-            "in_process_p50_ms": in_process,
-            "ratio": single["latency_ms"]["p50"] / in_process,
-        },
-        "deadlines": {"rate_rps": deadline_rate, "by_deadline_ms": deadlines["records_by_deadline"]},
     }
 
 
-def peer_benchmarks(images: list, store: Path, name: str, seconds: float, rate: float) -> dict[str, Any]:
-    """4. peers serving the same model at full depth, same images and load: a plain FastAPI
-    endpoint and TorchServe (every listener on 127.0.0.1, token auth off for the benchmark only)."""
+def realized(work: Path, reps: int, seconds: float) -> dict[str, Any]:
+    """3: CPU per request at full depth vs exit mixes, against the FLOPs the mix saves."""
     results: dict[str, Any] = {}
-    port = free_port()
-    argv = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", name, "--port", str(port)]
-
-    def baseline() -> LocalProcess:
-        return LocalProcess(argv, port, OUT / f"server-{port}.log", {"PYTHONPATH": str(ROOT)}).wait_ready("/docs")
-
-    peers = [("baseline_fastapi", baseline, "/classify")]
-    ports = [free_port() for _ in range(5)]
-
-    def torchserve() -> LocalProcess:
-        from bench.peers.torchserve.launch import prepare
-
-        work = Path(tempfile.mkdtemp(prefix="torchserve-"))
-        command = prepare(resolve_artifact(store, name), work, ports)
-        env = {"PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}
-        return LocalProcess(command, ports[0], OUT / f"server-{ports[0]}.log", env).wait_ready("/ping")
-
-    peers.append(("torchserve", torchserve, "/predictions/anytime"))
-    for label, start, path in peers:
-        server = start()
+    for net in NETWORKS:
+        store = work / "store"
+        artifact = random_weight_artifact(store, net)
+        flops = [e.flops_fraction or 1.0 for e in read_manifest(artifact).exits]
+        images = rgb_images(work / f"images-{net.name}", 64, net.size)
+        length = seconds * net.run_scale
+        plans = {"full": ["/classify"], **{name: mix_paths(mix) for name, mix in MIXES.items()}}
+        server = _serve(store, net.name, max_batch=net.max_batch)
+        url = f"{server.url}/classify"
+        cpu: dict[str, list[float]] = {name: [] for name in plans}
         try:
-            sat = _load(server.url, images, f"saturation-{label}", seconds, concurrency=16, path=path)
-            fixed = _load(server.url, images, f"fixed-rate-{label}", seconds, rate=rate, path=path)
+            run_wrk(url, images, 1, 16, cpu=LOAD_CPU)  # warm-up
+            for _ in range(reps):
+                for name, paths in plans.items():
+                    _, ms = metered(
+                        server,
+                        lambda u=url, i=images, p=paths, s=length: run_wrk(u, i, s, 16, paths=p, cpu=LOAD_CPU),
+                    )
+                    cpu[name].append(ms)
         finally:
             server.stop()
-        results[label] = {
-            "saturation_rps": sat["throughput_rps"], "accuracy": sat["accuracy"],
-            "fixed_rate_latency_ms": {k: fixed["latency_ms"][k] for k in ("p50", "p99")},
-        }  # fmt: skip
+        for name, paths in plans.items():
+            if name == "full":
+                continue
+            ideal = 1.0 / mean_flops(paths, flops)
+            per_rep = [(full / mix) / ideal for full, mix in zip(cpu["full"], cpu[name], strict=True)]
+            results[f"{net.name}/{name}"] = {
+                "efficiency": spread(per_rep),
+                "ideal_speedup": ideal,
+                "cpu_ms_per_request": {"full": spread(cpu["full"]), "mix": spread(cpu[name])},
+            }
     return results
 
 
+def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
+    """5: a plain FastAPI endpoint and TorchServe serving the bundled model at full depth."""
+    artifact = resolve_artifact(store, "fashion-mnist")
+    results: dict[str, Any] = {}
+    port = free_port()
+    baseline = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", "fashion-mnist",
+                "--port", str(port)]  # fmt: skip
+    starts: list[tuple[str, Callable[[], LocalProcess], str]] = [(
+        "fastapi_baseline",
+        lambda: LocalProcess(baseline, port, OUT / f"server-{port}.log", {"PYTHONPATH": str(ROOT)}, SERVER_CPU)
+        .wait_ready("/docs"), "/classify",
+    )]  # fmt: skip
+    if Path(sys.executable).with_name("torchserve").exists():
+        ports = [free_port() for _ in range(5)]
+
+        def torchserve() -> LocalProcess:
+            from bench.peers.torchserve.launch import prepare
+
+            work = Path(tempfile.mkdtemp(prefix="torchserve-"))
+            argv = prepare(artifact, work, ports)
+            env = {"PYTHONPATH": str(ROOT), "LOG_LOCATION": str(work), "METRICS_LOCATION": str(work)}
+            server = LocalProcess(argv, ports[0], OUT / f"server-{ports[0]}.log", env, SERVER_CPU)
+            return server.wait_ready("/ping", timeout=300)
+
+        starts.append(("torchserve", torchserve, "/predictions/anytime"))
+    for label, start, path in starts:
+        server = start()
+        try:
+            url, paths = server.url + path, [path]
+            run_wrk(url, images, 2, 16, paths=paths, cpu=LOAD_CPU)
+            single = run_wrk(url, images, seconds, 1, paths=paths, cpu=LOAD_CPU)
+            sat, cpu = metered(
+                server, lambda u=url, p=paths: run_wrk(u, images, seconds, 16, paths=p, cpu=LOAD_CPU), counted=False
+            )
+        finally:
+            server.stop()
+        results[label] = {
+            "p50_ms_one_client": single.p50_ms,
+            "throughput_rps": sat.throughput,
+            "cpu_ms_per_request": cpu,
+        }
+    return results
+
+
+def headline(b: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    by_d = b["deadlines"]["by_deadline_ms"]
+    return {
+        "http_overhead_ratio": b["overhead"]["ratio"]["median"],
+        "throughput_ratio_vs_full": b["throughput_ratio"]["median"],
+        "cpu_per_request_ratio_vs_full": b["cpu_ratio"]["median"],
+        "ideal_speedup": b["ideal_speedup"],
+        "realized_efficiency": {k: v["efficiency"]["median"] for k, v in r.items()},
+        "deadline_attainment_client": {d: v["client_attainment"]["median"] for d, v in by_d.items()},
+        "deadline_attainment_server": {d: v["server_attainment"]["median"] for d, v in by_d.items()},
+        "spreads": {
+            "http_overhead_ratio": [b["overhead"]["ratio"]["min"], b["overhead"]["ratio"]["max"]],
+            "throughput_ratio_vs_full": [b["throughput_ratio"]["min"], b["throughput_ratio"]["max"]],
+            "cpu_per_request_ratio_vs_full": [b["cpu_ratio"]["min"], b["cpu_ratio"]["max"]],
+            "realized_efficiency": {k: [v["efficiency"]["min"], v["efficiency"]["max"]] for k, v in r.items()},
+            "deadline_attainment_client": {
+                d: [v["client_attainment"]["min"], v["client_attainment"]["max"]] for d, v in by_d.items()
+            },
+            "deadline_attainment_server": {
+                d: [v["server_attainment"]["min"], v["server_attainment"]["max"]] for d, v in by_d.items()
+            },
+        },
+    }
+
+
+def _cell(s: dict[str, float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    a, o = results["anytime_vs_full"], results["overhead"]
-    p, t = results["peers"]["baseline_fastapi"], results["peers"]["torchserve"]
-    fa, ff = a["fixed_rate_latency_ms"]["anytime"], a["fixed_rate_latency_ms"]["full"]
+    b, r, p = results["bundled"], results["realized"], results["peers"]
+    sat, h = b["saturation"], results["headline"]
+    pct = "{:.1%}"
     lines = [
-        "| measurement | Anytime (artifact thresholds) | same server, full depth | FastAPI baseline | TorchServe |",
-        "| --- | --- | --- | --- | --- |",
-        f"| saturation throughput (req/s, 16 clients) | {a['saturation_rps']['anytime']:.0f} | "
-        f"{a['saturation_rps']['full']:.0f} | {p['saturation_rps']:.0f} | {t['saturation_rps']:.0f} |",
-        f"| accuracy | {100 * a['accuracy']['anytime']:.2f} % | {100 * a['accuracy']['full']:.2f} % | "
-        f"{100 * p['accuracy']:.2f} % | {100 * t['accuracy']:.2f} % |",
-        f"| latency at {a['fixed_rate_rps']:.0f} req/s, p50 / p99 (ms) | {fa['p50']:.1f} / {fa['p99']:.1f} | "
-        f"{ff['p50']:.1f} / {ff['p99']:.1f} | {p['fixed_rate_latency_ms']['p50']:.1f} / "
-        f"{p['fixed_rate_latency_ms']['p99']:.1f} | {t['fixed_rate_latency_ms']['p50']:.1f} / "
-        f"{t['fixed_rate_latency_ms']['p99']:.1f} |",
+        f"Median of {b['overhead']['ratio']['n']} interleaved repetitions (min–max); server pinned to core "
+        f"{SERVER_CPU} with 1 torch thread, wrk on core {LOAD_CPU}.",
         "",
-        f"Throughput ratio anytime / full depth: {a['throughput_ratio']:.2f}x at "
-        f"{a['accuracy_loss_pp']:.2f} pp accuracy loss.",
-        f"Overhead: HTTP p50 {o['http_p50_ms']:.2f} ms vs in-process decode + exit path "
-        f"{o['in_process_p50_ms']:.2f} ms = {o['ratio']:.2f}x.",
+        "| bundled model | anytime (artifact thresholds) | full depth (threshold=1) | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| saturation, 16 connections (req/s) | {_cell(sat['anytime']['throughput_rps'], '{:.0f}')} | "
+        f"{_cell(sat['full']['throughput_rps'], '{:.0f}')} | {_cell(b['throughput_ratio'])} |",
+        f"| server CPU per request (ms) | {_cell(sat['anytime']['cpu_ms_per_request'])} | "
+        f"{_cell(sat['full']['cpu_ms_per_request'])} | {_cell(b['cpu_ratio'])} |",
+        f"| ideal speed-up from the exits taken | {h['ideal_speedup']:.2f}x | 1x | |",
         "",
-        f"| deadline (ms) at {results['deadlines']['rate_rps']:.0f} req/s | attained | answered | "
-        "stopped early by deadline | accuracy of answers |",
-        "| --- | --- | --- | --- | --- |",
+        f"HTTP overhead: one client's HTTP p50 {_cell(b['overhead']['http_p50_ms'])} ms vs in-process decode + exit "
+        f"path {_cell(b['overhead']['in_process_p50_ms'])} ms: ratio {_cell(b['overhead']['ratio'])}.",
+        "",
+        "| realized efficiency (CPU saved / FLOPs saved) | median (min–max) | ideal speed-up | CPU ms full → mix |",
+        "| --- | --- | --- | --- |",
     ]
-    for d, r in results["deadlines"]["by_deadline_ms"].items():
-        lines.append(f"| {d} | {r['attainment']:.1%} | {r['answered']:.1%} | {r['early_by_deadline']:.1%} | "
-                     f"{r['accuracy']:.2%} |")  # fmt: skip
+    for name, v in r.items():
+        c = v["cpu_ms_per_request"]
+        lines.append(f"| {name} | {_cell(v['efficiency'])} | {v['ideal_speedup']:.2f}x | "
+                     f"{c['full']['median']:.2f} → {c['mix']['median']:.2f} |")  # fmt: skip
+    d = b["deadlines"]
+    lines += [
+        "",
+        f"| deadline (ms), Poisson at {d['rate_rps']:.0f} req/s | attained (client) | attained (server) | "
+        "504 | stopped early by deadline | p99 (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for ms, v in d["by_deadline_ms"].items():
+        lines.append(
+            f"| {ms} | {_cell(v['client_attainment'], pct)} | {_cell(v['server_attainment'], pct)} | "
+            f"{v['rejected_504']['median']:.1%} | {v['early_by_deadline']['median']:.1%} | "
+            f"{v['p99_ms']['median']:.1f} |"
+        )
+    if p:
+        lines += ["", "| full depth, one run each | p50, one client (ms) | saturation (req/s) | CPU per request (ms) |",
+                  "| --- | --- | --- | --- |",
+                  f"| Anytime, threshold=1 | – | {sat['full']['throughput_rps']['median']:.0f} | "
+                  f"{sat['full']['cpu_ms_per_request']['median']:.2f} |"]  # fmt: skip
+        for name, v in p.items():
+            lines.append(f"| {name} | {v['p50_ms_one_client']:.2f} | {v['throughput_rps']:.0f} | "
+                         f"{v['cpu_ms_per_request']:.2f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _pin_self() -> None:
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("make bench pins the server and the load generator to different cores: it needs 2")
+    os.sched_setaffinity(0, {LOAD_CPU})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--name", default="fashion-mnist")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load run")
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each comparison")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each run")
+    parser.add_argument("--images", type=int, default=200, help="Fashion-MNIST test images sent round robin")
+    parser.add_argument("--no-peers", action="store_true", help="skip the FastAPI baseline and TorchServe")
     args = parser.parse_args(argv)
+    _pin_self()
     OUT.mkdir(parents=True, exist_ok=True)
-    images = fashion_mnist_pngs(args.images)
-    results: dict[str, Any] = anytime_benchmarks(images, args.store, args.name, args.seconds)
-    rate = results["anytime_vs_full"]["fixed_rate_rps"]
-    results["peers"] = peer_benchmarks(images, args.store, args.name, args.seconds, rate)
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="anytime-bench-") as tmp:
+        work = Path(tmp)
+        images, _ = fashion_images(work / "fmnist", args.images)
+        evaluation = {
+            "anytime": evaluate_in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", None),
+            "full": evaluate_in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", 1.0),
+        }
+        results: dict[str, Any] = {"bundled": bundled(args.store, images, work / "fmnist", args.reps, args.seconds)}
+        results["bundled"]["in_process_evaluation"] = evaluation
+        results["realized"] = realized(work, args.reps, args.seconds)
+        results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
+    results["headline"] = headline(results["bundled"], results["realized"])
+    results["machine"] = {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name")), "unknown"),
+        "server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU, "torch_threads": 1,
+    }  # fmt: skip
     results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["wall_seconds"] = round(time.monotonic() - started)
     results["command"] = "make bench"
     (OUT / "summary.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (OUT / "summary.md").write_text(table + "\n")
-    sys.stdout.write(table + "\n")
+    sys.stdout.write(table + "\n\n" + json.dumps(results["headline"], indent=2) + "\n")
     return 0
 
 

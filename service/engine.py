@@ -104,6 +104,13 @@ def settle(settled: list[tuple[Job, Outcome]]) -> None:
             pass
 
 
+def _column(values: list[float | int | None], missing: float) -> np.ndarray | None:
+    """`values` as an array with `missing` for None, or None when every value is None."""
+    if all(v is None for v in values):
+        return None
+    return np.array([missing if v is None else v for v in values], dtype=np.float64)
+
+
 class Engine:
     """Runs an artifact's network stage by stage for batches of queued jobs."""
 
@@ -247,9 +254,11 @@ class Engine:
             return
         self.metrics.batch_size.observe(len(batch))
         started = time.monotonic()
-        override = np.array([math.nan if j.threshold is None else j.threshold for j in batch])
-        max_exit = np.array([NO_MAX_EXIT if j.max_exit is None else j.max_exit for j in batch])
-        deadline = np.array([NO_DEADLINE if j.deadline is None else j.deadline for j in batch])
+        # Per-job options as arrays, or None when no job of the batch has one (the common case:
+        # on tiny batches each NumPy call costs more than the decision itself).
+        override = _column([j.threshold for j in batch], math.nan)
+        max_exit = _column([j.max_exit for j in batch], NO_MAX_EXIT)
+        deadline = _column([j.deadline for j in batch], NO_DEADLINE)
         x = torch.stack([j.x for j in batch]).to(self.device, non_blocking=True)
         if self.cuda:
             x = x.to(memory_format=torch.channels_last)
@@ -265,10 +274,13 @@ class Engine:
                 now = time.monotonic()
                 self.times.observe(k, len(rows), now - t0)
                 self._stage_hist[k].observe(now - t0)
-                thr = np.where(np.isnan(override[rows]), self.thresholds[k], override[rows])
+                thr: float | np.ndarray = self.thresholds[k]
+                if override is not None:
+                    thr = np.where(np.isnan(override[rows]), thr, override[rows])
                 codes = decide(
-                    k, self.num_exits, conf, thr, max_exit=max_exit[rows], deadline=deadline[rows], now=now,
-                    next_stage_s=self.times.predict(k + 1, len(rows)),
+                    k, self.num_exits, conf, thr, max_exit=None if max_exit is None else max_exit[rows],
+                    deadline=None if deadline is None else deadline[rows], now=now,
+                    next_stage_s=0.0 if deadline is None else self.times.predict(k + 1, len(rows)),
                 )  # fmt: skip
                 stop = codes != GO_ON
                 if stop.any():
@@ -287,7 +299,8 @@ class Engine:
         idx = np.flatnonzero(stop)
         jobs = [batch[r] for r in rows[idx].tolist()]
         width = min(max(j.top_k for j in jobs), p.shape[1])
-        top_p, top_i = p.index_select(0, torch.from_numpy(idx).to(p.device)).topk(width, dim=1)
+        stopping = p if len(idx) == len(p) else p.index_select(0, torch.from_numpy(idx).to(p.device))
+        top_p, top_i = stopping.topk(width, dim=1)
         top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
         settled: list[tuple[Job, Outcome]] = []
         for j, job in enumerate(jobs):

@@ -1,16 +1,32 @@
-"""JSON error bodies `{"error": {"code", "message"}}` for every failure, and the body-size limit."""
+"""Every failure as one JSON error body `{"error": {"code", "message"}}`, mapped in one place.
+
+`api_error` turns the engine's and the image decoder's exceptions into HTTP errors;
+`MeteredRoute` counts every inference request by its final status and times it, whatever the
+route returns or raises; `install_error_handlers` renders errors; `BodyLimitMiddleware` caps
+request bodies.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.engine import DeadlineUnreachable, EngineFailure, EngineStopped, QueueFull
+from service.images import ImageRejected
+from service.served import InvalidOption
+
 log = logging.getLogger("anytime.api")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
 
 
 class ApiError(Exception):
@@ -25,12 +41,86 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """Pydantic/FastAPI validation errors as one sentence naming each bad option."""
     parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
         parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
+
+
+def api_error(exc: BaseException) -> ApiError | None:
+    """The HTTP error an exception from the engine, the decoder or validation stands for; None if unknown."""
+    match exc:
+        case ApiError():
+            return exc
+        case ImageRejected():
+            return ApiError(exc.status, exc.code, exc.message)
+        case InvalidOption():
+            return ApiError(422, "invalid_option", str(exc))
+        case RequestValidationError():
+            return ApiError(422, "invalid_option", validation_message(list(exc.errors())))
+        case QueueFull():
+            return ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+        case EngineStopped():
+            return ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+        case DeadlineUnreachable():
+            return ApiError(504, "deadline_exceeded", str(exc))
+        case TimeoutError():
+            return ApiError(504, "timeout", "no answer within the server's request timeout")
+        case EngineFailure():
+            return ApiError(500, "inference_failed", str(exc))
+    return None
+
+
+Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+async def call_metered(endpoint: Endpoint, request: Request) -> Response:
+    """Run an inference endpoint, count it by final status and time it; known errors come out as ApiError."""
+    metrics = request.app.state.service.metrics
+    start = time.monotonic()
+    status = 500
+    try:
+        response = await endpoint(request)
+        status = response.status_code
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # the client hung up: not a server error
+        raise
+    except Exception as exc:
+        error = api_error(exc)
+        if error is None:
+            raise
+        status = error.status
+        raise error from None
+    finally:
+        metrics.requests.labels(status=str(status)).inc()
+        metrics.request_latency.observe(time.monotonic() - start)
+
+
+async def respond(endpoint: Endpoint, request: Request) -> Response:
+    """`call_metered`, with every error rendered as the JSON error body (no stack trace leaves)."""
+    try:
+        return await call_metered(endpoint, request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "the server failed to process the request")
+
+
+class MeteredRoute(APIRoute):
+    """An inference route: counted by final status and timed, with its errors mapped by `api_error`."""
+
+    def get_route_handler(self) -> Endpoint:
+        handler = super().get_route_handler()
+
+        async def metered(request: Request) -> Response:
+            return await call_metered(handler, request)
+
+        return metered
 
 
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
@@ -45,7 +135,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_option", _validation_message(exc))
+        return error_response(422, "invalid_option", validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -54,6 +144,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        error = api_error(exc)
+        if error is not None:
+            return error_response(error.status, error.code, error.message, error.headers)
         log.exception("unhandled error")
         return error_response(500, "internal_error", "the server failed to process the request")
 

@@ -14,9 +14,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from models.artifact import InputSpec
+from models.preprocess import Preprocess
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
@@ -29,15 +29,6 @@ class ImageRejected(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def build_transform(spec: InputSpec) -> v2.Transform:
-    """Resize (and centre-crop when the manifest says so), to float, normalise."""
-    size = spec.size
-    geometry = [v2.Resize(spec.resize), v2.CenterCrop(size)] if spec.resize else [v2.Resize((size, size))]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    )
-
-
 def _to_8bit(im: Image.Image) -> Image.Image:
     """16-bit and 32-bit integer or float images → 8-bit grayscale, scaled by the type's range."""
     arr = np.asarray(im, dtype=np.float64)
@@ -48,7 +39,11 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Identify, size-check and fully decode `data`; raise ImageRejected with the right status."""
+    """Identify `data` and check its size from the header alone; no pixel is decoded yet.
+
+    Raises ImageRejected with the right status (400 not an image, 413 too large, 415 a format we
+    do not accept).
+    """
     if not data:
         raise ImageRejected(400, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -65,15 +60,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(
             413, "image_too_large", f"the image is {im.width}x{im.height}; the limit is {max_pixels} pixels"
         )
+    return im
+
+
+def _load(im: Image.Image, max_pixels: int) -> Image.Image:
+    """Decode the pixels of an opened image (its first frame) and apply its EXIF orientation."""
     try:
         im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im)
+        return ImageOps.exif_transpose(im)
     except Image.DecompressionBombError:
         raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
     except Exception as exc:  # noqa: BLE001 - see above: untrusted bytes, any decoder error is the client's
         raise ImageRejected(400, "undecodable_image", f"the {im.format} image cannot be decoded: {exc}") from None
-    return im
 
 
 def _unidentified(data: bytes) -> tuple[int, str, str]:
@@ -102,12 +101,17 @@ def to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
-def decode_image(data: bytes, spec: InputSpec, transform: v2.Transform, max_pixels: int) -> torch.Tensor:
-    """Bytes → normalised C×H×W float tensor for the model described by `spec`."""
-    im = open_image(data, max_pixels)
+def finish_image(im: Image.Image, spec: InputSpec, transform: Preprocess, max_pixels: int) -> torch.Tensor:
+    """An image from `open_image` → normalised C×H×W float tensor for the model described by `spec`."""
+    im = _load(im, max_pixels)
     try:
         return transform(to_mode(im, spec.color_mode))
     except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow can open but not convert
         raise ImageRejected(
             400, "undecodable_image", f"the {im.format} {im.mode} image cannot be converted: {exc}"
         ) from None
+
+
+def decode_image(data: bytes, spec: InputSpec, transform: Preprocess, max_pixels: int) -> torch.Tensor:
+    """Bytes → normalised C×H×W float tensor for the model described by `spec`."""
+    return finish_image(open_image(data, max_pixels), spec, transform, max_pixels)

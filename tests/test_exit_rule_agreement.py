@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.artifact import ManifestBody, load_artifact, resolve_artifact, save_artifact
 from models.confidence import confidence
 from models.exit_policy import answering_exits
-from service.images import build_transform, decode_image
+from models.preprocess import Preprocess
+from service.images import decode_image
 from tests.helpers import ROOT, ServerProcess, png_bytes
 from training.data import load_data
 from training.evaluate import collect_logits
@@ -39,7 +40,7 @@ def _predicted(artifact_dir: Path, images: list[tuple[bytes, int]], thresholds: 
     """Export's prediction: per image the 0-based exit and label, plus accuracy and exit shares."""
     artifact = load_artifact(artifact_dir)
     m = artifact.manifest
-    tf = build_transform(m.input)
+    tf = Preprocess(m.input)
     x = torch.stack([decode_image(png, m.input, tf, 10**7) for png, _ in images])
     y = torch.tensor([label for _, label in images])
     # Batch 1, as the server sees sequential requests: no batch-size rounding differences.

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import build_transform, decode_image
+from models.preprocess import Preprocess
+from service.images import decode_image
 from tests.helpers import FMNIST_INPUT, ServerProcess, make_artifact, png_bytes
 
 MAX_PIXELS = 250_000
@@ -122,7 +123,7 @@ def test_bad_images_get_the_right_status(server: ServerProcess, name: str) -> No
 
 
 def test_exif_orientation_is_applied() -> None:
-    tf = build_transform(FMNIST_INPUT)
+    tf = Preprocess(FMNIST_INPUT)
     rotated = decode_image(_exif_rotated_jpeg(), FMNIST_INPUT, tf, MAX_PIXELS)
     upright = Image.open(io.BytesIO(_exif_rotated_jpeg())).transpose(Image.Transpose.ROTATE_270)
     expected = decode_image(png_bytes(upright), FMNIST_INPUT, tf, MAX_PIXELS)
@@ -184,3 +185,37 @@ def test_hostile_corpus_leaves_the_server_healthy(server: ServerProcess) -> None
 def test_corpus_size_is_reported() -> None:
     assert len(VALID_BUT_ODD) + len(REJECTED) >= 17
     assert Path(__file__).stat().st_size < 20_000  # the corpus is generated, not committed
+
+
+def test_large_images_are_decoded_off_the_event_loop_to_the_same_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images over ANYTIME_INLINE_DECODE_PIXELS go to a thread; the tensor is the same either way."""
+    import asyncio
+    import threading
+
+    import torch
+
+    import service.served
+    from models.artifact import load_artifact
+    from service.config import ServiceSettings
+    from service.served import ServedModel
+
+    artifact = load_artifact(make_artifact(tmp_path, "tiny", "test_tiny"))
+    png = png_bytes(_gradient("L", (300, 300)))
+    threads: list[str] = []
+    finish = service.served.finish_image
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return finish(*args)
+
+    monkeypatch.setattr(service.served, "finish_image", spy)
+
+    def prepared(inline_pixels: int) -> torch.Tensor:
+        settings = ServiceSettings(inline_decode_pixels=inline_pixels)
+        return asyncio.run(ServedModel(artifact, None, settings, "cpu").prepare(png))  # type: ignore[arg-type]
+
+    inline, pooled = prepared(10**6), prepared(1000)
+    assert torch.equal(inline, pooled)
+    assert threads[0] == threading.main_thread().name and threads[1] != threading.main_thread().name

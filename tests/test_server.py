@@ -18,7 +18,8 @@ from PIL import Image
 from models.artifact import load_artifact
 from models.confidence import confidence
 from models.exit_policy import answering_exits
-from service.images import build_transform, decode_image
+from models.preprocess import Preprocess
+from service.images import decode_image
 from tests.helpers import ServerProcess, make_artifact, png_bytes
 from training.data import load_data
 
@@ -37,7 +38,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, fmnist_pngs: list[tuple
     store = tmp_path_factory.mktemp("store")
     path = make_artifact(store, "probe", "test_tiny")
     artifact = load_artifact(path)
-    tf = build_transform(artifact.manifest.input)
+    tf = Preprocess(artifact.manifest.input)
     x = torch.stack([decode_image(b, artifact.manifest.input, tf, 10**7) for b, _ in fmnist_pngs])
     with torch.no_grad():
         confs = [confidence(z) for z in artifact.model(x).logits]
@@ -85,7 +86,7 @@ def test_served_answers_equal_the_in_process_model_and_policy(
 ) -> None:
     artifact = load_artifact(tiny_store / "tiny" / "1")
     spec, exits = artifact.manifest.input, artifact.manifest.exits
-    tf = build_transform(spec)
+    tf = Preprocess(spec)
     seen_exits = set()
     for png, _ in fmnist_pngs:
         served = httpx.post(f"{server.url}/classify", content=png, headers={"content-type": "image/png"}).json()
@@ -138,6 +139,8 @@ def test_every_error_status_has_a_json_body(server: ServerProcess, fmnist_pngs: 
         _error(httpx.post(url, content=png, headers={"content-type": "image/png"}, params=params), 422)
     _error(httpx.post(url, content=png, headers={"content-type": "image/png", "x-deadline-ms": "soon"}), 422)
     _error(httpx.get(f"{server.url}/nowhere"), 404)
+    not_allowed = httpx.get(url)  # the front door takes POST /classify only; FastAPI answers the rest
+    assert _error(not_allowed, 405)["code"] == "method_not_allowed" and "POST" in not_allowed.headers["allow"]
 
 
 def test_health_readiness_model_and_docs(server: ServerProcess) -> None:

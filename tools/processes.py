@@ -28,9 +28,16 @@ def free_port() -> int:
 
 
 class LocalProcess:
-    """A server process on 127.0.0.1:`port`, logging to `log_path`, started and stopped by PID."""
+    """A server process on 127.0.0.1:`port`, logging to `log_path`, started and stopped by PID.
 
-    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
+    `cpus` (e.g. "0") pins it, and every process it starts, to those cores with `taskset`.
+    """
+
+    def __init__(
+        self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, cpus: str | None = None
+    ) -> None:
+        if cpus is not None:
+            argv = ["taskset", "-c", cpus, *argv]
         self.argv, self.port = argv, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
@@ -43,6 +50,19 @@ class LocalProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by every live process of its process group (a server's
+        workers too), all threads, from /proc."""
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[2]) == self.proc.pid:  # its process group: started with start_new_session
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self, path: str = "/readyz", timeout: float = 120.0) -> LocalProcess:
         """Poll `path` until it answers 200; raise (after stopping the process) if it dies or times out."""
@@ -91,11 +111,13 @@ class LocalProcess:
 class ServerProcess(LocalProcess):
     """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*."""
 
-    def __init__(self, store: Path, name: str, log_dir: Path | None = None, **settings: Any) -> None:
+    def __init__(
+        self, store: Path, name: str, log_dir: Path | None = None, cpus: str | None = None, **settings: Any
+    ) -> None:
         port = free_port()
         env = {"PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
                "ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": "1",
                "ANYTIME_LOG_LEVEL": "warning"}  # fmt: skip
         env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
         log_path = Path(log_dir or store) / f"server-{port}.log"
-        super().__init__([sys.executable, "-m", "service.app"], port, log_path, env)
+        super().__init__([sys.executable, "-m", "service.app"], port, log_path, env, cpus)

@@ -1,0 +1,113 @@
+"""Load from wrk (a compiled load generator, Debian's `wrk`) with bench/lua/anytime.lua.
+
+wrk is pinned to its own core; one run is bounded by `seconds` and stops by itself. A run
+returns what wrk measured (latency percentiles at microsecond resolution, throughput) and what
+the script read from the answers (statuses, exits, server-side latency against the deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent / "lua" / "anytime.lua"
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """One wrk run."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    status: dict[str, int]
+    exits: dict[str, int]
+    ok: int
+    server_met: int  # answers whose server-side latency_ms is within the deadline
+    early_by_deadline: int  # answers with reason "deadline"
+    share_under_deadline: float  # share of responses (any status) within the deadline, client side
+    socket_errors: int
+
+    @property
+    def throughput(self) -> float:
+        """Answers with status 200 per second."""
+        return self.ok / self.seconds
+
+    def client_attainment(self) -> float:
+        """Share of requests answered 200 within the deadline as the client saw it.
+
+        wrk's histogram counts every response; non-200 answers (504s are answered at once) are
+        taken as under the deadline and subtracted, which can only understate attainment.
+        """
+        total = self.requests + self.socket_errors
+        return max(0.0, self.share_under_deadline * self.requests - (self.requests - self.ok)) / max(total, 1)
+
+    def server_attainment(self) -> float:
+        """Share of requests answered 200 with a server-side latency within the deadline."""
+        return self.server_met / max(self.requests + self.socket_errors, 1)
+
+
+def wrk_binary() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("make bench needs wrk (Debian package `wrk`): apt-get install wrk")
+    return path
+
+
+def run_wrk(
+    url: str,
+    images: list[Path],
+    seconds: float,
+    connections: int,
+    *,
+    paths: list[str] | None = None,
+    rate: float | None = None,
+    deadline_ms: float | None = None,
+    cpu: int | None = None,
+    content_type: str = "image/png",
+) -> WrkResult:
+    """One bounded wrk run against `url` (loopback only) with the given images and request paths."""
+    if not url.startswith(("http://127.", "http://localhost")):
+        raise ValueError(f"benchmarks stay on this machine; refusing {url}")
+    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
+        (Path(tmp) / "images").write_text("\n".join(str(p) for p in images) + "\n")
+        (Path(tmp) / "paths").write_text("\n".join(paths or ["/classify"]) + "\n")
+        env = {**os.environ, "BENCH_IMAGES": f"{tmp}/images", "BENCH_PATHS": f"{tmp}/paths",
+               "BENCH_CONTENT_TYPE": content_type, "BENCH_CONNECTIONS": str(connections)}  # fmt: skip
+        if rate:
+            env["BENCH_RATE"] = f"{rate:.3f}"
+        if deadline_ms is not None:
+            env["BENCH_DEADLINE_MS"] = f"{deadline_ms:g}"
+        argv = [
+            wrk_binary(),
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(SCRIPT),
+            url,
+        ]
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    errors = raw["errors"]
+    return WrkResult(
+        requests=raw["requests"], seconds=raw["duration_us"] / 1e6, p50_ms=raw["p50_us"] / 1e3,
+        p90_ms=raw["p90_us"] / 1e3, p99_ms=raw["p99_us"] / 1e3, status=raw["status"], exits=raw["exits"],
+        ok=raw["ok"], server_met=raw["server_met"], early_by_deadline=raw["early_by_deadline"],
+        share_under_deadline=raw["share_under_deadline"],
+        socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+    )  # fmt: skip
