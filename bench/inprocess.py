@@ -28,7 +28,8 @@ from service.metrics import Metrics
 
 def _engine(artifact_dir: Path) -> tuple[Engine, Preprocess]:
     artifact = load_artifact(artifact_dir)
-    return Engine(artifact, torch.device("cpu"), Metrics(), max_batch=1), Preprocess(artifact.manifest.input)
+    metrics = Metrics().for_model(artifact.manifest.name, artifact.manifest.version, "cpu")
+    return Engine(artifact, torch.device("cpu"), metrics, max_batch=1), Preprocess(artifact.manifest.input)
 
 
 def latency(artifact_dir: Path, images: list[bytes], seconds: float, threshold: float | None) -> dict[str, float]:

@@ -57,9 +57,7 @@ def _answers(server: LocalProcess) -> float:
     """Samples the server's engine has taken into batches so far (anytime_batch_size_sum): every one of
     them is computed, including those whose client hung up when a run ended."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return next(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("anytime_batch_size_sum")
-    )
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("anytime_batch_size_sum"))
 
 
 def _wait_idle(server: LocalProcess, timeout: float = 30.0) -> None:

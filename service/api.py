@@ -19,9 +19,19 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.routing import Route
 
+from models.artifact import list_versions
 from service.engine import Answer
 from service.errors import ApiError, MeteredRoute, validation_message
-from service.schemas import BatchClassification, Classification, ClassifyJSON, ClassifyOptions, ErrorBody, ModelView
+from service.schemas import (
+    BatchClassification,
+    Classification,
+    ClassifyJSON,
+    ClassifyOptions,
+    ErrorBody,
+    ModelList,
+    ModelView,
+    ServedSummary,
+)
 from service.served import ServedModel
 from service.state import ServiceState
 
@@ -155,17 +165,40 @@ async def _classify(model: ServedModel, x: Any, opts: ClassifyOptions, received:
     return _classification(model, answer, received)
 
 
-@router.post(
-    "/classify", response_model=None, responses={200: {"model": Classification}, **_ERRORS},
-    openapi_extra={"requestBody": _IMAGE_BODY, "parameters": _PARAMETERS},
-)  # fmt: skip
+_CLASSIFY_DOC = {
+    "response_model": None,
+    "responses": {200: {"model": Classification}, **_ERRORS, 404: {"model": ErrorBody}},
+    "openapi_extra": {"requestBody": _IMAGE_BODY, "parameters": _PARAMETERS},
+}
+
+
 async def classify(request: Request) -> Response:
-    """Classify one image: multipart field `file`, a raw `image/*` body, or JSON `{"image": base64}`."""
+    """Classify one image with the model the path names (the default model on /classify)."""
     received = time.monotonic()
-    model = service(request).require_ready()
-    data, opts = await _read_image(request, _options(request))
-    x = await model.prepare(data)
-    return _json(await _classify(model, x, opts, received))
+    name, version = request.path_params.get("name"), request.path_params.get("version")
+    async with service(request).lease(request, name, version) as model:
+        data, opts = await _read_image(request, _options(request))
+        x = await model.prepare(data)
+        return _json(await _classify(model, x, opts, received))
+
+
+@router.post("/classify", **_CLASSIFY_DOC)
+async def classify_default(request: Request) -> Response:
+    """Classify one image with the default model: multipart field `file`, a raw `image/*` body, or JSON
+    `{"image": base64}`."""
+    return await classify(request)
+
+
+@router.post("/v1/models/{name}/classify", **_CLASSIFY_DOC)
+async def classify_named(request: Request, name: str) -> Response:
+    """Classify one image with the serving version of model `name`."""
+    return await classify(request)
+
+
+@router.post("/v1/models/{name}/versions/{version}/classify", **_CLASSIFY_DOC)
+async def classify_version(request: Request, name: str, version: str) -> Response:
+    """Classify one image with version `version` of model `name` (404 unless it is the one serving)."""
+    return await classify(request)
 
 
 @router.post(
@@ -173,22 +206,22 @@ async def classify(request: Request) -> Response:
     openapi_extra={"requestBody": _BATCH_BODY, "parameters": _PARAMETERS},
 )  # fmt: skip
 async def classify_batch(request: Request) -> Response:
-    """Classify several images (multipart field `files`, repeated); each is answered as by /classify."""
+    """Classify several images (multipart field `files`, repeated) with the default model."""
     received = time.monotonic()
-    model = service(request).require_ready()
-    if _media_type(request) != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one 'files' field per image")
-    limit = service(request).settings.max_files
-    form = await request.form(max_files=limit + 1, max_fields=limit + 10)
-    uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    if not uploads:
-        raise ApiError(422, "missing_file", "multipart body needs images in fields named 'files'")
-    if len(uploads) > limit:
-        raise ApiError(413, "too_many_files", f"at most {limit} images per request")
-    opts = _options(request)
-    inputs = [await model.prepare(await u.read()) for u in uploads]  # every image valid before any compute
-    results = await asyncio.gather(*(_classify(model, x, opts, received) for x in inputs))
-    return _json({"results": results})
+    async with service(request).lease(request) as model:
+        if _media_type(request) != "multipart/form-data":
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one 'files' field per image")
+        limit = service(request).settings.max_files
+        form = await request.form(max_files=limit + 1, max_fields=limit + 10)
+        uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not uploads:
+            raise ApiError(422, "missing_file", "multipart body needs images in fields named 'files'")
+        if len(uploads) > limit:
+            raise ApiError(413, "too_many_files", f"at most {limit} images per request")
+        opts = _options(request)
+        inputs = [await model.prepare(await u.read()) for u in uploads]  # every image valid before any compute
+        results = await asyncio.gather(*(_classify(model, x, opts, received) for x in inputs))
+        return _json({"results": results})
 
 
 @meta.get("/healthz")
@@ -198,16 +231,55 @@ async def healthz() -> dict[str, str]:
 
 
 @meta.get("/readyz", responses={503: {"model": ErrorBody}})
-async def readyz(request: Request) -> dict[str, str]:
-    """Readiness: the model is loaded and warmed up, and the server is not draining."""
-    model = service(request).require_ready()
-    return {"status": "ready", "model": model.name, "version": model.version}
+async def readyz(request: Request) -> dict[str, Any]:
+    """Readiness: the models are loaded and warmed up, and the server is not draining."""
+    state = service(request)
+    state.check_ready()
+    default = state.registry.get()
+    served = {m.name: m.version for m in state.registry.served()}
+    return {"status": "ready", "model": default.name, "version": default.version, "models": served}
 
 
-@meta.get("/v1/model", response_model=ModelView)
+def _view(request: Request, name: str | None = None, version: str | None = None) -> ModelView:
+    return service(request).registry.get(name, version).view()  # ModelNotFound: 404 (service/errors.py)
+
+
+@meta.get("/v1/model", response_model=ModelView, responses={404: {"model": ErrorBody}})
 async def model_info(request: Request) -> ModelView:
-    """The served artifact's public manifest: exits, thresholds, accuracies, input spec."""
-    return service(request).model.view()
+    """The default model's public manifest: exits, thresholds, accuracies, input spec."""
+    return _view(request)
+
+
+@meta.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    """Every served model: the version it serves and the versions in the store."""
+    registry = service(request).registry
+    return ModelList(
+        default=registry.default,
+        models=[
+            ServedSummary(
+                name=m.name, version=m.version, device=m.device, exits=m.num_exits, classes=len(m.classes),
+                versions=list_versions(registry.store, m.name), default=m.name == registry.default,
+            )
+            for m in registry.served()
+        ],
+    )  # fmt: skip
+
+
+@meta.get("/v1/models/{name}", response_model=ModelView, responses={404: {"model": ErrorBody}})
+@meta.get("/v1/models/{name}/model", response_model=ModelView, responses={404: {"model": ErrorBody}})
+async def model_named(request: Request, name: str) -> ModelView:
+    """Model `name`'s public manifest (its serving version)."""
+    return _view(request, name)
+
+
+@meta.get("/v1/models/{name}/versions/{version}", response_model=ModelView, responses={404: {"model": ErrorBody}})
+@meta.get(
+    "/v1/models/{name}/versions/{version}/model", response_model=ModelView, responses={404: {"model": ErrorBody}}
+)
+async def model_version(request: Request, name: str, version: str) -> ModelView:
+    """The public manifest of version `version` of model `name`, when it is the one serving."""
+    return _view(request, name, version)
 
 
 @meta.get("/metrics", include_in_schema=False)
@@ -217,4 +289,7 @@ async def metrics(request: Request) -> Response:
 
 
 # Served by the front door (service/frontdoor.py) without FastAPI's layers; FastAPI documents them.
-HOT_ROUTES = [Route("/classify", classify, methods=["POST"])]
+HOT_ROUTES = [
+    Route(path, classify, methods=["POST"])
+    for path in ("/classify", "/v1/models/{name}/classify", "/v1/models/{name}/versions/{version}/classify")
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
@@ -13,13 +14,13 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from models.artifact import Artifact, ArtifactError, load_artifact, resolve_artifact
+from models.artifact import ArtifactError
 from service.api import HOT_ROUTES, meta, router
 from service.config import ServiceSettings
 from service.errors import BodyLimitMiddleware, install_error_handlers
 from service.frontdoor import FrontDoor
 from service.metrics import Metrics
-from service.served import ServedModel
+from service.registry import BudgetExceeded, ModelRegistry
 from service.state import ServiceState
 
 log = logging.getLogger("anytime.serve")
@@ -32,31 +33,34 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def load_configured_artifact(settings: ServiceSettings) -> Artifact:
-    """The artifact the settings name, verified (raises ArtifactError with a clear message)."""
-    path = resolve_artifact(settings.model_store, settings.model_name, settings.model_version)
-    return load_artifact(path)
+def start_registry(settings: ServiceSettings, metrics: Metrics) -> ModelRegistry:
+    """Every model the settings name, loaded and warmed up; raises ArtifactError if the default
+    model cannot be served (other models that fail are logged and counted, not fatal)."""
+    registry = ModelRegistry(settings, metrics, resolve_device(settings.device))
+    registry.start_sync()
+    return registry
 
 
-def create_app(settings: ServiceSettings, artifact: Artifact | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The app; its lifespan loads (if not given) and warms up the model, then starts the worker."""
+def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None) -> FastAPI:
+    """The app; its lifespan starts the models (if not given) and watches the model store."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        device = resolve_device(settings.device)
-        loaded = artifact or load_configured_artifact(settings)
-        m = metrics or Metrics()
-        model = ServedModel.start(loaded, device, m, settings)
-        state = ServiceState(settings, m, model)
+        reg = registry or start_registry(settings, Metrics())
+        state = ServiceState(settings, reg.metrics, reg)
         app.state.service = state
-        m.model_info.labels(name=model.name, version=model.version, device=str(device)).set(1)
+        watcher = None
+        if settings.model_poll_s > 0:
+            watcher = asyncio.create_task(reg.watch(settings.model_poll_s, lambda: state.draining))
         state.ready = True
-        log.info("serving %s v%s on %s", model.name, model.version, device)
+        log.info("serving %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in reg.served()))
         try:
             yield
         finally:
             state.draining = True
-            model.stop(settings.drain_timeout_s)
+            if watcher is not None:
+                watcher.cancel()
+            await reg.stop()
 
     app = FastAPI(
         title="Anytime",
@@ -102,12 +106,11 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(settings.torch_threads)
     try:
-        artifact = load_configured_artifact(settings)
-        resolve_device(settings.device)
-    except (ArtifactError, RuntimeError) as exc:
+        registry = start_registry(settings, Metrics())
+    except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
         sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
         return 2
-    app = create_app(settings, artifact)
+    app = create_app(settings, registry)
     config = uvicorn.Config(
         asgi_app(app, settings),
         host=settings.host,

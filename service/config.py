@@ -15,8 +15,16 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANYTIME_", extra="ignore", protected_namespaces=())
 
     model_store: Path = Field(Path("model_store"), description="directory of artifacts <name>/<version>/")
-    model_name: str = Field("fashion-mnist", description="artifact name to serve")
-    model_version: str | None = Field(None, description="artifact version; newest when unset")
+    model_name: str = Field("fashion-mnist", description="the default model: what /classify answers with")
+    model_version: str | None = Field(None, description="pinned version of the default model; newest when unset")
+    models: str | None = Field(
+        None, description="models to serve, comma-separated, each `name` (newest) or `name:version` (pinned); "
+        "default: every model in the store"
+    )
+    model_poll_s: float = Field(10.0, ge=0, description="how often the store is checked for new versions; 0: never")
+    max_models_bytes: int = Field(
+        0, ge=0, description="memory budget of all served models (weights + warm-up estimate); 0: no limit"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only inside a container")
     port: int = Field(8000, ge=0, le=65535)
@@ -42,3 +50,12 @@ class ServiceSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
     warmup: bool = Field(True, description="run warm-up batches before /readyz turns ready")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def model_pins(self) -> list[tuple[str, str | None]]:
+        """ANYTIME_MODELS as (name, pinned version or None) pairs, in order."""
+        pairs = []
+        for item in (self.models or "").split(","):
+            name, _, version = item.strip().partition(":")
+            if name:
+                pairs.append((name, version or None))
+        return pairs

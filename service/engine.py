@@ -26,7 +26,7 @@ from torch import Tensor
 from models.artifact import Artifact
 from models.confidence import confidence_of, probabilities
 from models.exit_policy import GO_ON, NO_DEADLINE, NO_MAX_EXIT, REASONS, Reason, decide, reachable
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.timing import StageTimes
 
 log = logging.getLogger("anytime.engine")
@@ -118,7 +118,7 @@ class Engine:
         self,
         artifact: Artifact,
         device: torch.device,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         queue_size: int = 256,
@@ -137,7 +137,7 @@ class Engine:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._stage_hist = [metrics.stage_seconds.labels(stage=str(k + 1)) for k in range(self.num_exits)]
+        self._stage_hist = [metrics.stage(k) for k in range(self.num_exits)]
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

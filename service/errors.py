@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import DeadlineUnreachable, EngineFailure, EngineStopped, QueueFull
 from service.images import ImageRejected
+from service.registry import ModelNotFound
 from service.served import InvalidOption
 
 log = logging.getLogger("anytime.api")
@@ -50,6 +51,12 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+_STATUS_CODES = {
+    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+    415: "unsupported_media_type",
+}  # fmt: skip
+
+
 def api_error(exc: BaseException) -> ApiError | None:
     """The HTTP error an exception from the engine, the decoder or validation stands for; None if unknown."""
     match exc:
@@ -59,8 +66,13 @@ def api_error(exc: BaseException) -> ApiError | None:
             return ApiError(exc.status, exc.code, exc.message)
         case InvalidOption():
             return ApiError(422, "invalid_option", str(exc))
+        case ModelNotFound():
+            return ApiError(404, "model_not_found", str(exc.args[0]))
         case RequestValidationError():
             return ApiError(422, "invalid_option", validation_message(list(exc.errors())))
+        case StarletteHTTPException():  # e.g. Starlette's multipart parser: 400 "Too many fields"
+            code = _STATUS_CODES.get(exc.status_code, "http_error")
+            return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))  # keeps Allow on 405
         case QueueFull():
             return ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
         case EngineStopped():
@@ -79,7 +91,6 @@ Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 async def call_metered(endpoint: Endpoint, request: Request) -> Response:
     """Run an inference endpoint, count it by final status and time it; known errors come out as ApiError."""
-    metrics = request.app.state.service.metrics
     start = time.monotonic()
     status = 500
     try:
@@ -96,8 +107,14 @@ async def call_metered(endpoint: Endpoint, request: Request) -> Response:
         status = error.status
         raise error from None
     finally:
-        metrics.requests.labels(status=str(status)).inc()
-        metrics.request_latency.observe(time.monotonic() - start)
+        served = getattr(request.state, "served", None)  # set once the request's model is known
+        if served is not None:
+            served.metrics.request(status)
+            served.metrics.request_latency.observe(time.monotonic() - start)
+        else:
+            metrics = request.app.state.service.metrics
+            metrics.requests.labels("", "", str(status)).inc()
+            metrics.request_latency.labels("", "").observe(time.monotonic() - start)
 
 
 async def respond(endpoint: Endpoint, request: Request) -> Response:
@@ -123,9 +140,6 @@ class MeteredRoute(APIRoute):
         return metered
 
 
-_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can produce becomes the JSON error body; no stack trace ever leaves."""
 
@@ -139,8 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))  # keeps Allow on 405
+        error = api_error(exc)
+        assert error is not None
+        return error_response(error.status, error.code, error.message, error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,12 +1,20 @@
-"""Every Prometheus metric the service exports, declared once (names are part of the contract)."""
+"""Every Prometheus metric the service exports, declared once (names are part of the contract).
+
+Per-model series carry `model` and `version` labels, so one process serving several models (or
+rolling a model to a new version) still sums correctly in the dashboard. `ModelMetrics` holds a
+version's children, bound once, for the hot path.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond to seconds: a shallow exit of a small model answers in well under 1 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MV = ["model", "version"]
 
 
 class Metrics:
@@ -16,29 +24,85 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "anytime_requests", "HTTP classification requests by status code", ["status"], registry=r
+            "anytime_requests", "Inference requests by the status they ended with", [*MV, "status"], registry=r
         )
         self.exits = Counter(
-            "anytime_exits", "Samples answered, by exit (1-based) and reason", ["exit", "reason"], registry=r
+            "anytime_exits", "Samples answered, by exit (1-based) and reason", [*MV, "exit", "reason"], registry=r
         )
         self.request_latency = Histogram(
-            "anytime_request_latency_seconds", "Server-side latency of /classify", buckets=LATENCY_BUCKETS, registry=r
-        )
+            "anytime_request_latency_seconds", "Server-side latency of inference requests", MV,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.exit_latency = Histogram(
-            "anytime_exit_latency_seconds", "Latency of samples by the exit that answered", ["exit"],
+            "anytime_exit_latency_seconds", "Latency of samples by the exit that answered", [*MV, "exit"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.stage_seconds = Histogram(
-            "anytime_stage_seconds", "Time of one stage and its exit head for a batch", ["stage"],
+            "anytime_stage_seconds", "Time of one stage and its exit head for a batch", [*MV, "stage"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.deadlines = Counter(
-            "anytime_deadline", "Requests with a deadline: met, missed, or rejected unstarted", ["outcome"], registry=r
-        )
-        self.queue_depth = Gauge("anytime_queue_depth", "Requests waiting for the worker", registry=r)
+            "anytime_deadline", "Requests with a deadline: met, missed, or rejected unstarted", [*MV, "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("anytime_queue_depth", "Requests waiting for the worker", MV, registry=r)
         self.batch_size = Histogram(
-            "anytime_batch_size", "Requests per engine batch", buckets=BATCH_BUCKETS, registry=r
+            "anytime_batch_size", "Requests per engine batch", MV, buckets=BATCH_BUCKETS, registry=r
         )
         self.model_info = Gauge(
-            "anytime_model_info", "The model being served", ["name", "version", "device"], registry=r
+            "anytime_model_info", "A model version being served (1 per served version)", ["name", "version", "device"],
+            registry=r,
+        )  # fmt: skip
+        self.load_failures = Counter(
+            "anytime_model_load_failures", "Versions that failed to load (never served)", ["model"], registry=r
         )
+
+    def for_model(self, name: str, version: str, device: str) -> ModelMetrics:
+        """The children of one served version, and its `anytime_model_info` series set to 1."""
+        self.model_info.labels(name=name, version=version, device=device).set(1)
+        return ModelMetrics(self, name, version, device)
+
+
+@dataclass
+class ModelMetrics:
+    """One model version's metric children (bound once; labels() costs microseconds per call)."""
+
+    metrics: Metrics
+    name: str
+    version: str
+    device: str
+
+    def __post_init__(self) -> None:
+        m, mv = self.metrics, (self.name, self.version)
+        self.queue_depth = m.queue_depth.labels(*mv)
+        self.batch_size = m.batch_size.labels(*mv)
+        self.request_latency = m.request_latency.labels(*mv)
+        self._exits: dict[tuple[int, str], Counter] = {}
+        self._exit_latency: dict[int, Histogram] = {}
+        self._stages: dict[int, Histogram] = {}
+        self._deadlines = {o: m.deadlines.labels(*mv, o) for o in ("met", "missed", "rejected")}
+
+    def answered(self, exit_: int, reason: str, seconds: float) -> None:
+        key = (exit_, reason)
+        if key not in self._exits:
+            self._exits[key] = self.metrics.exits.labels(self.name, self.version, str(exit_), reason)
+            self._exit_latency.setdefault(exit_, self.metrics.exit_latency.labels(self.name, self.version, str(exit_)))
+        self._exits[key].inc()
+        self._exit_latency[exit_].observe(seconds)
+
+    def deadline(self, outcome: str) -> None:
+        self._deadlines[outcome].inc()
+
+    def stage(self, k: int) -> Histogram:
+        """The `anytime_stage_seconds` child of 0-based stage `k`."""
+        if k not in self._stages:
+            self._stages[k] = self.metrics.stage_seconds.labels(self.name, self.version, str(k + 1))
+        return self._stages[k]
+
+    def request(self, status: int) -> None:
+        self.metrics.requests.labels(self.name, self.version, str(status)).inc()
+
+    def released(self) -> None:
+        """The version no longer serves: its info and queue gauges go (counters keep their totals)."""
+        self.metrics.model_info.remove(self.name, self.version, self.device)
+        self.metrics.queue_depth.remove(self.name, self.version)

@@ -76,3 +76,22 @@ class ModelView(BaseModel):
     policy: PolicyChoice = Field(description="how the thresholds were chosen and what they give (no sweep)")
     device: str
     stage_ms_now: list[dict[str, float]] = Field(description="per stage: current estimate (ms) by batch size")
+
+
+class ServedSummary(BaseModel):
+    """One served model in GET /v1/models."""
+
+    name: str
+    version: str = Field(description="the version serving now")
+    versions: list[str] = Field(description="complete versions in the model store, oldest first")
+    default: bool = Field(description="whether /classify answers with it")
+    device: str
+    exits: int
+    classes: int
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    default: str
+    models: list[ServedSummary]

@@ -19,7 +19,7 @@ from models.preprocess import Preprocess
 from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Engine, Job
 from service.images import finish_image, open_image
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelMetrics
 from service.schemas import ModelView
 
 
@@ -29,30 +29,59 @@ class InvalidOption(ValueError):
 
 @dataclass
 class ServedModel:
-    """An artifact with a started engine; built by `start`, ended by `stop`."""
+    """An artifact with a started engine; built by `start`, ended by `stop`.
+
+    `leases` counts the requests that hold this version (ModelRegistry.lease); a version swapped
+    out waits for them (`idle`) before its engine stops.
+    """
 
     artifact: Artifact
     engine: Engine
     settings: ServiceSettings
-    device: str
+    metrics: ModelMetrics
     transform: Preprocess = field(init=False)
     classes: list[str] = field(init=False)
+    leases: int = 0
+    bytes: int = 0  # the footprint the memory budget counts
 
     def __post_init__(self) -> None:
         self.transform = Preprocess(self.manifest.input)
         self.classes = list(self.manifest.classes)
+        self._idle = asyncio.Event()
 
     @classmethod
     def start(
         cls, artifact: Artifact, device: torch.device, metrics: Metrics, settings: ServiceSettings
     ) -> ServedModel:
         """Build the engine, warm it up (when the settings say so) and start its worker."""
-        engine = Engine(artifact, device, metrics, settings.max_batch, settings.max_wait_ms, settings.queue_size)
+        m = artifact.manifest
+        bound = metrics.for_model(m.name, m.version, str(device))
+        engine = Engine(artifact, device, bound, settings.max_batch, settings.max_wait_ms, settings.queue_size)
         engine.start(warmup=settings.warmup)
-        return cls(artifact, engine, settings, str(device))
+        return cls(artifact, engine, settings, bound)
 
     def stop(self, drain_timeout_s: float) -> None:
+        """Finish queued work (up to the timeout), stop the worker, drop this version's gauges."""
         self.engine.stop(drain_timeout_s)
+        self.metrics.released()
+
+    def release(self) -> None:
+        self.leases -= 1
+        if self.leases == 0:
+            self._idle.set()
+
+    async def idle(self, timeout_s: float) -> None:
+        """Until no request holds this version (or `timeout_s` passes)."""
+        while self.leases > 0:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except TimeoutError:
+                return
+
+    @property
+    def device(self) -> str:
+        return self.metrics.device
 
     @property
     def manifest(self) -> Manifest:
@@ -105,18 +134,15 @@ class ServedModel:
             deadline_ms = self.settings.default_deadline_ms
         deadline = received + deadline_ms / 1e3 if deadline_ms is not None else None
         future = self.engine.submit(Job(x, threshold, max_exit, deadline, min(top_k, len(self.classes))))
-        metrics = self.engine.metrics
         try:
             answer: Answer = await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
         except DeadlineUnreachable:
-            metrics.deadlines.labels(outcome="rejected").inc()
+            self.metrics.deadline("rejected")
             raise
         now = time.monotonic()
-        exit_label = str(answer.exit)
-        metrics.exits.labels(exit=exit_label, reason=answer.reason.value).inc()
-        metrics.exit_latency.labels(exit=exit_label).observe(now - received)
+        self.metrics.answered(answer.exit, answer.reason.value, now - received)
         if deadline is not None:
-            metrics.deadlines.labels(outcome="met" if now <= deadline else "missed").inc()
+            self.metrics.deadline("met" if now <= deadline else "missed")
         return answer
 
     def view(self) -> ModelView:

@@ -1,12 +1,17 @@
-"""What the routes share: settings, metrics, the served model, readiness and draining."""
+"""What the routes share: settings, metrics, the model registry, readiness and draining."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+from starlette.requests import Request
 
 from service.config import ServiceSettings
 from service.errors import ApiError
 from service.metrics import Metrics
+from service.registry import ModelRegistry
 from service.served import ServedModel
 
 
@@ -16,14 +21,25 @@ class ServiceState:
 
     settings: ServiceSettings
     metrics: Metrics
-    model: ServedModel
+    registry: ModelRegistry
     ready: bool = False
     draining: bool = False
 
-    def require_ready(self) -> ServedModel:
-        """The model to serve, or 503 while starting or draining."""
+    def check_ready(self) -> None:
+        """503 while starting or draining."""
         if self.draining:
             raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
-        if not self.ready or not self.model.engine.alive:
-            raise ApiError(503, "not_ready", "the model is not loaded and warmed up yet", {"Retry-After": "1"})
-        return self.model
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the models are not loaded and warmed up yet", {"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def lease(
+        self, request: Request, name: str | None = None, version: str | None = None
+    ) -> AsyncIterator[ServedModel]:
+        """The model a request is served by (404 if not served), held until the request ends."""
+        self.check_ready()
+        async with self.registry.lease(name, version) as model:
+            request.state.served = model  # for the request counter's model and version labels
+            if not model.engine.alive:
+                raise ApiError(503, "not_ready", f"model {model.name} is not running", {"Retry-After": "1"})
+            yield model

@@ -9,13 +9,15 @@ from typing import Any
 
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from models import build_model
 from models.artifact import ArchitectureSpec, ExitInfo, InputSpec, ManifestBody, save_artifact
 from tools.processes import ROOT, ServerProcess, free_port
 
-__all__ = ["FMNIST_INPUT", "ROOT", "ServerProcess", "free_port", "make_artifact", "png_bytes"]
+__all__ = ["FMNIST_INPUT", "ROOT", "ServerProcess", "free_port", "make_artifact", "metric", "png_bytes"]
 FMNIST_INPUT = InputSpec(size=28, channels=1, color_mode="L", resize=None, mean=[0.286], std=[0.353])
+RGB_INPUT = InputSpec(size=32, channels=3, color_mode="RGB", resize=None, mean=[0.5] * 3, std=[0.25] * 3)
 
 
 def make_artifact(
@@ -27,16 +29,21 @@ def make_artifact(
     num_classes: int = 10,
     seed: int = 0,
     profile_ms: Sequence[float] | None = None,
+    version: str = "1",
+    rgb: bool = False,
+    class_prefix: str = "class",
 ) -> Path:
     """Export an untrained network (same `seed`, same weights) with a hand-made manifest.
 
     The manifest's latency profile says stage k takes `profile_ms[k]` (default: `stage_ms`, the
-    time test_sleepy really sleeps; 1 ms without either).
+    time test_sleepy really sleeps; 1 ms without either). `rgb`: 3-channel 32x32 input instead
+    of Fashion-MNIST's 1x28x28.
     """
     profile_ms = profile_ms or stage_ms
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {"stage_ms": list(stage_ms)} if stage_ms else {}
-    model = build_model(model_name, num_classes, in_channels=1, **kwargs).eval()
+    channels = 3 if rgb else 1
+    model = build_model(model_name, num_classes, in_channels=channels, **kwargs).eval()
     n = model.num_exits
     thresholds = list(thresholds) if thresholds is not None else [0.5] * (n - 1) + [0.0]
     exits = []
@@ -44,14 +51,26 @@ def make_artifact(
         ms = profile_ms[k] if profile_ms else 1.0
         latency = {str(bs): {"stage_ms": ms, "head_ms": 0.0} for bs in (1, 8, 32)}
         exits.append(ExitInfo(exit=k + 1, temperature=1.0, threshold=thresholds[k], latency_ms=latency))
-    spec = ArchitectureSpec(name=model_name, num_classes=num_classes, in_channels=1, stem="cifar", kwargs=kwargs)
+    spec = ArchitectureSpec(name=model_name, num_classes=num_classes, in_channels=channels, stem="cifar", kwargs=kwargs)
     body = ManifestBody(
-        architecture=spec, classes=[f"class{i}" for i in range(num_classes)], input=FMNIST_INPUT, exits=exits
-    )
-    return save_artifact(model, body, store, name, "1")
+        architecture=spec, classes=[f"{class_prefix}{i}" for i in range(num_classes)],
+        input=RGB_INPUT if rgb else FMNIST_INPUT, exits=exits,
+    )  # fmt: skip
+    return save_artifact(model, body, store, name, version)
 
 
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def metric(text: str, sample: str, **labels: str) -> float | None:
+    """The sum of the samples named `sample` in a /metrics page whose labels include `labels`; None if none."""
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    return sum(values) if values else None

@@ -17,7 +17,9 @@ from tests.helpers import make_artifact
 
 def _engine(tmp_path: Path, max_wait_ms: float = 200.0) -> Engine:
     artifact = load_artifact(make_artifact(tmp_path, "tiny", "test_tiny"))
-    engine = Engine(artifact, torch.device("cpu"), Metrics(), max_batch=8, max_wait_ms=max_wait_ms)
+    engine = Engine(
+        artifact, torch.device("cpu"), Metrics().for_model("tiny", "1", "cpu"), max_batch=8, max_wait_ms=max_wait_ms
+    )
     engine.start(warmup=False)
     return engine
 

@@ -199,6 +199,7 @@ def test_large_images_are_decoded_off_the_event_loop_to_the_same_tensor(
     import service.served
     from models.artifact import load_artifact
     from service.config import ServiceSettings
+    from service.metrics import Metrics
     from service.served import ServedModel
 
     artifact = load_artifact(make_artifact(tmp_path, "tiny", "test_tiny"))
@@ -214,8 +215,15 @@ def test_large_images_are_decoded_off_the_event_loop_to_the_same_tensor(
 
     def prepared(inline_pixels: int) -> torch.Tensor:
         settings = ServiceSettings(inline_decode_pixels=inline_pixels)
-        return asyncio.run(ServedModel(artifact, None, settings, "cpu").prepare(png))  # type: ignore[arg-type]
+        metrics = Metrics().for_model("tiny", "1", "cpu")
+        return asyncio.run(ServedModel(artifact, None, settings, metrics).prepare(png))  # type: ignore[arg-type]
 
     inline, pooled = prepared(10**6), prepared(1000)
     assert torch.equal(inline, pooled)
     assert threads[0] == threading.main_thread().name and threads[1] != threading.main_thread().name
+
+
+def test_a_multipart_body_with_too_many_fields_is_a_400_not_a_500(server: ServerProcess) -> None:
+    fields = {f"f{i}": "x" for i in range(12)}
+    r = httpx.post(f"{server.url}/classify", data=fields, files={"file": ("a.png", b"x", "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, ServerProcess, free_port, make_artifact, png_bytes
+from tests.helpers import ROOT, ServerProcess, free_port, make_artifact, metric, png_bytes
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "anytime.json"
-VARIABLES = {"$instance": ".*", "$__rate_interval": "30s", "$__range": "5m"}
+VARIABLES = {"$instance": ".*", "$model": ".*", "$__rate_interval": "30s", "$__range": "5m"}
 
 
 @pytest.fixture()
@@ -103,7 +103,7 @@ def test_every_dashboard_panel_returns_data(prometheus: tuple[ServerProcess, str
     assert {"504", "exit1-confidence", "exit2-max_exit", "exit3-max_exit", "exit4-final"} <= set(seen), seen
     metrics = httpx.get(f"{server.url}/metrics").text
     for outcome in ("met", "missed", "rejected"):
-        assert f'anytime_deadline_total{{outcome="{outcome}"}}' in metrics, outcome
+        assert metric(metrics, "anytime_deadline_total", model="sleepy", version="1", outcome=outcome), outcome
     dashboard = json.loads(DASHBOARD.read_text())
 
     def query(expr: str) -> list:

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 DATASOURCE = {"type": "prometheus", "uid": "anytime-prometheus"}
-SEL = '{instance=~"$instance"}'
+SEL = '{instance=~"$instance", model=~"$model"}'
+INFO_SEL = '{instance=~"$instance", name=~"$model"}'  # anytime_model_info names the model `name'
 RATE = "$__rate_interval"
 
 # (title, kind, unit, [(legend, expr)], description)
@@ -33,9 +34,9 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         f"histogram_quantile(0.95, sum by (le, exit) (rate(anytime_exit_latency_seconds_bucket{SEL}[{RATE}])))",
     )], "95th percentile latency of the requests each exit answered."),
     ("Stage time (p95)", "lines", "s", [(
-        "stage {{stage}}",
-        f"histogram_quantile(0.95, sum by (le, stage) (rate(anytime_stage_seconds_bucket{SEL}[{RATE}])))",
-    )], "Time of one stage and its exit head for a whole batch."),
+        "{{model}} stage {{stage}}",
+        f"histogram_quantile(0.95, sum by (le, model, stage) (rate(anytime_stage_seconds_bucket{SEL}[{RATE}])))",
+    )], "Time of one stage and its exit head for a whole batch, per model."),
     ("Deadlines", "stacked", "reqps", [(
         "{{outcome}}", f"sum by (outcome) (rate(anytime_deadline_total{SEL}[{RATE}]))",
     )], "Requests with a deadline: met, missed (answered late) or rejected (504 before any compute)."),
@@ -46,14 +47,14 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         "{{status}}", f"sum by (status) (rate(anytime_requests_total{SEL}[{RATE}]))",
     )], "Requests per second by HTTP status."),
     ("Queue depth", "lines", "short", [(
-        "{{instance}}", f"anytime_queue_depth{SEL}",
-    )], "Requests waiting for the worker (503 when the queue is full)."),
+        "{{instance}} {{model}}", f"anytime_queue_depth{SEL}",
+    )], "Requests waiting for each model's worker (503 when the queue is full)."),
     ("Batch size", "lines", "short", [(
         "mean", f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
     )], "Mean number of requests the engine ran through the stages together."),
     ("Model", "table", "short", [(
-        "", f"anytime_model_info{SEL}",
-    )], "The artifact (name, version) and device each instance serves."),
+        "", f"anytime_model_info{INFO_SEL}",
+    )], "The models (name, version) and devices each instance serves: one row per served version."),
 ]  # fmt: skip
 
 
@@ -94,6 +95,16 @@ def _panel(i: int, title: str, kind: str, unit: str, targets: list[tuple[str, st
     return panel
 
 
+def _variable(name: str, label: str, info_label: str) -> dict:
+    """A multi-value template variable over one label of anytime_model_info, "All" by default."""
+    query = f"label_values(anytime_model_info, {info_label})"
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DATASOURCE,
+        "query": {"query": query, "refId": name}, "definition": query, "includeAll": True, "multi": True,
+        "allValue": ".*", "current": {"text": "All", "value": "$__all"}, "refresh": 2,
+    }  # fmt: skip
+
+
 def build() -> dict:
     """The whole dashboard as a dict."""
     return {
@@ -105,23 +116,7 @@ def build() -> dict:
         "version": 1,
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
-        "templating": {
-            "list": [
-                {
-                    "name": "instance",
-                    "label": "Instance",
-                    "type": "query",
-                    "datasource": DATASOURCE,
-                    "query": {"query": "label_values(anytime_model_info, instance)", "refId": "instance"},
-                    "definition": "label_values(anytime_model_info, instance)",
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "current": {"text": "All", "value": "$__all"},
-                    "refresh": 2,
-                }
-            ]
-        },
+        "templating": {"list": [_variable("instance", "Instance", "instance"), _variable("model", "Model", "name")]},
         "panels": [_panel(i, *p) for i, p in enumerate(PANELS)],
     }
 

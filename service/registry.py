@@ -1,0 +1,231 @@
+"""The models a server serves, read from the model store on disk and kept current without a restart.
+
+The store is the only source (Triton's "poll" model-control mode): no request can name a file
+or load code. Each model has a slot holding the one version it serves (the newest, or a pinned
+one). `refresh` compares the slots with the store; a new complete version is loaded, verified
+(schema, sha256), warmed up in a thread, and only then swapped in; the version it replaces
+finishes the requests it accepted (they hold a lease) before its engine stops. A version that
+fails to load is logged and counted (`anytime_model_load_failures_total`) and never replaces the
+one serving; it is tried again only once its files change. Removing the serving version rolls
+back to the newest one left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, list_versions, load_artifact
+from service.config import ServiceSettings
+from service.metrics import Metrics
+from service.served import ServedModel
+
+log = logging.getLogger("anytime.registry")
+
+
+class ModelNotFound(LookupError):
+    """No served model (or served version) of that name; answered 404."""
+
+
+class BudgetExceeded(RuntimeError):
+    """Loading a model would exceed ANYTIME_MAX_MODELS_BYTES."""
+
+
+def signature(path: Path) -> tuple[float, ...]:
+    """What changes when a version directory's files change (to retry a failed version only then)."""
+    return tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in (path, path / MANIFEST, path / WEIGHTS))
+
+
+def footprint(artifact: Artifact, max_batch: int) -> int:
+    """Bytes a served model is expected to hold: its weights, plus its largest activation at
+    `max_batch` twice over (a layer's input and output alive together during warm-up)."""
+    weights = sum(t.numel() * t.element_size() for t in artifact.model.state_dict().values())
+    largest = 0
+
+    def track(_m: torch.nn.Module, _i: object, out: object) -> None:
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel() * out.element_size())
+
+    spec = artifact.manifest.input
+    hooks = [m.register_forward_hook(track) for m in artifact.model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            artifact.model(torch.zeros(1, spec.channels, spec.size, spec.size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return weights + 2 * largest * max_batch
+
+
+@dataclass
+class Slot:
+    """One model's place in the registry: the version it serves, and what failed to load."""
+
+    name: str
+    pinned: str | None
+    serving: ServedModel | None = None
+    failed: dict[str, tuple[float, ...]] = field(default_factory=dict)  # version → signature when it failed
+    bytes: int = 0
+
+
+class ModelRegistry:
+    """Served models by name; `default` answers /classify."""
+
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, device: torch.device) -> None:
+        self.settings, self.metrics, self.device = settings, metrics, device
+        self.store = Path(settings.model_store)
+        self.default = settings.model_name
+        self.slots: dict[str, Slot] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._refresh_lock = asyncio.Lock()
+
+    # -- what to serve -------------------------------------------------------------------------
+    def wanted(self) -> dict[str, str | None]:
+        """Model name → pinned version (None: newest), from the settings and the store."""
+        pins = dict(self.settings.model_pins())
+        names = list(pins) if self.settings.models else self._store_names()
+        wanted = {name: pins.get(name) for name in names}
+        wanted.setdefault(self.default, self.settings.model_version)
+        if self.settings.model_version is not None:
+            wanted[self.default] = self.settings.model_version
+        return wanted
+
+    def _store_names(self) -> list[str]:
+        if not self.store.is_dir():
+            return []
+        return sorted(p.name for p in self.store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def target(self, slot: Slot) -> str | None:
+        """The version `slot` should serve now: its pin, else the newest complete one on disk."""
+        versions = list_versions(self.store, slot.name)
+        if slot.pinned is not None:
+            return slot.pinned if slot.pinned in versions else None
+        return versions[-1] if versions else None
+
+    # -- loading ------------------------------------------------------------------------------
+    def load_sync(self, name: str, version: str) -> ServedModel:
+        """Load, verify and warm up one version (blocking: run it in a thread when serving)."""
+        path = self.store / name / version
+        artifact = load_artifact(path)
+        need = footprint(artifact, self.settings.max_batch)
+        budget = self.settings.max_models_bytes
+        if budget:
+            others = sum(s.bytes for s in self.slots.values() if s.name != name)
+            if others + need > budget:
+                raise BudgetExceeded(
+                    f"{name}/{version} needs about {need / 2**20:.0f} MiB; {others / 2**20:.0f} MiB of "
+                    f"ANYTIME_MAX_MODELS_BYTES={budget / 2**20:.0f} MiB is taken by the other models"
+                )
+        served = ServedModel.start(artifact, self.device, self.metrics, self.settings)
+        served.bytes = need
+        return served
+
+    def _failed(self, slot: Slot, version: str, exc: Exception) -> None:
+        slot.failed[version] = signature(self.store / slot.name / version)
+        self.metrics.load_failures.labels(model=slot.name).inc()
+        log.error("model %s version %s not served: %s", slot.name, version, exc)
+
+    def _install(self, slot: Slot, served: ServedModel) -> None:
+        """Swap `served` in (one assignment on the event loop) and retire what it replaces."""
+        old, slot.serving, slot.bytes = slot.serving, served, served.bytes
+        log.info("serving %s version %s%s", slot.name, served.version, f" (was {old.version})" if old else "")
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, old: ServedModel) -> None:
+        """Let the requests that hold the old version finish, then stop its engine."""
+        await old.idle(self.settings.drain_timeout_s)
+        await asyncio.to_thread(old.stop, self.settings.drain_timeout_s)
+        log.info("released %s version %s", old.name, old.version)
+
+    def start_sync(self) -> None:
+        """At start-up: load every wanted model; the default one must load (its error is raised)."""
+        for name, pinned in self.wanted().items():
+            slot = self.slots.setdefault(name, Slot(name, pinned))
+            version = self.target(slot)
+            if version is None:
+                if name == self.default:
+                    raise ArtifactError(self._missing(name, pinned))
+                log.error("model %s not served: %s", name, self._missing(name, pinned))
+                continue
+            try:
+                slot.serving = self.load_sync(name, version)
+                slot.bytes = slot.serving.bytes
+            except (ArtifactError, BudgetExceeded) as exc:
+                if name == self.default:
+                    raise
+                self._failed(slot, version, exc)
+
+    def _missing(self, name: str, pinned: str | None) -> str:
+        known = ", ".join(list_versions(self.store, name)) or "none"
+        what = f"{name}/{pinned}" if pinned else f"named {name!r}"
+        return f"No artifact {what} in model store {self.store}; versions: {known}"
+
+    async def refresh(self) -> None:
+        """Bring every slot to its target version (new models, new versions, pins, roll-backs)."""
+        async with self._refresh_lock:
+            for name, pinned in self.wanted().items():
+                slot = self.slots.setdefault(name, Slot(name, pinned))
+                version = self.target(slot)
+                if version is None or (slot.serving is not None and slot.serving.version == version):
+                    if version is None and slot.serving is not None:
+                        log.warning("no version of %s left on disk; still serving %s", name, slot.serving.version)
+                    continue
+                if slot.failed.get(version) == signature(self.store / name / version):
+                    continue  # failed before and unchanged since
+                try:
+                    served = await asyncio.to_thread(self.load_sync, name, version)
+                except (ArtifactError, BudgetExceeded) as exc:
+                    self._failed(slot, version, exc)
+                    continue
+                slot.failed.pop(version, None)
+                self._install(slot, served)
+
+    async def watch(self, interval_s: float, stop: Callable[[], bool]) -> None:
+        """Refresh every `interval_s` seconds until `stop()` is true; errors are logged, never fatal."""
+        while not stop():
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refreshing the model store failed")
+
+    async def stop(self) -> None:
+        """Drain and stop every engine (SIGTERM)."""
+        for task in list(self._retiring):
+            await task
+        for slot in self.slots.values():
+            if slot.serving is not None:
+                await asyncio.to_thread(slot.serving.stop, self.settings.drain_timeout_s)
+
+    # -- lookups ------------------------------------------------------------------------------
+    def served(self) -> list[ServedModel]:
+        return [s.serving for s in self.slots.values() if s.serving is not None]
+
+    def get(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        """The serving version of `name` (the default model when None); `version` must be it."""
+        slot = self.slots.get(name or self.default)
+        if slot is None or slot.serving is None:
+            raise ModelNotFound(f"no model named {name!r} is served" if name else "the default model is not loaded")
+        if version is not None and version != slot.serving.version:
+            raise ModelNotFound(f"model {slot.name} serves version {slot.serving.version}, not {version!r}")
+        return slot.serving
+
+    @asynccontextmanager
+    async def lease(self, name: str | None = None, version: str | None = None) -> AsyncIterator[ServedModel]:
+        """The model for one request: a swap waits for the request to finish before stopping it."""
+        model = self.get(name, version)
+        model.leases += 1
+        try:
+            yield model
+        finally:
+            model.release()
