@@ -38,7 +38,17 @@ from typing import Any
 
 import httpx
 
-from bench.workloads import MIXES, NETWORKS, fashion_images, mean_flops, mix_paths, random_weight_artifact, rgb_images
+from bench.workloads import (
+    MIXES,
+    NETWORKS,
+    OIP_HEAD,
+    fashion_images,
+    mean_flops,
+    mix_paths,
+    oip_bodies,
+    random_weight_artifact,
+    rgb_images,
+)
 from bench.wrk import WrkResult, run_wrk
 from models.artifact import read_manifest, resolve_artifact
 from tools.processes import ROOT, LocalProcess, ServerProcess, free_port
@@ -127,6 +137,7 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
                     metered(server, lambda p=path: run_wrk(url, images, seconds, 16, paths=[p], cpu=LOAD_CPU))
                 )
         saturation = statistics.median(r.throughput for r, _ in runs["anytime"])
+        protocols = _protocols(server, images, image_dir.parent / "oip", reps, seconds)
         deadlines: dict[str, list[WrkResult]] = {str(d): [] for d in DEADLINES_MS}
         for _ in range(reps):
             for d in DEADLINES_MS:
@@ -160,6 +171,7 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
         ),
         "cpu_ratio": spread([ca / cf for (_, ca), (_, cf) in zip(*runs.values(), strict=True)]),
         "exit_shares": {e: c / taken for e, c in sorted(exits.items())},
+        "protocols": protocols,
         "ideal_speedup": 1 / mean_taken,
         "deadlines": {
             "rate_rps": 0.8 * saturation,
@@ -175,6 +187,35 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
                 for d, rs in deadlines.items()
             },
         },
+    }
+
+
+def _protocols(server: LocalProcess, images: list[Path], work: Path, reps: int, seconds: float) -> dict[str, Any]:
+    """/classify (raw PNG body) vs the Open Inference Protocol's binary path, the same images, interleaved."""
+    bodies = oip_bodies(work, images)
+    oip_path = "/v2/models/fashion-mnist/infer"
+    header = f"Inference-Header-Content-Length: {OIP_HEAD}"
+    kinds = {
+        "classify": lambda c: run_wrk(f"{server.url}/classify", images, seconds, c, cpu=LOAD_CPU),
+        "v2_binary": lambda c: run_wrk(
+            server.url + oip_path, bodies, seconds, c, paths=[oip_path], cpu=LOAD_CPU,
+            content_type="application/octet-stream", header=header,
+        ),
+    }  # fmt: skip
+    p50: dict[str, list[float]] = {k: [] for k in kinds}
+    rps: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(reps):
+        for kind, run in kinds.items():
+            single = run(1)
+            if single.ok != single.requests:
+                raise RuntimeError(f"{kind}: {single.requests - single.ok} requests failed: {single.status}")
+            p50[kind].append(single.p50_ms)
+            rps[kind].append(run(16).throughput)
+    return {
+        **{f"{k}_p50_ms": spread(v) for k, v in p50.items()},
+        **{f"{k}_throughput_rps": spread(v) for k, v in rps.items()},
+        "v2_over_classify_p50": spread([a / b for a, b in zip(p50["v2_binary"], p50["classify"], strict=True)]),
+        "v2_over_classify_throughput": spread([a / b for a, b in zip(rps["v2_binary"], rps["classify"], strict=True)]),
     }
 
 
@@ -314,6 +355,17 @@ def format_table(results: dict[str, Any]) -> str:
         c = v["cpu_ms_per_request"]
         lines.append(f"| {name} | {_cell(v['efficiency'])} | {v['ideal_speedup']:.2f}x | "
                      f"{c['full']['median']:.2f} → {c['mix']['median']:.2f} |")  # fmt: skip
+    pr = b["protocols"]
+    lines += [
+        "",
+        "| protocol (bundled model) | p50, one client (ms) | saturation, 16 connections (req/s) |",
+        "| --- | --- | --- |",
+        f"| `POST /classify`, PNG body | {_cell(pr['classify_p50_ms'])} | "
+        f"{_cell(pr['classify_throughput_rps'], '{:.0f}')} |",
+        f"| `POST /v2/models/…/infer`, binary tensor data | {_cell(pr['v2_binary_p50_ms'])} | "
+        f"{_cell(pr['v2_binary_throughput_rps'], '{:.0f}')} |",
+        f"| v2 / classify | {_cell(pr['v2_over_classify_p50'])} | {_cell(pr['v2_over_classify_throughput'])} |",
+    ]
     d = b["deadlines"]
     lines += [
         "",

@@ -99,3 +99,26 @@ def mean_flops(paths: list[str], flops_fraction: list[float]) -> float:
     """Mean FLOPs fraction of the exits `paths` force."""
     exits = [int(p.rsplit("=", 1)[1]) for p in paths]
     return sum(flops_fraction[e - 1] for e in exits) / len(exits)
+
+
+OIP_HEAD = 160  # bytes of JSON before the binary image in every v2 body (padded with spaces)
+
+
+def oip_bodies(directory: Path, images: list[Path]) -> list[Path]:
+    """Each image as an Open Inference Protocol request with binary tensor data: a JSON head of
+    OIP_HEAD bytes (so one Inference-Header-Content-Length fits all), then the length-prefixed PNG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bodies = []
+    for path in images:
+        png = path.read_bytes()
+        element = len(png).to_bytes(4, "little") + png
+        head = json.dumps({
+            "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(element)}}],
+            "outputs": [{"name": "label"}, {"name": "exit"}],
+        }, separators=(",", ":"))  # fmt: skip
+        assert len(head) <= OIP_HEAD, len(head)
+        body = directory / path.name.replace(".png", ".bin")
+        body.write_bytes(head.ljust(OIP_HEAD).encode() + element)
+        bodies.append(body)
+    return bodies

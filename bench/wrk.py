@@ -72,6 +72,7 @@ def run_wrk(
     deadline_ms: float | None = None,
     cpu: int | None = None,
     content_type: str = "image/png",
+    header: str | None = None,
 ) -> WrkResult:
     """One bounded wrk run against `url` (loopback only) with the given images and request paths."""
     if not url.startswith(("http://127.", "http://localhost")):
@@ -85,6 +86,8 @@ def run_wrk(
             env["BENCH_RATE"] = f"{rate:.3f}"
         if deadline_ms is not None:
             env["BENCH_DEADLINE_MS"] = f"{deadline_ms:g}"
+        if header is not None:
+            env["BENCH_HEADER"] = header
         argv = [
             wrk_binary(),
             "-t1",

@@ -274,9 +274,7 @@ async def model_named(request: Request, name: str) -> ModelView:
 
 
 @meta.get("/v1/models/{name}/versions/{version}", response_model=ModelView, responses={404: {"model": ErrorBody}})
-@meta.get(
-    "/v1/models/{name}/versions/{version}/model", response_model=ModelView, responses={404: {"model": ErrorBody}}
-)
+@meta.get("/v1/models/{name}/versions/{version}/model", response_model=ModelView, responses={404: {"model": ErrorBody}})
 async def model_version(request: Request, name: str, version: str) -> ModelView:
     """The public manifest of version `version` of model `name`, when it is the one serving."""
     return _view(request, name, version)
@@ -290,6 +288,6 @@ async def metrics(request: Request) -> Response:
 
 # Served by the front door (service/frontdoor.py) without FastAPI's layers; FastAPI documents them.
 HOT_ROUTES = [
-    Route(path, classify, methods=["POST"])
+    (Route(path, classify, methods=["POST"]), "http")
     for path in ("/classify", "/v1/models/{name}/classify", "/v1/models/{name}/versions/{version}/classify")
 ]

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from models.artifact import ArtifactError
+from service import oip_grpc, oip_rest
 from service.api import HOT_ROUTES, meta, router
 from service.config import ServiceSettings
 from service.errors import BodyLimitMiddleware, install_error_handlers
@@ -52,6 +53,7 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
         watcher = None
         if settings.model_poll_s > 0:
             watcher = asyncio.create_task(reg.watch(settings.model_poll_s, lambda: state.draining))
+        grpc_server = await oip_grpc.start(state, settings) if settings.grpc_port else None
         state.ready = True
         log.info("serving %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in reg.served()))
         try:
@@ -60,6 +62,8 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
             state.draining = True
             if watcher is not None:
                 watcher.cancel()
+            if grpc_server is not None:  # new calls get UNAVAILABLE; those in flight finish
+                await grpc_server.stop(grace=settings.drain_timeout_s)
             await reg.stop()
 
     app = FastAPI(
@@ -73,13 +77,15 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
     )
     app.include_router(router)
     app.include_router(meta)
+    app.include_router(oip_rest.infer_router)
+    app.include_router(oip_rest.router)
     install_error_handlers(app)
     return app
 
 
 def asgi_app(app: FastAPI, settings: ServiceSettings) -> BodyLimitMiddleware:
     """What uvicorn serves: the body limit, then the front door for the hot routes, then `app`."""
-    return BodyLimitMiddleware(FrontDoor(app, HOT_ROUTES), limit=settings.max_body_bytes)
+    return BodyLimitMiddleware(FrontDoor(app, HOT_ROUTES + oip_rest.HOT_ROUTES), limit=settings.max_body_bytes)
 
 
 class DrainingServer(uvicorn.Server):

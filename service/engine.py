@@ -57,6 +57,7 @@ class Job:
     max_exit: int | None = None
     deadline: float | None = None
     top_k: int = 1
+    probabilities: bool = False  # also return the whole calibrated probability vector
     enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -73,6 +74,7 @@ class Answer:
     top_k: list[tuple[int, float]]
     queue_s: float
     compute_s: float
+    probabilities: list[float] | None = None
 
 
 Outcome = Answer | BaseException
@@ -302,13 +304,17 @@ class Engine:
         stopping = p if len(idx) == len(p) else p.index_select(0, torch.from_numpy(idx).to(p.device))
         top_p, top_i = stopping.topk(width, dim=1)
         top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+        full = stopping.cpu().tolist() if any(j.probabilities for j in jobs) else None
         settled: list[tuple[Job, Outcome]] = []
         for j, job in enumerate(jobs):
             n = min(job.top_k, width)
             pairs = list(zip(top_i[j][:n], top_p[j][:n], strict=True))
             reason: Reason = REASONS[int(codes[idx[j]])]  # type: ignore[assignment]
+            probabilities = full[j] if full is not None and job.probabilities else None
             queued = started - job.enqueued
-            settled.append((job, Answer(pairs[0][0], float(conf[idx[j]]), k + 1, reason, pairs, queued, now - started)))
+            answer = Answer(pairs[0][0], float(conf[idx[j]]), k + 1, reason, pairs, queued, now - started)
+            answer.probabilities = probabilities
+            settled.append((job, answer))
         return settled
 
     def _run_all_stages(self, x: Tensor) -> None:

@@ -89,8 +89,9 @@ def api_error(exc: BaseException) -> ApiError | None:
 Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-async def call_metered(endpoint: Endpoint, request: Request) -> Response:
-    """Run an inference endpoint, count it by final status and time it; known errors come out as ApiError."""
+async def call_metered(endpoint: Endpoint, request: Request, protocol: str = "http") -> Response:
+    """Run an inference endpoint, count it by protocol and final status and time it; known errors come
+    out as ApiError."""
     start = time.monotonic()
     status = 500
     try:
@@ -109,18 +110,18 @@ async def call_metered(endpoint: Endpoint, request: Request) -> Response:
     finally:
         served = getattr(request.state, "served", None)  # set once the request's model is known
         if served is not None:
-            served.metrics.request(status)
+            served.metrics.request(protocol, status)
             served.metrics.request_latency.observe(time.monotonic() - start)
         else:
             metrics = request.app.state.service.metrics
-            metrics.requests.labels("", "", str(status)).inc()
+            metrics.requests.labels("", "", protocol, str(status)).inc()
             metrics.request_latency.labels("", "").observe(time.monotonic() - start)
 
 
-async def respond(endpoint: Endpoint, request: Request) -> Response:
+async def respond(endpoint: Endpoint, request: Request, protocol: str = "http") -> Response:
     """`call_metered`, with every error rendered as the JSON error body (no stack trace leaves)."""
     try:
-        return await call_metered(endpoint, request)
+        return await call_metered(endpoint, request, protocol)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except Exception:
@@ -131,11 +132,13 @@ async def respond(endpoint: Endpoint, request: Request) -> Response:
 class MeteredRoute(APIRoute):
     """An inference route: counted by final status and timed, with its errors mapped by `api_error`."""
 
+    protocol = "http"  # the `protocol` label: "http" for /classify and /v1, see service/oip_rest.py
+
     def get_route_handler(self) -> Endpoint:
         handler = super().get_route_handler()
 
         async def metered(request: Request) -> Response:
-            return await call_metered(handler, request)
+            return await call_metered(handler, request, self.protocol)
 
         return metered
 
@@ -179,7 +182,10 @@ class BodyLimitMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         message = f"the request body exceeds {self.limit} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await error_response(413, "body_too_large", message)(scope, receive, send)
+            if scope["path"].startswith("/v2/"):  # the Open Inference Protocol's error body
+                await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+            else:
+                await error_response(413, "body_too_large", message)(scope, receive, send)
             return
         seen = 0
 

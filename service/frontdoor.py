@@ -18,19 +18,19 @@ from service.errors import respond
 
 
 class FrontDoor:
-    """ASGI app: `routes` (POST only) answered directly, everything else passed to `app`."""
+    """ASGI app: `routes` (POST only; each with its `protocol` label) answered directly, the rest by `app`."""
 
-    def __init__(self, app: FastAPI, routes: list[Route]) -> None:
+    def __init__(self, app: FastAPI, routes: list[tuple[Route, str]]) -> None:
         self.app = app
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.routes:
+            for route, protocol in self.routes:
                 match, child = route.matches(scope)
                 if match is Match.FULL:
                     scope = {**scope, **child, "app": self.app}
-                    response = await respond(route.endpoint, Request(scope, receive))
+                    response = await respond(route.endpoint, Request(scope, receive), protocol)
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)

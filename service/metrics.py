@@ -24,8 +24,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "anytime_requests", "Inference requests by the status they ended with", [*MV, "status"], registry=r
-        )
+            "anytime_requests", "Inference requests by protocol and the (HTTP-equivalent) status they ended with",
+            [*MV, "protocol", "status"], registry=r,
+        )  # fmt: skip
         self.exits = Counter(
             "anytime_exits", "Samples answered, by exit (1-based) and reason", [*MV, "exit", "reason"], registry=r
         )
@@ -99,8 +100,8 @@ class ModelMetrics:
             self._stages[k] = self.metrics.stage_seconds.labels(self.name, self.version, str(k + 1))
         return self._stages[k]
 
-    def request(self, status: int) -> None:
-        self.metrics.requests.labels(self.name, self.version, str(status)).inc()
+    def request(self, protocol: str, status: int) -> None:
+        self.metrics.requests.labels(self.name, self.version, protocol, str(status)).inc()
 
     def released(self) -> None:
         """The version no longer serves: its info and queue gauges go (counters keep their totals)."""

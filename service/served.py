@@ -121,6 +121,7 @@ class ServedModel:
         max_exit: int | None = None,
         deadline_ms: float | None = None,
         top_k: int = 1,
+        probabilities: bool = False,
     ) -> Answer:
         """Run one input through the engine and record its exit, latency and deadline outcome.
 
@@ -133,7 +134,8 @@ class ServedModel:
         if deadline_ms is None:
             deadline_ms = self.settings.default_deadline_ms
         deadline = received + deadline_ms / 1e3 if deadline_ms is not None else None
-        future = self.engine.submit(Job(x, threshold, max_exit, deadline, min(top_k, len(self.classes))))
+        job = Job(x, threshold, max_exit, deadline, min(top_k, len(self.classes)), probabilities)
+        future = self.engine.submit(job)
         try:
             answer: Answer = await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
         except DeadlineUnreachable:

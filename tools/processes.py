@@ -109,7 +109,10 @@ class LocalProcess:
 
 
 class ServerProcess(LocalProcess):
-    """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*."""
+    """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*.
+
+    gRPC is off unless `grpc_port` is given (several test servers must not contend for 8001).
+    """
 
     def __init__(
         self, store: Path, name: str, log_dir: Path | None = None, cpus: str | None = None, **settings: Any
@@ -117,7 +120,8 @@ class ServerProcess(LocalProcess):
         port = free_port()
         env = {"PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
                "ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": "1",
-               "ANYTIME_LOG_LEVEL": "warning"}  # fmt: skip
+               "ANYTIME_LOG_LEVEL": "warning", "ANYTIME_GRPC_PORT": "0"}  # fmt: skip
         env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
+        self.grpc_address = f"127.0.0.1:{settings['grpc_port']}" if settings.get("grpc_port") else None
         log_path = Path(log_dir or store) / f"server-{port}.log"
         super().__init__([sys.executable, "-m", "service.app"], port, log_path, env, cpus)

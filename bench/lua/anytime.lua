@@ -9,6 +9,7 @@
 --                      (unset: closed loop, each connection sends as soon as it has its answer)
 --   BENCH_CONNECTIONS  the -c value (needed with BENCH_RATE)
 --   BENCH_DEADLINE_MS  sent as X-Deadline-Ms, and the bound for attainment
+--   BENCH_HEADER       one more request header, "Name: value" (e.g. Inference-Header-Content-Length)
 -- done() prints one line "BENCH_JSON {...}" with the counts bench/wrk.py reads.
 
 local function lines(path)
@@ -42,6 +43,8 @@ function init(args)
   }
   deadline = tonumber(os.getenv("BENCH_DEADLINE_MS") or "")
   if deadline then headers["X-Deadline-Ms"] = tostring(deadline) end
+  local extra_name, extra_value = string.match(os.getenv("BENCH_HEADER") or "", "^([^:]+):%s*(.*)$")
+  if extra_name then headers[extra_name] = extra_value end
   local rate = tonumber(os.getenv("BENCH_RATE") or "")
   local conns = tonumber(os.getenv("BENCH_CONNECTIONS") or "1")
   mean_delay_ms = rate and (1000 * conns / rate) or nil

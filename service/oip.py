@@ -1,0 +1,268 @@
+"""The Open Inference Protocol (KServe v2) without its transports: tensors in, the engine, tensors out.
+
+`service/oip_rest.py` (JSON and the binary tensor data extension) and `service/oip_grpc.py`
+(`inference.GRPCInferenceService`) parse a request into an `InferCall` and write its `OutputTensor`s;
+everything between is here and goes through the same `ServedModel.infer` as `/classify`.
+
+A model takes one of two inputs: `image`, BYTES [N] of encoded images (PNG, JPEG, …), or `input`,
+FP32 [N, C, H, W] already preprocessed as the manifest's input spec says. It answers with the
+outputs `label` (BYTES), `class_index` (INT64), `confidence` (FP32), `exit` (INT32), `reason`
+(BYTES) and `probabilities` (FP32 [N, classes]), each [N] unless said; all of them when the request
+names none. The classification extension (`classification: k` on a requested output) turns that
+output into BYTES [N, k] of "score:index:label". Request parameters: `timeout` (microseconds,
+Triton's), `deadline_ms`, `threshold`, `max_exit`; the smallest budget of `timeout`, `deadline_ms`,
+X-Deadline-Ms and the gRPC deadline wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.engine import Answer
+from service.errors import ApiError
+from service.served import InvalidOption, ServedModel
+
+SERVER_NAME = "anytime"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
+PLATFORM = "pytorch"
+IMAGE_INPUT, TENSOR_INPUT = "image", "input"
+OUTPUTS = {
+    "label": "BYTES", "class_index": "INT64", "confidence": "FP32", "exit": "INT32", "reason": "BYTES",
+    "probabilities": "FP32",
+}  # fmt: skip
+NUMPY = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}
+
+
+def bad_request(message: str) -> ApiError:
+    """A malformed request (400): the message names the input or field."""
+    return ApiError(400, "invalid_request", message)
+
+
+@dataclass
+class InputTensor:
+    """One input as parsed from the wire: BYTES elements, or an FP32 array already shaped."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    elements: list[bytes] | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    classification: int | None = None
+    binary: bool = False
+
+
+@dataclass
+class InferCall:
+    """A parsed inference request, whatever the transport."""
+
+    model: str
+    version: str | None
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[bytes]
+    binary: bool = False
+
+    def raw(self) -> bytes:
+        """The binary tensor data encoding: 4-byte little-endian length before each BYTES element."""
+        if self.datatype == "BYTES":
+            return b"".join(len(v).to_bytes(4, "little") + v for v in self.values)  # type: ignore[union-attr]
+        return np.ascontiguousarray(self.values, dtype=NUMPY[self.datatype]).tobytes()
+
+    def json_data(self) -> list:
+        if self.datatype == "BYTES":
+            return [v.decode() for v in self.values]  # type: ignore[union-attr]
+        return np.asarray(self.values).reshape(-1).tolist()
+
+
+def element_count(name: str, shape: list[int]) -> int:
+    if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+        raise bad_request(f"input {name!r}: shape must be a list of non-negative integers, got {shape}")
+    return math.prod(shape)
+
+
+def split_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
+    """BYTES elements from the binary encoding (each prefixed by its 4-byte little-endian length)."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise bad_request(f"input {name!r}: binary data ends inside an element's length prefix")
+        size = int.from_bytes(raw[pos : pos + 4], "little")
+        if pos + 4 + size > len(raw):
+            raise bad_request(f"input {name!r}: an element claims {size} bytes, only {len(raw) - pos - 4} follow")
+        out.append(raw[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    if len(out) != count:
+        raise bad_request(f"input {name!r}: shape needs {count} elements, the binary data holds {len(out)}")
+    return out
+
+
+def fp32_array(name: str, shape: list[int], values: Any, raw: bytes | None = None) -> np.ndarray:
+    """An FP32 input's data (a JSON list, possibly nested, or raw little-endian floats) as an array."""
+    count = element_count(name, shape)
+    if raw is not None:
+        if len(raw) != 4 * count:
+            raise bad_request(f"input {name!r}: shape needs {4 * count} bytes of FP32, got {len(raw)}")
+        array = np.frombuffer(raw, dtype="<f4")
+    else:
+        try:
+            array = np.asarray(values, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise bad_request(f"input {name!r}: data must be numbers for datatype FP32") from None
+        if array.size != count:
+            raise bad_request(f"input {name!r}: shape {shape} needs {count} values, data has {array.size}")
+    if not np.isfinite(array).all():
+        raise bad_request(f"input {name!r}: data must be finite (no NaN or infinity)")
+    return array.reshape(shape)
+
+
+def check_input(tensor: InputTensor, model: ServedModel, max_items: int) -> int:
+    """Validate the input's name, datatype and shape against the model; returns N."""
+    spec = model.input
+    if tensor.name == IMAGE_INPUT:
+        if tensor.datatype != "BYTES":
+            raise bad_request(f"input 'image' must have datatype BYTES (encoded images), got {tensor.datatype}")
+        if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+            raise bad_request(f"input 'image' must have shape [N] (or [N, 1]), got {tensor.shape}")
+    elif tensor.name == TENSOR_INPUT:
+        if tensor.datatype != "FP32":
+            raise bad_request(f"input 'input' must have datatype FP32, got {tensor.datatype}")
+        want = [spec.channels, spec.size, spec.size]
+        if len(tensor.shape) != 4 or list(tensor.shape[1:]) != want:
+            raise bad_request(f"input 'input' must have shape [N, {', '.join(map(str, want))}], got {tensor.shape}")
+    else:
+        raise bad_request(f"unknown input {tensor.name!r}; this model takes 'image' (BYTES) or 'input' (FP32)")
+    n = tensor.shape[0]
+    if n > max_items:
+        raise ApiError(413, "too_many_items", f"input {tensor.name!r}: at most {max_items} items per request")
+    return n
+
+
+def _number(params: Mapping[str, Any], key: str, kind: type, low: float, high: float) -> Any:
+    value = params.get(key)
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise InvalidOption(f"parameter {key!r} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
+        raise InvalidOption(f"parameter {key!r} must be between {low:g} and {high:g}, got {value!r}")
+    return number
+
+
+def budget_ms(params: Mapping[str, Any], header_ms: float | None, grpc_remaining_s: float | None) -> float | None:
+    """The smallest latency budget of the request's `timeout` (µs), `deadline_ms`, X-Deadline-Ms and gRPC deadline."""
+    timeout_us = _number(params, "timeout", float, 1, 3.6e9)
+    candidates = [
+        timeout_us / 1e3 if timeout_us is not None else None,
+        _number(params, "deadline_ms", float, 1e-3, 3.6e6),
+        header_ms,
+        grpc_remaining_s * 1e3 if grpc_remaining_s is not None else None,
+    ]
+    given = [c for c in candidates if c is not None]
+    return min(given) if given else None
+
+
+def outputs_wanted(call: InferCall, model: ServedModel) -> list[RequestedOutput]:
+    """The requested outputs (all of them when none are named); unknown names are a 400."""
+    if not call.outputs:
+        return [RequestedOutput(name) for name in OUTPUTS]
+    for out in call.outputs:
+        if out.name not in OUTPUTS:
+            raise bad_request(f"unknown output {out.name!r}; outputs: {', '.join(OUTPUTS)}")
+        if out.classification is not None and not 1 <= out.classification <= len(model.classes):
+            raise InvalidOption(f"output {out.name!r}: classification must be 1..{len(model.classes)}")
+    return call.outputs
+
+
+async def execute(
+    call: InferCall, model: ServedModel, received: float, header_ms: float | None = None,
+    grpc_remaining_s: float | None = None, max_items: int = 64,
+) -> list[OutputTensor]:  # fmt: skip
+    """Run a parsed request through `model` and build the requested outputs."""
+    if len(call.inputs) != 1:
+        raise bad_request(f"send exactly one input ('image' or 'input'), got {len(call.inputs)}")
+    tensor = call.inputs[0]
+    n = check_input(tensor, model, max_items)
+    outputs = outputs_wanted(call, model)
+    deadline_ms = budget_ms(call.parameters, header_ms, grpc_remaining_s)
+    threshold = _number(call.parameters, "threshold", float, 0.0, 1.0)
+    max_exit = _number(call.parameters, "max_exit", int, 1, model.num_exits)
+    if tensor.name == IMAGE_INPUT:
+        assert tensor.elements is not None
+        xs = [await model.prepare(data) for data in tensor.elements]  # every image valid before any compute
+    else:
+        assert tensor.array is not None
+        xs = list(torch.from_numpy(np.array(tensor.array, dtype=np.float32)))
+    top_k = max([o.classification or 1 for o in outputs])
+    want_probs = any(o.name == "probabilities" and o.classification is None for o in outputs)
+    answers = await asyncio.gather(*(
+        model.infer(x, received=received, threshold=threshold, max_exit=max_exit, deadline_ms=deadline_ms,
+                    top_k=top_k, probabilities=want_probs)
+        for x in xs
+    ))  # fmt: skip
+    return [_output(out, answers, model, n) for out in outputs]
+
+
+def _output(out: RequestedOutput, answers: list[Answer], model: ServedModel, n: int) -> OutputTensor:
+    classes = model.classes
+    if out.classification is not None:
+        k = out.classification
+        values = [f"{p:f}:{i}:{classes[i]}".encode() for a in answers for i, p in a.top_k[:k]]
+        return OutputTensor(out.name, "BYTES", [n, k], values, out.binary)
+    datatype = OUTPUTS[out.name]
+    if out.name == "label":
+        return OutputTensor(out.name, datatype, [n], [classes[a.index].encode() for a in answers], out.binary)
+    if out.name == "reason":
+        return OutputTensor(out.name, datatype, [n], [a.reason.value.encode() for a in answers], out.binary)
+    if out.name == "probabilities":
+        values = np.array([a.probabilities for a in answers], dtype=np.float32).reshape(n, len(classes))
+        return OutputTensor(out.name, datatype, [n, len(classes)], values, out.binary)
+    column = {"class_index": [a.index for a in answers], "confidence": [a.confidence for a in answers],
+              "exit": [a.exit for a in answers]}[out.name]  # fmt: skip
+    return OutputTensor(out.name, datatype, [n], np.array(column, dtype=NUMPY[datatype]), out.binary)
+
+
+def model_metadata(model: ServedModel) -> dict[str, Any]:
+    """The protocol's model metadata: platform, versions, inputs and outputs (-1 for variable dims)."""
+    spec = model.input
+    classes = len(model.classes)
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.size, spec.size]},
+        ],
+        "outputs": [
+            {"name": name, "datatype": dt, "shape": [-1, classes] if name == "probabilities" else [-1]}
+            for name, dt in OUTPUTS.items()
+        ],
+    }
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
