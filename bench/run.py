@@ -219,6 +219,30 @@ def _protocols(server: LocalProcess, images: list[Path], work: Path, reps: int, 
     }
 
 
+def shadow_cost(store: Path, images: list[Path], reps: int, seconds: float, rate: float) -> dict[str, Any]:
+    """p99 at 80 % load with shadow checks off (ANYTIME_SHADOW_RATE=0) and at 0.01, interleaved."""
+    servers = {label: _serve(store, "fashion-mnist", shadow_rate=r) for label, r in (("off", 0), ("0.01", 0.01))}
+    p99: dict[str, list[float]] = {label: [] for label in servers}
+    checks: dict[str, float] = {}
+    try:
+        for _ in range(reps):
+            for label, server in servers.items():
+                p99[label].append(
+                    run_wrk(f"{server.url}/classify", images, seconds, 64, rate=rate, cpu=LOAD_CPU).p99_ms
+                )
+        for label, server in servers.items():
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            checks[label] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                if line.startswith("anytime_shadow_samples_total{"))  # fmt: skip
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {
+        "rate_rps": rate, "p99_ms": {k: spread(v) for k, v in p99.items()}, "shadow_checks_run": checks,
+        "p99_ratio": spread([a / b for a, b in zip(p99["0.01"], p99["off"], strict=True)]),
+    }  # fmt: skip
+
+
 def realized(work: Path, reps: int, seconds: float) -> dict[str, Any]:
     """3: CPU per request at full depth vs exit mixes, against the FLOPs the mix saves."""
     results: dict[str, Any] = {}
@@ -366,6 +390,14 @@ def format_table(results: dict[str, Any]) -> str:
         f"{_cell(pr['v2_binary_throughput_rps'], '{:.0f}')} |",
         f"| v2 / classify | {_cell(pr['v2_over_classify_p50'])} | {_cell(pr['v2_over_classify_throughput'])} |",
     ]
+    sh = b["shadow"]
+    lines += [
+        "",
+        f"Drift guard at {sh['rate_rps']:.0f} req/s (80 %): p99 {_cell(sh['p99_ms']['off'])} ms with shadow "
+        "checks off, "
+        f"{_cell(sh['p99_ms']['0.01'])} ms at ANYTIME_SHADOW_RATE=0.01 (ratio {_cell(sh['p99_ratio'])}); "
+        f"{sh['shadow_checks_run']['0.01']:.0f} checks ran.",
+    ]
     d = b["deadlines"]
     lines += [
         "",
@@ -416,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         results: dict[str, Any] = {"bundled": bundled(args.store, images, work / "fmnist", args.reps, args.seconds)}
         results["bundled"]["in_process_evaluation"] = evaluation
+        rate = results["bundled"]["deadlines"]["rate_rps"]
+        results["bundled"]["shadow"] = shadow_cost(args.store, images, args.reps, args.seconds, rate)
         results["realized"] = realized(work, args.reps, args.seconds)
         results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
     results["headline"] = headline(results["bundled"], results["realized"])

@@ -51,6 +51,11 @@ class ServiceSettings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the server process")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
     warmup: bool = Field(True, description="run warm-up batches before /readyz turns ready")
+    shadow_rate: float = Field(
+        0.01, ge=0, le=1, description="share of early answers also run to the final exit, when the worker is idle"
+    )
+    shadow_queue: int = Field(64, ge=1, description="shadow checks waiting beyond this are dropped (and counted)")
+    adapt: bool = Field(False, description="let the drift guard raise (and lower back) exit thresholds")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     def model_pins(self) -> list[tuple[str, str | None]]:

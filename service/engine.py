@@ -25,8 +25,10 @@ from torch import Tensor
 
 from models.artifact import Artifact
 from models.confidence import confidence_of, probabilities
-from models.exit_policy import GO_ON, NO_DEADLINE, NO_MAX_EXIT, REASONS, Reason, decide, reachable
+from models.exit_policy import CONFIDENCE, GO_ON, NO_DEADLINE, NO_MAX_EXIT, REASONS, Reason, decide, reachable
+from service.drift import DriftGuard
 from service.metrics import ModelMetrics
+from service.shadow import ShadowChecks
 from service.timing import StageTimes
 
 log = logging.getLogger("anytime.engine")
@@ -124,6 +126,9 @@ class Engine:
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         queue_size: int = 256,
+        shadow_rate: float = 0.0,
+        shadow_queue: int = 64,
+        adapt: bool = False,
     ) -> None:
         manifest = artifact.manifest
         self.model = artifact.model.to(device).eval()
@@ -140,6 +145,12 @@ class Engine:
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._stage_hist = [metrics.stage(k) for k in range(self.num_exits)]
+        epsilon = (manifest.policy.epsilon_pp or 0.0) / 100
+        expected = [e.expected_agreement for e in manifest.exits]
+        self.guard = DriftGuard(self.thresholds, expected, epsilon, adapt, on_change=self.set_thresholds)
+        self.shadow = ShadowChecks(self.model, self._to_device, shadow_rate, shadow_queue, metrics, self.guard)
+        metrics.set_expected(expected)
+        metrics.set_thresholds(self.thresholds.tolist())
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,6 +186,12 @@ class Engine:
                 break
         settle(left)
 
+    def set_thresholds(self, thresholds: np.ndarray) -> None:
+        """Thresholds in force from now on (the drift guard's adaptation); one reference swap."""
+        self.thresholds = thresholds
+        self.metrics.set_thresholds(thresholds.tolist())
+        log.info("thresholds in force: %s", ", ".join(f"{t:.4f}" for t in thresholds))
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -201,9 +218,9 @@ class Engine:
         return job.future
 
     # -- worker side -------------------------------------------------------------------------
-    def _take_batch(self) -> list[Job]:
+    def _take_batch(self, block: bool = True) -> list[Job]:
         try:
-            first = self._queue.get(timeout=0.05)
+            first = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
         except queue.Empty:
             return []
         batch = [first]
@@ -220,8 +237,11 @@ class Engine:
     def _work(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            batch = [j for j in self._take_batch() if j.future is None or not j.future.done()]
+            idle_work = self.shadow.pending
+            batch = [j for j in self._take_batch(block=not idle_work) if j.future is None or not j.future.done()]
             if not batch:
+                if idle_work:
+                    self._shadow_step()
                 continue
             try:
                 self._serve(batch, settle)
@@ -229,6 +249,18 @@ class Engine:
                 log.exception("batch of %d failed", len(batch))
                 failure = EngineFailure(f"inference failed: {type(exc).__name__}")
                 settle([(j, failure) for j in batch if j.future is not None and not j.future.done()])
+
+    def _shadow_step(self) -> None:
+        try:
+            with self._autocast():
+                self.shadow.step()
+        except Exception:  # a failing check must not take the worker down
+            log.exception("shadow check failed")
+            self.shadow.current = None
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.to(memory_format=torch.channels_last) if self.cuda else x
 
     def _admit(self, batch: list[Job], deliver: Deliver) -> list[Job]:
         """Answer 504 to jobs that cannot make their deadline; return the rest."""
@@ -261,9 +293,7 @@ class Engine:
         override = _column([j.threshold for j in batch], math.nan)
         max_exit = _column([j.max_exit for j in batch], NO_MAX_EXIT)
         deadline = _column([j.deadline for j in batch], NO_DEADLINE)
-        x = torch.stack([j.x for j in batch]).to(self.device, non_blocking=True)
-        if self.cuda:
-            x = x.to(memory_format=torch.channels_last)
+        x = self._to_device(torch.stack([j.x for j in batch]))
         rows = np.arange(len(batch))  # which job each remaining row of `h` belongs to
         h = x
         with torch.inference_mode(), self._autocast():
@@ -315,6 +345,8 @@ class Engine:
             answer = Answer(pairs[0][0], float(conf[idx[j]]), k + 1, reason, pairs, queued, now - started)
             answer.probabilities = probabilities
             settled.append((job, answer))
+            if codes[idx[j]] == CONFIDENCE and job.threshold is None:  # at the thresholds in force
+                self.shadow.offer(job.x, k, answer.index)
         return settled
 
     def _run_all_stages(self, x: Tensor) -> None:

@@ -57,6 +57,22 @@ class Metrics:
         self.load_failures = Counter(
             "anytime_model_load_failures", "Versions that failed to load (never served)", ["model"], registry=r
         )
+        self.shadow_samples = Counter(
+            "anytime_shadow_samples", "Early answers also run to the final exit (drift guard)", [*MV, "exit"],
+            registry=r,
+        )  # fmt: skip
+        self.shadow_agreements = Counter(
+            "anytime_shadow_agreements", "Shadow-checked early answers the final exit labelled alike", [*MV, "exit"],
+            registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "anytime_shadow_dropped", "Shadow checks dropped because their queue was full", MV, registry=r
+        )
+        self.expected_agreement = Gauge(
+            "anytime_exit_expected_agreement", "Validation agreement with the final exit of the samples an exit "
+            "answers (from the manifest)", [*MV, "exit"], registry=r,
+        )  # fmt: skip
+        self.threshold = Gauge("anytime_threshold", "Confidence threshold in force per exit", [*MV, "exit"], registry=r)
 
     def for_model(self, name: str, version: str, device: str) -> ModelMetrics:
         """The children of one served version, and its `anytime_model_info` series set to 1."""
@@ -82,6 +98,7 @@ class ModelMetrics:
         self._exit_latency: dict[int, Histogram] = {}
         self._stages: dict[int, Histogram] = {}
         self._deadlines = {o: m.deadlines.labels(*mv, o) for o in ("met", "missed", "rejected")}
+        self._per_exit_gauges: set[tuple[Gauge, str]] = set()
 
     def answered(self, exit_: int, reason: str, seconds: float) -> None:
         key = (exit_, reason)
@@ -103,7 +120,31 @@ class ModelMetrics:
     def request(self, protocol: str, status: int) -> None:
         self.metrics.requests.labels(self.name, self.version, protocol, str(status)).inc()
 
+    def shadow(self, exit_: int, agreed: bool) -> None:
+        """One shadow check of an answer given at (1-based) `exit_`."""
+        labels = (self.name, self.version, str(exit_))
+        self.metrics.shadow_samples.labels(*labels).inc()
+        self.metrics.shadow_agreements.labels(*labels).inc(1 if agreed else 0)  # the series exists from 0
+
+    def shadow_dropped(self) -> None:
+        self.metrics.shadow_dropped.labels(self.name, self.version).inc()
+
+    def set_thresholds(self, thresholds: list[float]) -> None:
+        for k, t in enumerate(thresholds):
+            self._gauge(self.metrics.threshold, k).set(t)
+
+    def set_expected(self, expected: list[float | None]) -> None:
+        for k, e in enumerate(expected):
+            if e is not None:
+                self._gauge(self.metrics.expected_agreement, k).set(e)
+
+    def _gauge(self, gauge: Gauge, k: int) -> Gauge:
+        self._per_exit_gauges.add((gauge, str(k + 1)))
+        return gauge.labels(self.name, self.version, str(k + 1))
+
     def released(self) -> None:
-        """The version no longer serves: its info and queue gauges go (counters keep their totals)."""
+        """The version no longer serves: its gauges go (counters keep their totals)."""
         self.metrics.model_info.remove(self.name, self.version, self.device)
         self.metrics.queue_depth.remove(self.name, self.version)
+        for gauge, exit_ in self._per_exit_gauges:
+            gauge.remove(self.name, self.version, exit_)

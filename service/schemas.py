@@ -76,6 +76,10 @@ class ModelView(BaseModel):
     policy: PolicyChoice = Field(description="how the thresholds were chosen and what they give (no sweep)")
     device: str
     stage_ms_now: list[dict[str, float]] = Field(description="per stage: current estimate (ms) by batch size")
+    thresholds_in_force: list[float] = Field(description="per exit: the artifact's, or the drift guard's when adapting")
+    shadow_agreement: list[float | None] = Field(
+        description="per exit: agreement with the final exit in the drift guard's current window"
+    )
 
 
 class ServedSummary(BaseModel):

@@ -56,7 +56,10 @@ class ServedModel:
         """Build the engine, warm it up (when the settings say so) and start its worker."""
         m = artifact.manifest
         bound = metrics.for_model(m.name, m.version, str(device))
-        engine = Engine(artifact, device, bound, settings.max_batch, settings.max_wait_ms, settings.queue_size)
+        engine = Engine(
+            artifact, device, bound, settings.max_batch, settings.max_wait_ms, settings.queue_size,
+            shadow_rate=settings.shadow_rate, shadow_queue=settings.shadow_queue, adapt=settings.adapt,
+        )  # fmt: skip
         engine.start(warmup=settings.warmup)
         return cls(artifact, engine, settings, bound)
 
@@ -157,4 +160,5 @@ class ServedModel:
             stage_ms_now=[
                 {str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in self.engine.times.snapshot()
             ],
+            thresholds_in_force=self.engine.thresholds.tolist(), shadow_agreement=self.engine.guard.agreement(),
         )  # fmt: skip

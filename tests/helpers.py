@@ -50,7 +50,12 @@ def make_artifact(
     for k in range(n):
         ms = profile_ms[k] if profile_ms else 1.0
         latency = {str(bs): {"stage_ms": ms, "head_ms": 0.0} for bs in (1, 8, 32)}
-        exits.append(ExitInfo(exit=k + 1, temperature=1.0, threshold=thresholds[k], latency_ms=latency))
+        expected = 0.9 if k < n - 1 else None  # a validation agreement with the final exit, for the drift guard
+        exits.append(
+            ExitInfo(
+                exit=k + 1, temperature=1.0, threshold=thresholds[k], latency_ms=latency, expected_agreement=expected
+            )
+        )
     spec = ArchitectureSpec(name=model_name, num_classes=num_classes, in_channels=channels, stem="cifar", kwargs=kwargs)
     body = ManifestBody(
         architecture=spec, classes=[f"{class_prefix}{i}" for i in range(num_classes)],

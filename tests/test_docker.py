@@ -86,7 +86,9 @@ def test_prometheus_scrapes_the_api_service() -> None:
 
 def test_promtool_accepts_config_and_rules() -> None:
     tool = _tool("promtool")
-    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "anytime.rules.yml"]):
+    checks = (["check", "config", "prometheus.yml"], ["check", "rules", "anytime.rules.yml"],
+              ["test", "rules", "anytime.rules.test.yml"])  # fmt: skip
+    for args in checks:
         proc = subprocess.run([tool, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 

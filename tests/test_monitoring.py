@@ -33,8 +33,9 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
             pytest.fail("prometheus is missing; `make test` installs the Debian package")
         pytest.skip("prometheus is not installed")
     # Stages really take 40 ms; the manifest claims 2 ms, so the first deadline request is missed.
-    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0, 1.0, 1.0, 0.0], stage_ms=[40] * 4, profile_ms=[2] * 4)
-    server = ServerProcess(tmp_path, "sleepy", warmup="false", max_wait_ms=0).wait_ready()
+    # Exit 1 answers every request without a threshold of its own, and each such answer is shadow-checked.
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [0.0, 1.0, 1.0, 0.0], stage_ms=[40] * 4, profile_ms=[2] * 4)
+    server = ServerProcess(tmp_path, "sleepy", warmup="false", max_wait_ms=0, shadow_rate=1).wait_ready()
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -89,7 +90,7 @@ def _traffic(url: str, png: bytes) -> dict[str, int]:
     ask(1, threshold=1)  # cannot reach exit 1: rejected
     end = time.monotonic() + 6
     while time.monotonic() < end:  # several scrapes' worth of every exit
-        ask(10_000, threshold=0)
+        ask(10_000)
         ask(max_exit=2, threshold=1)
         ask(max_exit=3, threshold=1)
         ask(threshold=1)

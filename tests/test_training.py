@@ -193,6 +193,8 @@ def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> No
     m = artifact.manifest
     assert len(m.exits) == 3 and m.exits[-1].threshold == 0.0
     assert set(m.exits[0].latency_ms) == {"1", "8", "32"}
+    assert m.exits[-1].expected_agreement is None  # the final exit agrees with itself: no expectation
+    assert all(e.expected_agreement is None or 0 <= e.expected_agreement <= 1 for e in m.exits)
     assert m.policy.val.accuracy >= m.exits[-1].val_accuracy - 0.5 - 1e-9
     assert m.weights_sha256 and m.code_version and m.training["model"] == "test_tiny"
     assert (artifact.path / "report.md").read_text().startswith("# tiny v1")

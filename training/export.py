@@ -43,7 +43,7 @@ from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
 from training.latency import profile_latency
 from training.report import write_report
-from training.thresholds import PolicyResult, evaluate_policy, select_thresholds
+from training.thresholds import PolicyResult, agreement_by_exit, evaluate_policy, select_thresholds
 
 log = logging.getLogger("anytime.export")
 SWEEP_EPSILONS = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
@@ -118,9 +118,13 @@ class Evaluated:
 
 
 def _exit_entries(
-    ev: Evaluated, costs: list[ExitCost], thresholds: list[float], latency: list[dict[str, StageLatency]]
+    ev: Evaluated, costs: list[ExitCost], policy: Policy, latency: list[dict[str, StageLatency]]
 ) -> list[ExitInfo]:
     val_acc, test_acc = accuracies(ev.val_logits, ev.val_y), accuracies(ev.test_logits, ev.test_y)
+    thresholds = policy.thresholds
+    conf, _ = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, policy.confidence)
+    predicted = torch.stack([z.argmax(1) for z in ev.val_logits]).numpy()
+    expected = agreement_by_exit(conf, predicted, np.array(thresholds))
     return [
         ExitInfo(
             exit=k + 1,
@@ -135,6 +139,7 @@ def _exit_entries(
             test_accuracy=test_acc[f"exit{k + 1}"],
             val_ece_before=ece_of_logits(ev.val_logits[k], ev.val_y),
             val_ece_after=ece_of_logits(ev.val_logits[k], ev.val_y, ev.temps[k]),
+            expected_agreement=expected[k],
         )
         for k, c in enumerate(costs)
     ]
@@ -185,7 +190,7 @@ def export(cfg: ExportConfig) -> Path:
         architecture=architecture,
         classes=data["classes"],
         input=input_spec,
-        exits=_exit_entries(ev, costs, policy.thresholds, latency),
+        exits=_exit_entries(ev, costs, policy, latency),
         ensemble=Ensemble(
             val_accuracy=accs["val"]["ensemble"],
             test_accuracy=accs["test"]["ensemble"],

@@ -124,3 +124,14 @@ def select_thresholds(
                 if _better(r, best, mode, limit) and r != best:
                     best, thresholds, improved = r, trial, True
     return best
+
+
+def agreement_by_exit(conf: np.ndarray, predicted: np.ndarray, thresholds: np.ndarray) -> list[float | None]:
+    """Per exit, the share of the samples it answers under `thresholds` whose label equals the final
+    exit's (None for the last exit, and for an exit that answers none). `predicted` is exits × samples."""
+    exits = answering_exits(conf, thresholds)
+    out: list[float | None] = []
+    for k in range(conf.shape[0] - 1):
+        mine = exits == k
+        out.append(float((predicted[k, mine] == predicted[-1, mine]).mean()) if mine.any() else None)
+    return [*out, None]

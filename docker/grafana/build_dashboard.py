@@ -52,6 +52,16 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
     ("Batch size", "lines", "short", [(
         "mean", f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
     )], "Mean number of requests the engine ran through the stages together."),
+    ("Exit agreement (drift guard)", "lines", "percentunit", [
+        ("exit {{exit}} measured",
+         f"sum by (exit) (rate(anytime_shadow_agreements_total{SEL}[{RATE}])) / "
+         f"sum by (exit) (rate(anytime_shadow_samples_total{SEL}[{RATE}]))"),
+        ("exit {{exit}} expected", f"max by (exit) (anytime_exit_expected_agreement{SEL})"),
+    ], "How often shadow-checked early answers agree with the final exit, against the validation figure. "
+       "A measured line well below its expected one means the traffic drifted (alert AnytimeExitDisagreement)."),
+    ("Thresholds in force", "lines", "short", [(
+        "{{model}} exit {{exit}}", f"max by (model, exit) (anytime_threshold{SEL})",
+    )], "Per exit: the artifact's threshold, or the drift guard's when ANYTIME_ADAPT is on."),
     ("Model", "table", "short", [(
         "", f"anytime_model_info{INFO_SEL}",
     )], "The models (name, version) and devices each instance serves: one row per served version."),
