@@ -1,11 +1,17 @@
-"""`python -m models describe NAME --num-classes C --input 3x32x32` prints per-exit costs."""
+"""`python -m models describe NAME --num-classes C --input 3x32x32 [--latency 1 8]` prints per-exit costs.
+
+With `--latency`, it also measures on this machine's CPU (median of 20 runs, one torch thread unless
+`--threads`) the milliseconds to answer at each exit: the stages up to it plus its head.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from models.cost import exit_costs, format_cost_table
+import torch
+
+from models.cost import exit_costs, format_cost_table, profile_latency
 from models.registry import build_model, list_models
 
 
@@ -26,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--num-classes", type=int, default=100)
     d.add_argument("--input", type=_shape, default=(3, 32, 32), help="CxHxW, e.g. 3x32x32")
     d.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
+    d.add_argument("--latency", type=int, nargs="+", metavar="BATCH", help="measure per-exit CPU latency")
+    d.add_argument("--threads", type=int, default=1, help="torch threads for --latency")
     args = parser.parse_args(argv)
     if args.command == "list":
         sys.stdout.write("\n".join(list_models()) + "\n")
@@ -38,6 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     costs = exit_costs(model, args.input)
     sys.stdout.write(f"{args.name}: {args.num_classes} classes, input {'x'.join(map(str, args.input))}\n")
     sys.stdout.write(format_cost_table(costs) + "\n")
+    if args.latency:
+        torch.set_num_threads(args.threads)
+        profile = profile_latency(model.eval(), args.input, tuple(args.latency), repeats=20, warmup=3)
+        sys.stdout.write(f"\nms to answer at each exit (CPU, {args.threads} thread(s), median of 20):\n")
+        sys.stdout.write(f"{'exit':>4}" + "".join(f"  {'batch ' + str(b):>10}" for b in args.latency) + "\n")
+        for k in range(model.num_exits):
+            cells = []
+            for b in args.latency:
+                stages = sum(profile[i][str(b)].stage_ms for i in range(k + 1))
+                cells.append(f"  {stages + profile[k][str(b)].head_ms:>10.2f}")
+            sys.stdout.write(f"{k + 1:>4}" + "".join(cells) + "\n")
     return 0
 
 

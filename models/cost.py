@@ -1,13 +1,16 @@
-"""Cost of each exit: parameters and FLOPs of the path stem → stage k → exit k."""
+"""Cost of each exit: parameters and FLOPs of the path stem → stage k → exit k, and measured latency."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.artifact import StageLatency
 from models.multi_exit import MultiExitNet
 
 
@@ -69,3 +72,52 @@ def format_cost_table(costs: list[ExitCost]) -> str:
         mflops, head = c.flops / 1e6, c.head_flops / 1e6
         lines.append(f"{c.exit:>4}  {c.params:>12,}  {mflops:>10.2f}  {c.flops_fraction:>7.1%}  {head:>11.2f}")
     return "\n".join(lines)
+
+
+BATCH_SIZES = (1, 8, 32)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def profile_latency(
+    model: MultiExitNet,
+    input_shape: tuple[int, int, int],
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    repeats: int = 40,
+    warmup: int = 5,
+) -> list[dict[str, StageLatency]]:
+    """Median milliseconds of stage k and exit head k, for each batch size (after warm-up).
+
+    Returns one dict per exit, keyed by batch size: ``{"1": StageLatency(...), "8": ..., ...}``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    result: list[dict[str, StageLatency]] = [{} for _ in range(model.num_exits)]
+    for bs in batch_sizes:
+        x = torch.randn(bs, *input_shape, device=device)
+        stage_times: list[list[float]] = [[] for _ in range(model.num_exits)]
+        head_times: list[list[float]] = [[] for _ in range(model.num_exits)]
+        for rep in range(warmup + repeats):
+            h = x
+            for k in range(model.num_exits):
+                _sync(device)
+                t0 = time.perf_counter()
+                h = model.run_stage(k, h)
+                _sync(device)
+                t1 = time.perf_counter()
+                model.run_exit(k, h)
+                _sync(device)
+                t2 = time.perf_counter()
+                if rep >= warmup:
+                    stage_times[k].append((t1 - t0) * 1e3)
+                    head_times[k].append((t2 - t1) * 1e3)
+        for k in range(model.num_exits):
+            result[k][str(bs)] = StageLatency(
+                stage_ms=round(statistics.median(stage_times[k]), 4),
+                head_ms=round(statistics.median(head_times[k]), 4),
+            )
+    return result

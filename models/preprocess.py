@@ -1,20 +1,57 @@
 """The model-side preprocessing an artifact's `InputSpec` describes, shared by training and serving.
 
-A decoded PIL image in the spec's colour mode becomes the normalised C×H×W float tensor the
-network takes: resize (the shorter side to `resize`, then a centre crop of `size`; or straight
-to `size`×`size`), scale to [0, 1], normalise with the spec's mean and std. It calls
-torchvision's functional kernels directly on plain tensors: the same arithmetic as a
-`v2.Compose` of ToImage, Resize, CenterCrop, ToDtype and Normalize (tested equal), without
-that pipeline's per-call dispatch, which cost half the time of a 28x28 image.
+A decoded PIL image becomes the normalised C×H×W float tensor the network takes: the spec's colour
+mode (alpha composited on black, 16-bit and float images scaled to 8 bits), then resize (the
+shorter side to `resize`, then a centre crop of `size`; or straight to `size`×`size`), scale to
+[0, 1], normalise with the spec's mean and std. It calls torchvision's functional kernels directly
+on plain tensors: the same arithmetic as a `v2.Compose` of ToImage, Resize, CenterCrop, ToDtype and
+Normalize (tested equal), without that pipeline's per-call dispatch, which cost half the time of a
+28x28 image. The server decodes untrusted bytes first (service/images.py); a training set's trusted
+files are read with `load_image_file`; both are turned upright by their EXIF orientation.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 from models.artifact import InputSpec
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation says it should be seen."""
+    return ImageOps.exif_transpose(im)
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float images → 8-bit grayscale, scaled by the type's range."""
+    arr = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if im.mode == "F":
+        top = max(float(arr.max(initial=1.0)), 1.0)
+    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert to "L" or "RGB": alpha composited on black, high bit depths scaled to 8 bits."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", im.size, (0, 0, 0))
+        background.paste(im.convert("RGB"), mask=im.getchannel("A"))
+        im = background
+    return im.convert(mode) if im.mode != mode else im
+
+
+def load_image_file(path: str) -> Image.Image:
+    """A trusted image file (a training set's), upright: what torchvision's ImageFolder loader should read."""
+    with Image.open(path) as im:
+        im.load()
+        return upright(im)
 
 
 class Preprocess:
@@ -25,7 +62,7 @@ class Preprocess:
         self.size = [spec.size, spec.size]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        t = F.pil_to_tensor(image)
+        t = F.pil_to_tensor(to_mode(image, self.spec.color_mode))
         if self.spec.resize:
             t = F.center_crop(F.resize(t, [self.spec.resize], antialias=True), self.size)
         elif list(t.shape[-2:]) != self.size:

@@ -115,3 +115,15 @@ def resnet_fmnist_narrow(**kwargs: Any) -> MultiExitNet:
     """`resnet_fmnist` at half the width (0.24 M parameters): for seed studies on a small CPU."""
     kwargs.setdefault("in_channels", 1)
     return build_resnet(BasicBlock, (2, 2, 2, 2), widths=(8, 16, 32, 64), **kwargs)
+
+
+@register_model
+def wide_resnet50_2(**kwargs: Any) -> MultiExitNet:
+    """Wide ResNet-50-2 (torchvision's shape: bottlenecks twice as wide inside), four exits."""
+    return build_resnet(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs)
+
+
+@register_model
+def resnext50_32x4d(**kwargs: Any) -> MultiExitNet:
+    """ResNeXt-50 32x4d (torchvision's shape: 32 groups of width 4), four exits."""
+    return build_resnet(Bottleneck, (3, 4, 6, 3), groups=32, base_width=4, **kwargs)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from models.artifact import InputSpec
-from models.preprocess import Preprocess
+from models.preprocess import Preprocess, upright
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
@@ -27,15 +26,6 @@ class ImageRejected(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer or float images → 8-bit grayscale, scaled by the type's range."""
-    arr = np.asarray(im, dtype=np.float64)
-    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-    if im.mode == "F":
-        top = max(float(arr.max(initial=1.0)), 1.0)
-    return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -68,7 +58,7 @@ def _load(im: Image.Image, max_pixels: int) -> Image.Image:
     try:
         im.seek(0)
         im.load()
-        return ImageOps.exif_transpose(im)
+        return upright(im)
     except Image.DecompressionBombError:
         raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
     except Exception as exc:  # noqa: BLE001 - see above: untrusted bytes, any decoder error is the client's
@@ -88,24 +78,11 @@ def _unidentified(data: bytes) -> tuple[int, str, str]:
     return 400, "undecodable_image", "the body is not a decodable image"
 
 
-def to_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Convert to "L" or "RGB", dropping alpha and handling high-bit-depth images."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        im = _to_8bit(im)
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", im.size, (0, 0, 0))
-        background.paste(im.convert("RGB"), mask=im.getchannel("A"))
-        im = background
-    return im.convert(mode)
-
-
 def finish_image(im: Image.Image, spec: InputSpec, transform: Preprocess, max_pixels: int) -> torch.Tensor:
     """An image from `open_image` → normalised C×H×W float tensor for the model described by `spec`."""
     im = _load(im, max_pixels)
     try:
-        return transform(to_mode(im, spec.color_mode))
+        return transform(im)
     except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow can open but not convert
         raise ImageRejected(
             400, "undecodable_image", f"the {im.format} {im.mode} image cannot be converted: {exc}"

@@ -8,16 +8,21 @@ held out of the training set with its own fixed seed; the test set is only ever 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from client.idx import IdxError, read_idx
+from models.artifact import InputSpec
+from models.preprocess import Preprocess, load_image_file, to_mode
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -186,20 +191,32 @@ def load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, 
 
 
 def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size: int = 224) -> DataBundle:
-    """`train/` and `val/` class folders (ImageNet layout); `val/` is the reported test set."""
+    """`train/` and `val/` class folders (ImageNet layout); `val/` is the reported test set.
+
+    Training: random resized crop and flip (torchvision's ImageNet recipe). Evaluation: exactly what
+    the server applies to a photo (models/preprocess.py): RGB, shorter side to 256, centre crop 224,
+    ImageNet mean/std. Every image is read upright by its EXIF orientation.
+    """
     if not data_dir or not (Path(data_dir) / "train").is_dir() or not (Path(data_dir) / "val").is_dir():
         raise DataError(f"imagefolder needs --data-dir with train/ and val/ class folders, got {data_dir!r}")
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm])
-    eval_tf = v2.Compose([v2.Resize(int(size * 256 / 224)), v2.CenterCrop(size), *norm])
-    train_full = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=train_tf)
-    eval_full = datasets.ImageFolder(str(Path(data_dir) / "train"), transform=eval_tf)
+    resize = int(size * 256 / 224)
+    eval_tf = Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=resize, mean=mean, std=std))
+    train_tf = v2.Compose([
+        v2.Lambda(partial(to_mode, mode="RGB")), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+    ])  # fmt: skip
+
+    def folder(split: str, transform: Callable[[Image.Image], torch.Tensor]) -> datasets.ImageFolder:
+        return datasets.ImageFolder(str(Path(data_dir) / split), transform=transform, loader=load_image_file)
+
+    train_full, eval_full, test = folder("train", train_tf), folder("train", eval_tf), folder("val", eval_tf)
+    if not 0 < val_size < len(train_full):
+        raise DataError(f"val_size must be between 1 and {len(train_full) - 1} for this folder, got {val_size}")
     order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(split_seed)).tolist()
-    test = datasets.ImageFolder(str(Path(data_dir) / "val"), transform=eval_tf)
     return DataBundle(
         "imagefolder", Subset(train_full, order[val_size:]), Subset(eval_full, order[:val_size]), test,
-        list(train_full.classes), 3, size, mean, std, resize=int(size * 256 / 224),
+        list(train_full.classes), 3, size, mean, std, resize=resize,
     )  # fmt: skip
 
 

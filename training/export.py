@@ -35,13 +35,12 @@ from models.artifact import (
     save_artifact,
 )
 from models.confidence import MEASURES, confidence
-from models.cost import ExitCost, exit_costs
+from models.cost import BATCH_SIZES, ExitCost, exit_costs, profile_latency
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
 from training.config import build_parser, settings_error
 from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
-from training.latency import profile_latency
 from training.report import write_report
 from training.thresholds import PolicyResult, agreement_by_exit, evaluate_policy, select_thresholds
 
@@ -64,6 +63,8 @@ class ExportConfig(BaseSettings):
     budget: float | None = Field(None, gt=0, le=1, description="budget mode: target mean FLOPs fraction, e.g. 0.5")
     confidence: Literal[MEASURES] = Field("max_softmax", description="confidence measure")  # type: ignore[valid-type]
     data_dir: str | None = Field(None, description="override the data directory recorded in the checkpoint")
+    latency_batch_sizes: list[int] = Field(list(BATCH_SIZES), description="batch sizes of the latency profile")
+    latency_repeats: int = Field(40, ge=1, description="timed runs per batch size (after 5 warm-up runs)")
 
     @model_validator(mode="after")
     def _budget_given(self) -> ExportConfig:
@@ -183,7 +184,7 @@ def export(cfg: ExportConfig) -> Path:
     costs = exit_costs(model, input_shape)
     policy = _policy(ev, np.array([c.flops_fraction for c in costs]), cfg)
     log.info("profiling latency")
-    latency = profile_latency(model, input_shape)
+    latency = profile_latency(model, input_shape, tuple(cfg.latency_batch_sizes), cfg.latency_repeats)
     accs = {"val": accuracies(val_logits, val_y), "test": accuracies(test_logits, test_y)}
     body = ManifestBody(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
