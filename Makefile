@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# Debian packages the test suite uses (real data, real Prometheus, compose validation).
-TEST_DEBS := dataset-fashion-mnist prometheus docker-compose
+# Debian packages the test suite uses (real data, real Prometheus and HAProxy, compose validation).
+TEST_DEBS := dataset-fashion-mnist prometheus docker-compose haproxy
 
-.PHONY: serve test lint venv debs install-debs reproduce default-model bench
+.PHONY: serve test lint venv debs install-debs reproduce default-model bench cluster
 
 venv: $(STAMP)
 
@@ -46,6 +46,13 @@ lint: venv
 # Serves the bundled default model (model_store/fashion-mnist/1); ANYTIME_* variables override settings.
 serve: venv
 	ANYTIME_HOST=$(HOST) ANYTIME_PORT=$(PORT) $(BIN)/anytime-serve
+
+# REPLICAS replicas of the bundled model behind HAProxy on 127.0.0.1:$(PORT), scraped by Prometheus
+# on 127.0.0.1:9090 (README: "Running more than one replica"); ANYTIME_CLUSTER_* override the rest.
+REPLICAS ?= 3
+cluster: venv
+	@$(MAKE) --no-print-directory install-debs DEBS="haproxy prometheus"
+	$(BIN)/python -m tools.cluster --replicas $(REPLICAS) --port $(PORT)
 
 # Training recipes (README: "Training" and "The bundled default model").
 # The study: standard, dsn, byot, byot-nohint and ramps, 3 seeds each (resumable; about 3 h on 2 cores).

@@ -22,10 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-exit", type=int, help="answer at this exit at the latest")
     c.add_argument("--top-k", type=int, help="how many classes to show")
     c.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    c.add_argument(
+        "--retries", type=int, default=2, help="resend after a refused connection or a 503 with Retry-After (0: never)"
+    )
     args = parser.parse_args(argv)
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
     failures = 0
     rows = []
-    with AnytimeClient(args.url) as client:
+    with AnytimeClient(args.url, retries=args.retries) as client:
         for path in args.images:
             try:
                 r = client.classify(path, args.deadline_ms, args.threshold, args.max_exit, args.top_k)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 
 class AnytimeError(Exception):
-    """A request failed; `status` is the HTTP status (None when no answer came), `code` the server's code."""
+    """A request failed; `status` is the HTTP status (None when no answer came), `code` the server's
+    code, `attempts` how many times it was sent (retries included)."""
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.code = message, status, code
+        self.attempts = 1
+
+
+class Unreachable(AnytimeError):
+    """No answer: the connection was refused, or closed before the answer came."""
 
 
 class BadInput(AnytimeError):

@@ -58,6 +58,11 @@ class LoadRun:
         self.rng = random.Random(seed)
         self.records: list[Record] = []
         self.progress = progress
+        self.stopped = False  # set by stop(): no new requests (those sent are still awaited)
+
+    def stop(self) -> None:
+        """End the run early (thread-safe: read by the sending loop between requests)."""
+        self.stopped = True
 
     async def _one(self, http: httpx.AsyncClient, i: int, start: float) -> None:
         png, label = self.images[i % len(self.images)]
@@ -94,7 +99,7 @@ class LoadRun:
         tasks, t, i = [], 0.0, 0
         while i < self.max_requests:
             t += self.rng.expovariate(rate)
-            if t > self.duration_s:
+            if t > self.duration_s or self.stopped:
                 break
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
             tasks.append(asyncio.create_task(self._one(http, i, start)))
@@ -106,7 +111,7 @@ class LoadRun:
 
         async def worker() -> None:
             for i in counter:
-                if time.perf_counter() - start > self.duration_s:
+                if time.perf_counter() - start > self.duration_s or self.stopped:
                     return
                 await self._one(http, i, start)
 

@@ -18,6 +18,7 @@ from models.artifact import ArtifactError
 from service import oip_grpc, oip_rest
 from service.api import HOT_ROUTES, meta, router
 from service.config import ServiceSettings
+from service.drain import CloseWhenDraining, DrainingServer
 from service.errors import BodyLimitMiddleware, install_error_handlers
 from service.frontdoor import FrontDoor
 from service.metrics import Metrics
@@ -83,23 +84,11 @@ def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None)
     return app
 
 
-def asgi_app(app: FastAPI, settings: ServiceSettings) -> BodyLimitMiddleware:
-    """What uvicorn serves: the body limit, then the front door for the hot routes, then `app`."""
-    return BodyLimitMiddleware(FrontDoor(app, HOT_ROUTES + oip_rest.HOT_ROUTES), limit=settings.max_body_bytes)
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server that marks the service draining (readyz 503) as soon as a signal arrives."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.app = app
-
-    def handle_exit(self, sig: int, frame: object) -> None:
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            service.draining = True
-        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+def asgi_app(app: FastAPI, settings: ServiceSettings) -> CloseWhenDraining:
+    """What uvicorn serves: `Connection: close` while draining, the body limit, then the front door
+    for the hot routes, then `app`."""
+    front = FrontDoor(app, HOT_ROUTES + oip_rest.HOT_ROUTES)
+    return CloseWhenDraining(BodyLimitMiddleware(front, limit=settings.max_body_bytes), app)
 
 
 def main() -> int:
@@ -128,7 +117,7 @@ def main() -> int:
         loop="uvloop",
         proxy_headers=False,  # nothing uses client addresses; one ASGI layer less per request
     )
-    server = DrainingServer(config, app)
+    server = DrainingServer(config, app, settings.drain_grace_s)
     # uvicorn re-raises the signal that stopped it once it has drained; these handlers take it
     # so a graceful SIGTERM ends with exit code 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

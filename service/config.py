@@ -49,7 +49,14 @@ class ServiceSettings(BaseSettings):
     # descheduled threads (bundled model, batch 1: 0.57 ms per stage on 1 thread, 160 ms on 2 while
     # another process kept both cores busy). Raise it for large models on a machine of their own.
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the server process")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight work may finish")
+    # A balancer checking /readyz every 1 s, down after 2 failures, stops sending within 3 s.
+    drain_grace_s: float = Field(
+        3.0, ge=0, description="on SIGTERM, how long the server keeps answering while /readyz says 503 "
+        "(so load balancers stop sending) before it closes its listener",
+    )  # fmt: skip
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="after the grace period, how long requests already read may take to finish"
+    )
     warmup: bool = Field(True, description="run warm-up batches before /readyz turns ready")
     shadow_rate: float = Field(
         0.01, ge=0, le=1, description="share of early answers also run to the final exit, when the worker is idle"

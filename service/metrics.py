@@ -47,6 +47,8 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("anytime_queue_depth", "Requests waiting for the worker", MV, registry=r)
+        # One series per process, over every model and protocol: what an autoscaler scales on.
+        self.inflight = Gauge("anytime_inflight", "Inference requests admitted and not yet answered", registry=r)
         self.batch_size = Histogram(
             "anytime_batch_size", "Requests per engine batch", MV, buckets=BATCH_BUCKETS, registry=r
         )

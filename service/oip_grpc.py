@@ -5,7 +5,8 @@ on grpc.aio, on the same event loop and engines as HTTP, listening on ANYTIME_HO
 The message and service classes are the generated modules `tritonclient[grpc]` ships (Triton's
 service is the same `inference.GRPCInferenceService`, a superset of KServe's; the other RPCs answer
 UNIMPLEMENTED). The call's gRPC deadline is a latency budget like X-Deadline-Ms. Errors map to gRPC
-status codes; while draining, new calls get UNAVAILABLE and calls in flight finish.
+status codes; while draining (service/drain.py) ServerReady says false, and once HTTP has closed its
+listener new calls get UNAVAILABLE and calls in flight finish.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            self.state.check_ready()
+            self.state.check_serving()
             meta = oip.model_metadata(self.state.registry.get(request.name, request.version or None))
         except Exception as exc:
             await self._abort(context, exc)
@@ -128,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received = time.monotonic()
         state, served, status = self.state, None, 500
         try:
-            state.check_ready()
+            state.check_serving()
             async with state.registry.lease(request.model_name, request.model_version or None) as model:
                 served = model
                 call = parse(request)

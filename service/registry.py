@@ -225,7 +225,9 @@ class ModelRegistry:
         """The model for one request: a swap waits for the request to finish before stopping it."""
         model = self.get(name, version)
         model.leases += 1
+        self.metrics.inflight.inc()
         try:
             yield model
         finally:
+            self.metrics.inflight.dec()
             model.release()

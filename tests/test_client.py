@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from client import AnytimeClient, AsyncAnytimeClient, BadInput, DeadlineExceeded, Overloaded
+from client import AnytimeClient, AsyncAnytimeClient, BadInput, DeadlineExceeded, Overloaded, Result, Unreachable
 from client.loadgen import main as bench_main
 from client.stats import Record, attainment, percentile, summarize
 from tests.helpers import ServerProcess, make_artifact
@@ -80,7 +82,7 @@ def test_503_raises_overloaded_with_retry_after(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path, "sleepy", max_batch=1, max_wait_ms=0, queue_size=1, warmup="false").wait_ready()
 
     async def flood() -> list[BaseException | object]:
-        async with AsyncAnytimeClient(srv.url) as client:
+        async with AsyncAnytimeClient(srv.url, retries=0) as client:
             return await asyncio.gather(*(client.classify(IMAGE) for _ in range(20)), return_exceptions=True)
 
     try:
@@ -90,6 +92,50 @@ def test_503_raises_overloaded_with_retry_after(tmp_path: Path) -> None:
     overloaded = [o for o in outcomes if isinstance(o, Overloaded)]
     assert overloaded and all(o.retry_after == 1.0 and o.status == 503 for o in overloaded)
     assert len(overloaded) < 20
+
+
+def test_client_retries_503_after_retry_after_when_the_deadline_allows(tmp_path: Path) -> None:
+    # One request runs (4 x 80 ms) and one waits; the other two get 503 with Retry-After: 1.
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[80] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=1, max_wait_ms=0, queue_size=1, warmup="false").wait_ready()
+
+    async def four(deadline_ms: float, retries: int) -> list[BaseException | object]:
+        async with AsyncAnytimeClient(srv.url, deadline_ms=deadline_ms, retries=retries) as client:
+            return await asyncio.gather(*(client.classify(IMAGE) for _ in range(4)), return_exceptions=True)
+
+    try:
+        patient = asyncio.run(four(5000, 2))
+        hurried = asyncio.run(four(900, 2))  # Retry-After (1 s) does not fit: no retry
+    finally:
+        assert srv.stop() == 0
+    assert all(isinstance(r, Result) for r in patient), patient
+    assert sorted(r.attempts for r in patient) == [1, 1, 2, 2]  # type: ignore[union-attr]
+    assert min(r.round_trip_ms for r in patient if r.attempts == 2) >= 1000  # type: ignore[union-attr]
+    refused = [r for r in hurried if isinstance(r, Overloaded)]
+    assert len(refused) == 2 and all(r.attempts == 1 for r in refused)
+
+
+def test_client_retries_a_refused_connection_within_its_deadline(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        with AnytimeClient(url, retries=3, retry_backoff_ms=20) as client:
+            with pytest.raises(Unreachable) as err:
+                client.classify(IMAGE, deadline_ms=5000)
+            assert err.value.attempts == 4 and err.value.status is None
+            start = time.perf_counter()
+            with pytest.raises(Unreachable) as err, AnytimeClient(url, retries=50, retry_backoff_ms=100) as eager:
+                eager.classify(IMAGE, deadline_ms=300)
+            assert time.perf_counter() - start < 0.5 and 1 < err.value.attempts < 5  # stops at the deadline
+    # A server that is still starting (it listens once its model is warm): retries until it answers.
+    make_artifact(tmp_path, "tiny", "test_tiny")
+    srv = ServerProcess(tmp_path, "tiny")
+    try:
+        with AnytimeClient(srv.url, retries=30, retry_backoff_ms=100) as client:
+            result = client.classify(IMAGE, deadline_ms=60_000)
+    finally:
+        assert srv.stop() == 0
+    assert result.attempts > 1 and result.label
 
 
 def test_statistics_are_exact_on_a_fixed_log() -> None:

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -72,16 +73,35 @@ def test_dockerfiles_run_the_server_safely() -> None:
         assert 'CMD ["python", "-m", "service.app"]' in serve
 
 
-def test_prometheus_scrapes_the_api_service() -> None:
+def test_prometheus_scrapes_every_replica_and_the_balancer() -> None:
     compose = _compose()
     config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
-    targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
-    for service in ("api", "api-gpu"):
-        container_ports = {p.rsplit(":", 1)[1] for p in compose["services"][service]["ports"]}
-        assert f"{service}:8000" in targets and container_ports == {"8000"}
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    discovered = jobs["anytime"]["dns_sd_configs"][0]
+    assert set(discovered["names"]) == {"api", "api-gpu"} and discovered["port"] == 8000
+    assert compose["services"]["api"]["expose"] == ["8000"] and "ports" not in compose["services"]["api"]
+    assert {p.rsplit(":", 1)[1] for p in compose["services"]["api-gpu"]["ports"]} == {"8000"}
+    assert jobs["haproxy"]["static_configs"][0]["targets"] == ["lb:8404"]
+    lb = compose["services"]["lb"]
+    assert {"127.0.0.1:8000:8000", "127.0.0.1:8404:8404"} <= set(lb["ports"])
+    assert lb["environment"]["ANYTIME_LB_STATS_BIND"] == ":8404"
+    assert lb["volumes"][0].startswith("./docker/haproxy:/usr/local/etc/haproxy")
     mounted = compose["services"]["prometheus"]["volumes"][0]
     assert mounted.startswith("./docker/prometheus:/etc/prometheus")
     assert (DOCKER / "prometheus" / config["rule_files"][0]).is_file()
+
+
+def test_haproxy_accepts_both_server_files() -> None:
+    tool = _tool("haproxy")
+    haproxy = DOCKER / "haproxy"
+    servers = "server r1 127.0.0.1:1 check\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "servers.cfg"
+        local.write_text(f"backend api\n    {servers}")
+        for extra in (haproxy / "compose-servers.cfg", local):
+            proc = subprocess.run([tool, "-c", "-f", str(haproxy / "haproxy.cfg"), "-f", str(extra)],
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_promtool_accepts_config_and_rules() -> None:

@@ -20,7 +20,7 @@ from models.confidence import confidence
 from models.exit_policy import answering_exits
 from models.preprocess import Preprocess
 from service.images import decode_image
-from tests.helpers import ServerProcess, make_artifact, png_bytes
+from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
 from training.data import load_data
 
 STAGE_MS = [120.0, 120.0, 120.0, 120.0]
@@ -245,3 +245,52 @@ def test_sigterm_under_load_drains_in_flight_and_exits_0(tmp_path: Path, fmnist_
     assert code == 0, srv.output()
     assert results[:12] == [200] * 12  # everything in flight when SIGTERM came was answered
     assert results[12] in ("refused", 503)
+
+
+def test_sigterm_grace_period_keeps_answering_with_connection_close(tmp_path: Path, fmnist_pngs: list) -> None:
+    """Draining: /readyz says 503 at once, requests are still answered (each with `Connection:
+    close`, so no keep-alive connection holds a request when the listener closes) until the grace
+    period ends; then the listener is closed and the process exits 0."""
+    make_artifact(tmp_path, "tiny", "test_tiny")
+    srv = ServerProcess(tmp_path, "tiny", drain_grace_s=2).wait_ready()
+    png = {"content": fmnist_pngs[0][0], "headers": {"content-type": "image/png"}}
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        assert client.post("/classify", **png).headers.get("connection") != "close"  # keep-alive before
+        srv.terminate()
+        signalled = time.monotonic()
+        time.sleep(0.3)
+        ready = client.get("/readyz")
+        answered = [client.post("/classify", **png) for _ in range(3)]
+        in_grace = time.monotonic() - signalled
+        while time.monotonic() - signalled < 6:
+            try:
+                client.get("/healthz")
+            except httpx.ConnectError:
+                break
+            time.sleep(0.1)
+        closed_after = time.monotonic() - signalled
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
+    assert in_grace < 2 and [r.status_code for r in answered] == [200] * 3
+    assert all(r.headers["connection"] == "close" for r in answered)
+    assert 2 <= closed_after < 6, closed_after
+    assert srv.stop() == 0
+
+
+def test_inflight_gauge_counts_admitted_requests_until_answered(tmp_path: Path, fmnist_pngs: list) -> None:
+    make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[100] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=8, warmup="false").wait_ready()
+
+    async def run() -> tuple[float | None, float | None]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            png = {"content": fmnist_pngs[0][0], "headers": {"content-type": "image/png"}}
+            pending = [asyncio.create_task(client.post("/classify", **png)) for _ in range(3)]
+            await asyncio.sleep(0.2)  # all three admitted; each takes 400 ms
+            during = metric((await client.get("/metrics")).text, "anytime_inflight")
+            assert [r.status_code for r in await asyncio.gather(*pending)] == [200] * 3
+            return during, metric((await client.get("/metrics")).text, "anytime_inflight")
+
+    try:
+        during, after = asyncio.run(run())
+    finally:
+        assert srv.stop() == 0
+    assert (during, after) == (3, 0)

@@ -7,6 +7,7 @@ like TorchServe's JVM, is stopped as a whole) and is stopped with SIGTERM, then 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,7 +112,8 @@ class LocalProcess:
 class ServerProcess(LocalProcess):
     """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*.
 
-    gRPC is off unless `grpc_port` is given (several test servers must not contend for 8001).
+    gRPC is off unless `grpc_port` is given (several test servers must not contend for 8001), and
+    there is no drain grace period unless `drain_grace_s` is given (no balancer needs one).
     """
 
     def __init__(
@@ -120,8 +122,31 @@ class ServerProcess(LocalProcess):
         port = free_port()
         env = {"PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
                "ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": "1",
-               "ANYTIME_LOG_LEVEL": "warning", "ANYTIME_GRPC_PORT": "0"}  # fmt: skip
+               "ANYTIME_LOG_LEVEL": "warning", "ANYTIME_GRPC_PORT": "0", "ANYTIME_DRAIN_GRACE_S": "0"}  # fmt: skip
         env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
         self.grpc_address = f"127.0.0.1:{settings['grpc_port']}" if settings.get("grpc_port") else None
         log_path = Path(log_dir or store) / f"server-{port}.log"
         super().__init__([sys.executable, "-m", "service.app"], port, log_path, env, cpus)
+
+
+class PrometheusProcess(LocalProcess):
+    """Debian's `prometheus` with `config` on 127.0.0.1:`port` (a free one when None), data in `data_dir`."""
+
+    def __init__(self, config: Path, data_dir: Path, port: int | None = None) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus is not installed (Debian package `prometheus`)")
+        port = port or free_port()
+        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+                f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+        super().__init__(argv, port, data_dir.parent / f"prometheus-{port}.log")
+
+    def wait_ready(self, path: str = "/-/ready", timeout: float = 60.0) -> PrometheusProcess:
+        super().wait_ready(path, timeout)
+        return self
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query (raises on a query error)."""
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]["result"]

@@ -47,8 +47,8 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         "{{status}}", f"sum by (status) (rate(anytime_requests_total{SEL}[{RATE}]))",
     )], "Requests per second by HTTP status."),
     ("Queue depth", "lines", "short", [(
-        "{{instance}} {{model}}", f"anytime_queue_depth{SEL}",
-    )], "Requests waiting for each model's worker (503 when the queue is full)."),
+        "{{model}}", f"sum by (model) (anytime_queue_depth{SEL})",
+    )], "Requests waiting for each model's workers, over all replicas (a replica answers 503 when its queue is full)."),
     ("Batch size", "lines", "short", [(
         "mean", f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
     )], "Mean number of requests the engine ran through the stages together."),
@@ -62,6 +62,18 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
     ("Thresholds in force", "lines", "short", [(
         "{{model}} exit {{exit}}", f"max by (model, exit) (anytime_threshold{SEL})",
     )], "Per exit: the artifact's threshold, or the drift guard's when ANYTIME_ADAPT is on."),
+    ("In flight per replica", "lines", "short", [(
+        "{{instance}}", 'anytime_inflight{instance=~"$instance"}',
+    )], "Requests each replica has admitted and not yet answered: what the autoscaler scales on (deploy/k8s)."),
+    ("Throughput per replica", "stacked", "reqps", [(
+        "{{instance}}", f"sum by (instance) (rate(anytime_requests_total{SEL}[{RATE}]))",
+    )], "Requests per second each replica answered; an even split means the balancer spreads the load."),
+    ("Balancer", "lines", "short", [
+        ("replicas in the pool", 'sum(haproxy_backend_active_servers{proxy="api"})'),
+        ("retries/s", f'sum(rate(haproxy_backend_retry_warnings_total{{proxy="api"}}[{RATE}]))'),
+        ("redispatches/s", f'sum(rate(haproxy_backend_redispatch_warnings_total{{proxy="api"}}[{RATE}]))'),
+    ], "HAProxy (make cluster, docker compose): replicas passing their /readyz check, and requests it "
+       "sent again to another replica after a failed connection, no answer or a 503. Empty with one server."),
     ("Model", "table", "short", [(
         "", f"anytime_model_info{INFO_SEL}",
     )], "The models (name, version) and devices each instance serves: one row per served version."),

@@ -1,0 +1,70 @@
+"""Shutting down without losing a request: the grace period, `Connection: close`, then the drain.
+
+On the first SIGTERM (or Ctrl-C) the service turns draining: `/readyz` answers 503, so a load
+balancer takes the replica out of its pool, while the server keeps accepting and answering for
+`drain_grace_s`; every response in that time carries `Connection: close`, so no keep-alive
+connection is left with a request in flight when the listener closes. After the grace period
+uvicorn closes the listener, finishes what it has read (up to `drain_timeout_s`) and stops the
+models. A second signal skips what is left of the grace period; a third Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("anytime.serve")
+
+
+def _draining(app: FastAPI) -> bool:
+    service = getattr(app.state, "service", None)
+    return service is not None and service.draining
+
+
+class CloseWhenDraining:
+    """ASGI wrapper: while the service drains, every HTTP response says `Connection: close`."""
+
+    def __init__(self, app: ASGIApp, service_app: FastAPI) -> None:
+        self.app, self.service_app = app, service_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _draining(self.service_app):
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a grace period between the first signal and closing the listener."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
+        super().__init__(config)
+        self.app, self.grace_s = app, grace_s
+        self.grace_ends: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service = getattr(self.app.state, "service", None)
+        if service is not None:
+            service.draining = True
+        if self.grace_ends is None and self.grace_s > 0 and not self.should_exit:
+            self.grace_ends = time.monotonic() + self.grace_s
+            log.info("draining: /readyz answers 503; closing the listener in %.1f s", self.grace_s)
+            return
+        super().handle_exit(sig, frame)  # second signal: stop now (a third Ctrl-C: force)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.grace_ends is not None and not self.should_exit and time.monotonic() >= self.grace_ends:
+            self.should_exit = True
+        return await super().on_tick(counter)
