@@ -131,13 +131,3 @@ def test_dashboard_uses_the_provisioned_datasource_and_is_generated() -> None:
         v for v in _compose()["services"]["grafana"]["volumes"] if "dashboards" in v and "provisioning" not in v
     )
     assert mount.split(":")[1] == provider["providers"][0]["options"]["path"]
-
-
-def test_serving_requirements_match_pyproject() -> None:
-    import tomllib
-
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for req in ("requirements-serve.txt", "requirements-train.txt"):
-        for line in (DOCKER / req).read_text().splitlines():
-            if line and not line.startswith("#"):
-                assert line in deps, f"{req}: {line} differs from pyproject.toml"
