@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ from models.confidence import confidence
 from models.exit_policy import answering_exits
 from models.preprocess import Preprocess
 from service.images import decode_image
-from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
+from tests.helpers import ServerProcess, free_port, make_artifact, metric, png_bytes
 from training.data import load_data
 
 STAGE_MS = [120.0, 120.0, 120.0, 120.0]
@@ -294,3 +297,12 @@ def test_inflight_gauge_counts_admitted_requests_until_answered(tmp_path: Path, 
     finally:
         assert srv.stop() == 0
     assert (during, after) == (3, 0)
+
+
+def test_container_healthcheck_follows_the_configured_port(server: ServerProcess) -> None:
+    def check(port: int) -> int:
+        env = {**os.environ, "ANYTIME_PORT": str(port)}
+        return subprocess.run([sys.executable, "-m", "service.healthcheck"], env=env, timeout=30).returncode
+
+    assert check(server.port) == 0
+    assert check(free_port()) == 1  # nothing listens there

@@ -164,7 +164,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], comm
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__)
     parser.add_argument("--model", default="resnet_fmnist_narrow")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_METHODS))
     parser.add_argument("--schedule", choices=["multistep", "cosine"], default="cosine")
