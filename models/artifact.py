@@ -275,14 +275,26 @@ def save_artifact(
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         if extra_files is not None:
             extra_files(tmp, manifest)
+        # mkdtemp makes the directory private and safetensors writes 0600: give the artifact the
+        # permissions of any file written here (the umask), so a server running as another user
+        # can read the store.
+        umask = _umask()
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~umask)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def test_round_trip_gives_identical_logits(tmp_path: Path) -> None:
     assert loaded.manifest.name == "tiny" and loaded.manifest.version == "1"
     assert save_artifact(model, _manifest(), tmp_path, "tiny").name == "2"
     assert resolve_artifact(tmp_path, "tiny") == tmp_path / "tiny" / "2"
+
+
+def test_artifact_is_readable_by_other_users_as_the_umask_allows(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_artifact(_trained_model(), _manifest(), tmp_path, "tiny")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
 
 
 def test_existing_version_is_never_overwritten(tmp_path: Path) -> None:
