@@ -43,7 +43,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Serves the bundled default model (model_store/fashion-mnist/1); ANYTIME_* variables override settings.
+# Serves the bundled default model (its newest version in model_store/fashion-mnist/); ANYTIME_* variables override settings.
 serve: venv
 	ANYTIME_HOST=$(HOST) ANYTIME_PORT=$(PORT) $(BIN)/anytime-serve
 

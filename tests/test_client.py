@@ -109,7 +109,10 @@ def test_client_retries_503_after_retry_after_when_the_deadline_allows(tmp_path:
     finally:
         assert srv.stop() == 0
     assert all(isinstance(r, Result) for r in patient), patient
-    assert sorted(r.attempts for r in patient) == [1, 1, 2, 2]  # type: ignore[union-attr]
+    # Both refused requests come back together after 1 s; if the second lands before the worker
+    # has taken the first from the one-slot queue, it is refused once more and waits another second.
+    attempts = sorted(r.attempts for r in patient)  # type: ignore[union-attr]
+    assert attempts[:3] == [1, 1, 2] and attempts[3] in (2, 3), attempts
     assert min(r.round_trip_ms for r in patient if r.attempts == 2) >= 1000  # type: ignore[union-attr]
     refused = [r for r in hurried if isinstance(r, Overloaded)]
     assert len(refused) == 2 and all(r.attempts == 1 for r in refused)

@@ -25,6 +25,7 @@ import tritonclient.http as thttp
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from models.artifact import resolve_artifact
 from tests.helpers import ROOT, ServerProcess, free_port, make_artifact, metric, png_bytes
 from training.data import load_data
 
@@ -55,13 +56,14 @@ def test_rest_health_and_metadata_with_tritonclient(server: ServerProcess) -> No
     assert not client.is_model_ready("nothing")
     meta = client.get_server_metadata()
     assert meta["name"] == "anytime" and {"binary_tensor_data", "classification"} <= set(meta["extensions"])
+    served = resolve_artifact(ROOT / "model_store", "fashion-mnist").name
     model = client.get_model_metadata("fashion-mnist")
-    assert model["versions"] == ["1"] and model["platform"] == "pytorch"
+    assert model["versions"] == [served] and model["platform"] == "pytorch"
     assert {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]} == {
         "image": ("BYTES", [-1]), "input": ("FP32", [-1, 1, 28, 28]),
     }  # fmt: skip
     assert {t["name"]: t["shape"] for t in model["outputs"]}["probabilities"] == [-1, 10]
-    assert client.get_model_metadata("fashion-mnist", "1")["name"] == "fashion-mnist"
+    assert client.get_model_metadata("fashion-mnist", served)["name"] == "fashion-mnist"
     with pytest.raises(InferenceServerException, match="no model named"):
         client.get_model_metadata("nothing")
     assert httpx.get(f"{server.url}/v2/models/fashion-mnist/versions/9/ready").status_code == 404
@@ -105,9 +107,10 @@ def test_json_base64_and_raw_binary_forms(server: ServerProcess, images: list) -
     assert r.status_code == 200, r.text
     out = {o["name"]: o["data"] for o in r.json()["outputs"]}
     assert r.json()["id"] == "j1" and out == {"exit": [4], "reason": ["final"]}  # threshold 1: full depth
-    raw = httpx.post(f"{server.url}/v2/models/fashion-mnist/versions/1/infer", content=png,
+    served = resolve_artifact(ROOT / "model_store", "fashion-mnist").name
+    raw = httpx.post(f"{server.url}/v2/models/fashion-mnist/versions/{served}/infer", content=png,
                      headers={"Inference-Header-Content-Length": "0"})  # fmt: skip
-    assert raw.status_code == 200 and raw.json()["model_version"] == "1"
+    assert raw.status_code == 200 and raw.json()["model_version"] == served
 
 
 def _grpc_image(png: bytes, n: int = 1) -> tgrpc.InferInput:
