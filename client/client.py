@@ -91,7 +91,8 @@ class _Attempts:
         if self.count > self.retries:
             return None
         if isinstance(error, Overloaded) and error.retry_after is not None:
-            wait = error.retry_after
+            # Clients refused together would all come back together: spread them over a quarter more.
+            wait = error.retry_after * random.uniform(1.0, 1.25)
         elif isinstance(error, Unreachable):  # exponential backoff (at most 1 s) with jitter, so retries spread
             wait = min(self.backoff_ms / 1e3 * 2 ** (self.count - 1), 1.0) * random.uniform(0.5, 1.0)
         else:

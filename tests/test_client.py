@@ -95,7 +95,9 @@ def test_503_raises_overloaded_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_client_retries_503_after_retry_after_when_the_deadline_allows(tmp_path: Path) -> None:
-    # One request runs (4 x 80 ms) and one waits; the other two get 503 with Retry-After: 1.
+    # Four at once on a one-at-a-time server with a one-slot queue (4 x 80 ms a request): one or
+    # two are admitted at first (two unless the second lands before the worker takes the first),
+    # the others get 503 with Retry-After: 1.
     make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[80] * 4)
     srv = ServerProcess(tmp_path, "sleepy", max_batch=1, max_wait_ms=0, queue_size=1, warmup="false").wait_ready()
 
@@ -104,18 +106,18 @@ def test_client_retries_503_after_retry_after_when_the_deadline_allows(tmp_path:
             return await asyncio.gather(*(client.classify(IMAGE) for _ in range(4)), return_exceptions=True)
 
     try:
-        patient = asyncio.run(four(5000, 2))
+        patient = asyncio.run(four(5000, 3))
         hurried = asyncio.run(four(900, 2))  # Retry-After (1 s) does not fit: no retry
     finally:
         assert srv.stop() == 0
     assert all(isinstance(r, Result) for r in patient), patient
-    # Both refused requests come back together after 1 s; if the second lands before the worker
-    # has taken the first from the one-slot queue, it is refused once more and waits another second.
     attempts = sorted(r.attempts for r in patient)  # type: ignore[union-attr]
-    assert attempts[:3] == [1, 1, 2] and attempts[3] in (2, 3), attempts
-    assert min(r.round_trip_ms for r in patient if r.attempts == 2) >= 1000  # type: ignore[union-attr]
+    assert attempts[0] == 1 and 2 <= attempts[-1] <= 4, attempts  # retries=3: 4 attempts at most
+    assert all(r.round_trip_ms >= 1000 for r in patient if r.attempts >= 2)  # type: ignore[union-attr]
     refused = [r for r in hurried if isinstance(r, Overloaded)]
-    assert len(refused) == 2 and all(r.attempts == 1 for r in refused)
+    answered = [r for r in hurried if isinstance(r, Result)]
+    assert len(refused) in (2, 3) and len(refused) + len(answered) == 4, hurried
+    assert all(r.attempts == 1 for r in refused + answered)  # type: ignore[attr-defined]
 
 
 def test_client_retries_a_refused_connection_within_its_deadline(tmp_path: Path) -> None:
