@@ -60,7 +60,7 @@ docker-smoke: venv
 	timeout 1800 $(BIN)/python -m tools.docker_smoke
 
 # Training recipes (README: "Training" and "The bundled default model").
-# The study: standard, dsn, byot, byot-nohint and ramps, 3 seeds each, resumable. It took 75 min on
+# The study: standard, dsn, byot, byot-nohint and ramps, 3 seeds each, resumable. It took 70 min on
 # 2 cores as two processes (--methods split between them); this one process takes about twice that.
 STUDY_EPOCHS ?= 6
 reproduce: venv debs
