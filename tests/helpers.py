@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +21,17 @@ from tools.processes import ROOT, ServerProcess, free_port
 __all__ = ["FMNIST_INPUT", "ROOT", "ServerProcess", "free_port", "make_artifact", "metric", "png_bytes"]
 FMNIST_INPUT = InputSpec(size=28, channels=1, color_mode="L", resize=None, mean=[0.286], std=[0.353])
 RGB_INPUT = InputSpec(size=32, channels=3, color_mode="RGB", resize=None, mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def require_binary(name: str) -> str:
+    """The path of a Debian-packaged program the test needs: fails in CI (where `make test` has
+    installed it), skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing; `make test` installs the Debian package")
+        pytest.skip(f"{name} is not installed")
+    return path
 
 
 def make_artifact(

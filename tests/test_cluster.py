@@ -13,7 +13,6 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +31,7 @@ from client import AnytimeError, AsyncAnytimeClient
 from client.loadgen import LoadRun, fashion_mnist_pngs
 from client.stats import Record, percentile
 from models.artifact import read_manifest, resolve_artifact
-from tests.helpers import ROOT, free_port, metric
+from tests.helpers import ROOT, free_port, metric, require_binary
 from tools.cluster import Cluster, ClusterSettings
 
 pytestmark = pytest.mark.slow
@@ -46,17 +45,10 @@ REPLICA_ENV = {
 }  # fmt: skip
 
 
-def _require(binary: str) -> None:
-    if shutil.which(binary) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{binary} is missing; `make test` installs the Debian package")
-        pytest.skip(f"{binary} is not installed")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    _require("haproxy")
-    _require("prometheus")
+    require_binary("haproxy")
+    require_binary("prometheus")
     settings = ClusterSettings(
         replicas=3, port=free_port(), replica_port=0, stats_port=0, prometheus_port=free_port(), scrape_interval_s=1
     )

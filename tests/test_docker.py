@@ -6,28 +6,18 @@ No Docker engine runs here, so these read the files as `docker compose up` would
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.helpers import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing; `make test` installs it (Debian package)")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def _compose() -> dict:
@@ -35,7 +25,7 @@ def _compose() -> dict:
 
 
 def test_compose_file_is_valid_in_every_profile() -> None:
-    tool = _tool("docker-compose")
+    tool = require_binary("docker-compose")
     for profiles in ([], ["--profile", "gpu", "--profile", "train"]):
         proc = subprocess.run([tool, *profiles, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -92,7 +82,7 @@ def test_prometheus_scrapes_every_replica_and_the_balancer() -> None:
 
 
 def test_haproxy_accepts_both_server_files() -> None:
-    tool = _tool("haproxy")
+    tool = require_binary("haproxy")
     haproxy = DOCKER / "haproxy"
     servers = "server r1 127.0.0.1:1 check\n"
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +95,7 @@ def test_haproxy_accepts_both_server_files() -> None:
 
 
 def test_promtool_accepts_config_and_rules() -> None:
-    tool = _tool("promtool")
+    tool = require_binary("promtool")
     checks = (["check", "config", "prometheus.yml"], ["check", "rules", "anytime.rules.yml"],
               ["test", "rules", "anytime.rules.test.yml"])  # fmt: skip
     for args in checks:

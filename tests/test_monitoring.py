@@ -8,8 +8,6 @@ variables substituted) must return data through Prometheus's HTTP API. Both proc
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, ServerProcess, make_artifact, metric, png_bytes
+from tests.helpers import ROOT, ServerProcess, make_artifact, metric, png_bytes, require_binary
 from tools.processes import PrometheusProcess
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "anytime.json"
@@ -27,10 +25,7 @@ VARIABLES = {"$instance": ".*", "$model": ".*", "$__rate_interval": "30s", "$__r
 
 def prometheus_process(config: Path, data_dir: Path) -> PrometheusProcess:
     """A real Prometheus on 127.0.0.1; fails in CI (skips elsewhere) when the Debian package is missing."""
-    if shutil.which("prometheus") is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is missing; `make test` installs the Debian package")
-        pytest.skip("prometheus is not installed")
+    require_binary("prometheus")
     return PrometheusProcess(config, data_dir).wait_ready()
 
 

@@ -10,7 +10,6 @@ every replica one at a time on SIGHUP. Everything binds 127.0.0.1 and is stopped
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import logging
@@ -30,6 +29,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tools.processes import ROOT, LocalProcess, PrometheusProcess, free_port
+from tools.settings_cli import settings_from_args
 
 HAPROXY_CONFIG = ROOT / "docker" / "haproxy" / "haproxy.cfg"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
@@ -224,20 +224,11 @@ class Cluster:
         raise TimeoutError(f"HAProxy did not report {names} {status} within {timeout_s:.0f} s: {self.lb_servers()}")
 
 
-def parse_settings(argv: list[str] | None) -> ClusterSettings:
-    """Flags (one per setting) over ANYTIME_CLUSTER_* variables over the defaults."""
-    parser = argparse.ArgumentParser(prog="python -m tools.cluster", description=__doc__.splitlines()[0])
-    for name, field in ClusterSettings.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=field.annotation, help=field.description)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return ClusterSettings(**given)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: start the cluster, keep it running, stop it cleanly."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    settings = parse_settings(argv)
+    settings = settings_from_args(ClusterSettings, argv, "python -m tools.cluster", __doc__.splitlines()[0])
     stop, roll = False, False
 
     def on_stop(*_: Any) -> None:

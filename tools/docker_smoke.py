@@ -25,7 +25,6 @@ this command started it):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -46,6 +45,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tools.processes import ROOT, LocalProcess, free_port
+from tools.settings_cli import settings_from_args
 
 log = logging.getLogger("anytime.docker_smoke")
 PYTHON_BASE = "python:3.11-slim"
@@ -436,15 +436,7 @@ def _workdir() -> Iterator[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.docker_smoke", description=__doc__.split("\n")[0])
-    defaults = SmokeSettings()
-    for name, field in SmokeSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, name))
-        else:
-            parser.add_argument(flag, type=field.annotation, default=getattr(defaults, name), help=field.description)
-    settings = SmokeSettings(**vars(parser.parse_args(argv)))
+    settings = settings_from_args(SmokeSettings, argv, "python -m tools.docker_smoke", __doc__.split("\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if os.geteuid() != 0:
