@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.confidence import MEASURES
+from models.confidence import Measure
 from models.multi_exit import MultiExitNet
-from models.registry import STEMS, build_model
+from models.registry import Stem, build_model
 
 SCHEMA_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -48,7 +48,7 @@ class ArchitectureSpec(BaseModel):
     name: str
     num_classes: int = Field(gt=0)
     in_channels: int = Field(gt=0)
-    stem: Literal[STEMS] = "cifar"  # type: ignore[valid-type]
+    stem: Stem = "cifar"
     kwargs: dict[str, Any] = {}
 
     def build(self) -> MultiExitNet:
@@ -94,6 +94,9 @@ class ExitInfo(BaseModel):
     params: int | None = None
     flops: int | None = None
     flops_fraction: float | None = None
+    served_flops_fraction: float | None = Field(
+        None, description="answering here as served: this path plus every earlier exit head, of the full network"
+    )
     head_flops: int | None = None
     latency_ms: dict[str, StageLatency] = Field({}, description="by batch size")
     val_accuracy: float | None = None
@@ -123,11 +126,27 @@ class SweepPoint(BaseModel):
     test: PolicyOutcome
 
 
+class SelectionStep(BaseModel):
+    """One step of exit selection: the exit dropped (a block number; none for the start) and what followed."""
+
+    dropped_block: int | None = None
+    kept_blocks: list[int]
+    val: PolicyOutcome
+
+
+class ExitSelection(BaseModel):
+    """Which of the trained exits the artifact serves, and why (training/exit_selection.py)."""
+
+    trained_blocks: list[int] = Field(description="the block after which each trained exit sat (1-based)")
+    kept_blocks: list[int]
+    steps: list[SelectionStep]
+
+
 class PolicyChoice(BaseModel):
     """How the thresholds were chosen, and what they give on validation and test."""
 
     model_config = _SCHEMA
-    confidence: Literal[MEASURES] = "max_softmax"  # type: ignore[valid-type]
+    confidence: Measure = "max_softmax"
     mode: Literal["accuracy", "budget"] = "accuracy"
     epsilon_pp: float | None = None
     budget: float | None = None
@@ -141,6 +160,7 @@ class Policy(PolicyChoice):
     """The chosen policy plus the ε sweep the export report plots."""
 
     sweep: list[SweepPoint] = []
+    exit_selection: ExitSelection | None = None
 
 
 class Ensemble(BaseModel):
@@ -269,9 +289,12 @@ def save_artifact(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         manifest = Manifest(
-            **body.model_dump(), schema_version=SCHEMA_VERSION, name=name, version=version,
+            **body.model_dump(),
+            schema_version=SCHEMA_VERSION,
+            name=name,
+            version=version,
             weights_sha256=sha256_file(tmp / WEIGHTS),
-        )  # fmt: skip
+        )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         if extra_files is not None:
             extra_files(tmp, manifest)

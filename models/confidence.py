@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-MEASURES = ("max_softmax", "entropy", "margin")
+Measure = Literal["max_softmax", "entropy", "margin"]
+MEASURES: tuple[str, ...] = get_args(Measure)
 
 
 def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:

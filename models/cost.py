@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,7 @@ class ExitCost:
     flops_fraction: float  # of the full network's deepest path
     stage_flops: int  # this stage alone
     head_flops: int  # this exit head alone
+    served_flops_fraction: float  # what answering here costs when served: every earlier head ran too
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -33,7 +35,7 @@ def _count_params(*modules: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def _flops(fn, *args) -> tuple[int, object]:  # type: ignore[no-untyped-def]
+def _flops(fn: Callable[..., object], *args: object) -> tuple[int, object]:
     with FlopCounterMode(display=False) as counter:
         out = fn(*args)
     return counter.get_total_flops(), out
@@ -60,8 +62,9 @@ def exit_costs(model: MultiExitNet, input_shape: tuple[int, int, int]) -> list[E
     costs = []
     for k in range(model.num_exits):
         path = sum(stage_flops[: k + 1]) + head_flops[k]
+        served = sum(stage_flops[: k + 1]) + sum(head_flops[: k + 1])
         params = _count_params(*model.stages[: k + 1], model.exits[k])
-        costs.append(ExitCost(k + 1, params, path, path / full, stage_flops[k], head_flops[k]))
+        costs.append(ExitCost(k + 1, params, path, path / full, stage_flops[k], head_flops[k], served / full))
     return costs
 
 

@@ -36,6 +36,16 @@ class Reason(StrEnum):
 GO_ON, CONFIDENCE, DEADLINE, MAX_EXIT, FINAL = 0, 1, 2, 3, 4
 REASONS: tuple[Reason | None, ...] = (None, Reason.CONFIDENCE, Reason.DEADLINE, Reason.MAX_EXIT, Reason.FINAL)
 NO_MAX_EXIT = 0  # in a `max_exit` array: the request named none
+
+
+def reason(code: int) -> Reason:
+    """The Reason of a stopping code (not GO_ON)."""
+    found = REASONS[code]
+    if found is None:
+        raise ValueError("GO_ON is not a reason to stop")
+    return found
+
+
 NO_DEADLINE = np.inf  # in a `deadline` array: the request has none
 
 

@@ -24,6 +24,11 @@ Two head styles are offered:
   dw3x3/s2 → 1x1 → dw3x3 → 1x1 with BN and ReLU), optionally preceded by its attention gate
   (``attention=True``: sepconv/s2, BN, ReLU, bilinear upsample ×2, sigmoid, multiplied in).
   Fewer parameters, more layers; useful for the large CIFAR/ImageNet networks.
+* ``"light"``: for exits after single blocks early in the network, where a head must cost a
+  small share of the few blocks before it: average pooling straight to twice the deepest
+  resolution, then one 3x3/2 conv + BN + ReLU to the deepest width (a 1x1 conv when the exit
+  already sits at the deepest resolution). On `resnet_fmnist` the "conv" head after the first
+  block costs 3.3 MFLOPs (6 % of the network, half the block before it), the light one 0.6.
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ def _conv_step(in_ch: int, out_ch: int, reduction: int = 1) -> nn.Module:
     return nn.Sequential(*_conv_bn_relu(in_ch, mid, 1), *_conv_bn_relu(mid, mid, 3, 2), *_conv_bn_relu(mid, out_ch, 1))
 
 
+EXIT_STYLES = ("conv", "sepconv", "light")
+
+
 class ExitHead(nn.Module):
     """Bottleneck to the deepest stage's shape, global average pool, linear classifier."""
 
@@ -105,18 +113,27 @@ class ExitHead(nn.Module):
         attention: bool = False,
         pre_pool: int = 1,
         reduction: int = 1,
+        pointwise: bool = False,
     ) -> None:
-        """`channels` lists the stage's width, then the width after each stride-2 step."""
+        """`channels` lists the stage's width, then the width after each stride-2 step (`pointwise`: one
+        1x1 step at the same resolution, for an exit already at the deepest resolution)."""
         super().__init__()
-        if style not in ("conv", "sepconv"):
-            raise ValueError(f"Unknown exit style {style!r}; use 'conv' or 'sepconv'")
+        if style not in EXIT_STYLES:
+            raise ValueError(f"Unknown exit style {style!r}; use one of {', '.join(EXIT_STYLES)}")
         layers: list[nn.Module] = []
         if attention:
             layers.append(AttentionGate(channels[0]))
         if pre_pool > 1:
             layers.append(nn.AvgPool2d(pre_pool, ceil_mode=True))
         for a, b in zip(channels[:-1], channels[1:], strict=True):
-            layers.append(_conv_step(a, b, reduction) if style == "conv" else SepConv(a, b))
+            if pointwise:
+                layers.append(nn.Sequential(*_conv_bn_relu(a, b, 1)))
+            elif style == "conv":
+                layers.append(_conv_step(a, b, reduction))
+            elif style == "sepconv":
+                layers.append(SepConv(a, b))
+            else:
+                layers.append(nn.Sequential(*_conv_bn_relu(a, b, 3, 2)))
         self.bottleneck = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels[-1], num_classes)
@@ -162,25 +179,38 @@ def build_exit_heads(
     heads: list[nn.Module] = []
     last = len(stage_channels) - 1
     for k, steps in enumerate(downsamples[:-1]):
-        widths = _bottleneck_widths(stage_channels, k, steps)
-        pre_pool = 1
-        if style == "conv" and steps > 2:
-            pre_pool = 2 ** (steps - 2)
-            widths = [widths[0], *widths[-2:]]
-        heads.append(
-            ExitHead(widths, num_classes, style=style, attention=attention, pre_pool=pre_pool, reduction=reduction)
-        )
+        if steps < 1:
+            raise ValueError(f"stage {k} is already at the deepest resolution; an exit needs a halving")
+        later = list(stage_channels[k + 1 :])
+        heads.append(exit_head(stage_channels[k], later, steps, num_classes, style, attention, reduction))
     heads.append(final_head or FinalHead(stage_channels[last], num_classes))
     return nn.ModuleList(heads)
 
 
-def _bottleneck_widths(stage_channels: Sequence[int], k: int, steps: int) -> list[int]:
-    if steps < 1:
-        raise ValueError(f"stage {k} is already at the deepest resolution; an exit needs a halving")
-    later = list(stage_channels[k + 1 :])
-    # Spread the later stages' widths over the halvings; the last always hits the deepest width.
-    picks = [later[min(len(later), math.ceil((i + 1) * len(later) / steps)) - 1] for i in range(steps)]
-    return [stage_channels[k], *picks]
+def exit_head(
+    width: int,
+    later: Sequence[int],
+    steps: int,
+    num_classes: int,
+    style: str = "conv",
+    attention: bool = False,
+    reduction: int = 1,
+) -> ExitHead:
+    """The head of an exit on a map `width` channels wide and `steps` halvings above the deepest one; `later`
+    lists the widths after it (the last is the deepest width, which every head ends at)."""
+    deepest = later[-1] if later else width
+    if steps == 0:
+        widths = [width] if width == deepest else [width, deepest]
+        return ExitHead(widths, num_classes, style=style, attention=attention, pointwise=True)
+    if style == "light":
+        return ExitHead([width, deepest], num_classes, style=style, attention=attention, pre_pool=2 ** (steps - 1))
+    # Spread the later widths over the halvings; the last always hits the deepest width.
+    widths = [width, *(later[min(len(later), math.ceil((i + 1) * len(later) / steps)) - 1] for i in range(steps))]
+    pre_pool = 1
+    if style == "conv" and steps > 2:
+        pre_pool = 2 ** (steps - 2)
+        widths = [widths[0], *widths[-2:]]
+    return ExitHead(widths, num_classes, style=style, attention=attention, pre_pool=pre_pool, reduction=reduction)
 
 
 def init_weights(net: nn.Module) -> None:
@@ -205,6 +235,12 @@ class MultiExitNet(nn.Module):
             raise ValueError(f"{len(stages)} stages but {len(exits)} exit heads")
         self.stages = nn.ModuleList(stages)
         self.exits = exits
+        # Families built from residual blocks say where each block and the stem live, and after which
+        # 1-based block each exit sits (models/exit_points.py keeps a subset of exits with them).
+        self.exit_blocks: list[int] | None = None
+        self.block_paths: list[str] | None = None
+        self.layer_sizes: list[int] | None = None
+        self.stem_path: str | None = None
 
     @property
     def num_exits(self) -> int:

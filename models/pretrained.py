@@ -29,15 +29,18 @@ class ImportMismatch(ValueError):
     """The weights do not fit the architecture; the message names the keys."""
 
 
-def _resnet_key(key: str) -> str | None:
-    """torchvision ResNet key → ours (stem in stage 0, layer n is stage n−1, fc in the last head)."""
+def _resnet_key(key: str, model: MultiExitNet) -> str | None:
+    """torchvision ResNet key → ours: the stem, each block where the model placed it, fc in the last head."""
+    assert model.block_paths is not None and model.layer_sizes is not None and model.stem_path is not None
     if m := re.match(r"(conv1|bn1)\.(.+)", key):
-        return f"stages.0.0.{0 if m[1] == 'conv1' else 1}.{m[2]}"
-    if m := re.match(r"layer(\d)\.(.+)", key):
-        n = int(m[1])
-        return f"stages.0.1.{m[2]}" if n == 1 else f"stages.{n - 1}.{m[2]}"
+        return f"{model.stem_path}.{0 if m[1] == 'conv1' else 1}.{m[2]}"
+    if m := re.match(r"layer(\d)\.(\d+)\.(.+)", key):
+        layer, j = int(m[1]) - 1, int(m[2])
+        if layer >= len(model.layer_sizes) or j >= model.layer_sizes[layer]:
+            return None
+        return f"{model.block_paths[sum(model.layer_sizes[:layer]) + j]}.{m[3]}"
     if m := re.match(r"fc\.(.+)", key):
-        return f"exits.3.fc.{m[1]}"
+        return f"exits.{model.num_exits - 1}.fc.{m[1]}"
     return None
 
 
@@ -83,7 +86,7 @@ def from_torchvision(arch: str, state_dict: Mapping[str, Tensor], **exit_options
     mapped: dict[str, Tensor] = {}
     unexpected, mismatched = [], []
     for key, value in state_dict.items():
-        target = _vgg_key(key, positions) if arch in VGGS else _resnet_key(key)
+        target = _vgg_key(key, positions) if arch in VGGS else _resnet_key(key, model)
         if target is None or target not in ours:
             unexpected.append(key)
         elif tuple(value.shape) != tuple(ours[target].shape):

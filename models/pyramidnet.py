@@ -27,10 +27,15 @@ class PyramidBottleneck(nn.Module):
         out = planes * self.expansion
         self.body = nn.Sequential(
             nn.BatchNorm2d(in_ch),
-            nn.Conv2d(in_ch, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
-        )  # fmt: skip
+            nn.Conv2d(in_ch, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
         self.stride = stride
         self.pad = out - in_ch
 

@@ -8,14 +8,15 @@ cycle, and the registry is complete as soon as `models` is imported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from models.multi_exit import MultiExitNet
 
 Builder = Callable[..., "MultiExitNet"]
 _REGISTRY: dict[str, Builder] = {}
-STEMS = ("cifar", "imagenet")
+Stem = Literal["cifar", "imagenet"]
+STEMS: tuple[str, ...] = get_args(Stem)
 
 
 def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any:

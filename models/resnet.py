@@ -6,13 +6,14 @@ The residual blocks are torchvision's own, so the deepest path with the ImageNet
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.multi_exit import MultiExitNet, build_exit_heads, init_weights
+from models.multi_exit import FinalHead, MultiExitNet, exit_head, init_weights
 from models.registry import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -52,25 +53,67 @@ def build_resnet(
     widths: Sequence[int] = (64, 128, 256, 512),
     exit_style: str = "conv",
     attention: bool = False,
+    exits: Sequence[int] | None = None,
     **block_kw: Any,
 ) -> MultiExitNet:
-    """A ResNet-style multi-exit network: stem, one stage per entry of `layers`, an exit per stage."""
-    stages: list[nn.Module] = []
+    """A ResNet-style multi-exit network: stem, one layer per entry of `layers`, and an exit after each
+    layer, or after each residual block that `exits` names (1-based over all blocks; the last block
+    always has the final exit). A stage is then the blocks between two exits."""
+    blocks: list[nn.Module] = []
+    layer_of: list[int] = []  # the layer (0-based) each block belongs to
+    channels: list[int] = []  # each layer's output width
     inplanes = widths[0]
-    channels: list[int] = []
-    for i, (planes, blocks) in enumerate(zip(widths, layers, strict=True)):
-        layer = make_layer(block, inplanes, planes, blocks, 1 if i == 0 else 2, **block_kw)
+    for i, (planes, count) in enumerate(zip(widths, layers, strict=True)):
+        layer = make_layer(block, inplanes, planes, count, 1 if i == 0 else 2, **block_kw)
         inplanes = planes * block.expansion
         channels.append(inplanes)
-        stages.append(nn.Sequential(make_stem(in_channels, widths[0], stem), layer) if i == 0 else layer)
-    n = len(stages)
-    downsamples = [n - 1 - i for i in range(n)]
-    heads = build_exit_heads(
-        channels, downsamples, num_classes, style=exit_style, attention=attention, reduction=block.expansion
-    )
-    net = MultiExitNet(stages, heads)
+        blocks += list(layer)
+        layer_of += [i] * count
+    ends = list(itertools.accumulate(layers))
+    exits = _check_exits(exits, len(blocks)) or ends
+    stem_module = make_stem(in_channels, widths[0], stem)
+    if exits == ends:  # one exit per layer: the layout every artifact before exits-at-any-block has
+        stages = [nn.Sequential(*blocks[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        stages[0] = nn.Sequential(stem_module, stages[0])
+        starts = [0, *ends]
+        block_paths = [
+            f"stages.{layer_of[g]}.{'1.' if layer_of[g] == 0 else ''}{g - starts[layer_of[g]]}"
+            for g in range(len(blocks))
+        ]
+        stem_path = "stages.0.0"
+    else:
+        stages = [nn.Sequential(*blocks[a:b]) for a, b in zip([0, *exits[:-1]], exits, strict=True)]
+        stages[0] = nn.Sequential(stem_module, *stages[0])
+        block_paths = []
+        for k, (a, b) in enumerate(zip([0, *exits[:-1]], exits, strict=True)):
+            block_paths += [f"stages.{k}.{g - a + (1 if k == 0 else 0)}" for g in range(a, b)]
+        stem_path = "stages.0.0"
+    n = len(layers)
+    heads: list[nn.Module] = []
+    for e in exits[:-1]:
+        layer = layer_of[e - 1]
+        later, steps = channels[layer + 1 :], n - 1 - layer
+        heads.append(exit_head(channels[layer], later, steps, num_classes, exit_style, attention, block.expansion))
+    heads.append(FinalHead(channels[-1], num_classes))
+    net = MultiExitNet(stages, nn.ModuleList(heads))
+    net.exit_blocks = list(exits)
+    net.block_paths = block_paths
+    net.layer_sizes = list(layers)
+    net.stem_path = stem_path
     init_weights(net)
     return net
+
+
+def _check_exits(exits: Sequence[int] | None, total: int) -> list[int]:
+    """1-based block indices, increasing, ending at the last block; None → after each layer (the caller's)."""
+    if exits is None:
+        return []
+    out = sorted({int(e) for e in exits})
+    if not out or out[0] < 1 or out[-1] != total or len(out) != len(exits):
+        raise ValueError(
+            f"exits must be distinct block numbers from 1 to {total}, the last being {total}; got {list(exits)}"
+        )
+    return out
 
 
 @register_model

@@ -26,10 +26,14 @@ class VGGClassifier(nn.Module):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
-            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(dropout),
             nn.Linear(4096, num_classes),
-        )  # fmt: skip
+        )
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.classifier(torch.flatten(self.avgpool(h), 1))

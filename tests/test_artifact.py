@@ -102,7 +102,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (os.mkdir, (str(self.marker),))
 
 
@@ -162,7 +162,7 @@ def test_the_bundled_manifest_validates_unchanged() -> None:
         (lambda m: m.update(weights_sha256="abc"), "weights_sha256"),
     ],
 )
-def test_an_invalid_manifest_is_refused_naming_the_field(tmp_path: Path, edit, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_invalid_manifest_is_refused_naming_the_field(tmp_path: Path, edit, field: str) -> None:
     path = save_artifact(_trained_model(), _manifest(), tmp_path, "tiny")
     manifest = json.loads((path / "manifest.json").read_text())
     edit(manifest)

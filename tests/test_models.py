@@ -79,7 +79,7 @@ def _deepest_params(model: torch.nn.Module) -> int:
     "name,reference,expected",
     [("resnet18", torchvision.models.resnet18, 11_689_512), ("resnet50", torchvision.models.resnet50, 25_557_032)],
 )
-def test_deepest_resnet_path_matches_torchvision(name: str, reference, expected: int) -> None:  # type: ignore[no-untyped-def]
+def test_deepest_resnet_path_matches_torchvision(name: str, reference, expected: int) -> None:
     model = build_model(name, 1000, stem="imagenet")
     assert _deepest_params(model) == expected == sum(p.numel() for p in reference().parameters())
 

@@ -143,9 +143,9 @@ def test_fashion_mnist_loader_reads_the_real_files() -> None:
     bundle = load_data("fashion-mnist", val_size=5000, allow_download=False)
     assert len(bundle.train) + len(bundle.val) == 60_000 and len(bundle.val) == 5000
     assert len(bundle.test) == 10_000
-    train_labels = bundle.train.dataset.labels  # type: ignore[attr-defined]
+    train_labels = bundle.train.dataset.labels
     assert torch.bincount(train_labels).tolist() == [6000] * 10
-    assert torch.bincount(bundle.test.labels).tolist() == [1000] * 10  # type: ignore[attr-defined]
+    assert torch.bincount(bundle.test.labels).tolist() == [1000] * 10
     x, _ = bundle.test[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
     assert bundle.classes[0] == "T-shirt/top" and bundle.num_classes == 10

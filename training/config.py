@@ -24,7 +24,12 @@ class TrainConfig(BaseSettings):
     # What to train.
     model: str = Field("resnet_fmnist", description="registered model name (python -m models list)")
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="network stem")
-    exit_style: Literal["conv", "sepconv"] = Field("conv", description="exit head style")
+    exit_style: Literal["conv", "sepconv", "light"] = Field("conv", description="exit head style")
+    exits: list[int] | None = Field(
+        None,
+        description="ResNets: 1-based blocks to put an exit after (the last block's is the final exit); "
+        "default: one exit per stage",
+    )
     attention: bool = Field(False, description="attention gate before each shallow exit (TPAMI variant)")
     method: str = Field("byot", description=f"one of {', '.join(METHODS)}")
     teacher: str | None = Field(None, description="kd only: teacher checkpoint (.pt) or artifact directory")
@@ -50,7 +55,7 @@ class TrainConfig(BaseSettings):
     data_dir: str | None = Field(None, description="where the data set lives")
     val_size: int = Field(5000, gt=0, description="images held out of the training set for validation")
     split_seed: int = Field(0, description="seed of the validation split (kept apart from the training seed)")
-    augment: Literal[AUGMENTATIONS] = Field(  # type: ignore[valid-type]
+    augment: Literal[AUGMENTATIONS] = Field(
         "standard", description="none; standard: random crop + flip; erasing adds random erasing; autoaugment..."
     )
     allow_download: bool = Field(True, description="fashion-mnist: fall back to torchvision's download")

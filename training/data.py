@@ -7,27 +7,38 @@ held out of the training set with its own fixed seed; the test set is only ever 
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.transforms import v2
 
-from client.idx import IdxError, read_idx
 from models.artifact import InputSpec
 from models.preprocess import Preprocess, load_image_file, to_mode
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("none", "standard", "erasing", "autoaugment", "autoaugment+erasing")
 
@@ -36,11 +47,20 @@ class DataError(RuntimeError):
     """The data set cannot be found or read; the message says where it looked and what to do."""
 
 
-def _read(path: Path | None) -> np.ndarray:
+def _read(path: Path | None) -> torch.Tensor:
+    """An IDX file's tensor (torchvision's reader; a gzipped file is unpacked into a temporary directory)."""
+    if path is None:
+        raise DataError("IDX file not found")
     try:
-        return read_idx(path)  # type: ignore[arg-type]
-    except IdxError as exc:
-        raise DataError(str(exc)) from exc
+        if path.suffix != ".gz":
+            return read_sn3_pascalvincent_tensor(str(path))
+        with tempfile.TemporaryDirectory(prefix="anytime-idx-") as tmp:
+            plain = Path(tmp) / path.stem
+            with gzip.open(path, "rb") as src, plain.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return read_sn3_pascalvincent_tensor(str(plain))
+    except (OSError, AssertionError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{path} is not a readable IDX file: {exc}") from exc
 
 
 @dataclass
@@ -153,7 +173,7 @@ def load_fashion_mnist(
     def part(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         images = _read(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
         labels = _read(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
-        return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        return images.unsqueeze(1).contiguous(), labels.long()
 
     mean, std = [0.2860], [0.3530]
     eval_tf = _tensor_transforms(False, 28, mean, std)
@@ -202,10 +222,16 @@ def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size:
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     resize = int(size * 256 / 224)
     eval_tf = Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=resize, mean=mean, std=std))
-    train_tf = v2.Compose([
-        v2.Lambda(partial(to_mode, mode="RGB")), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-    ])  # fmt: skip
+    train_tf = v2.Compose(
+        [
+            v2.Lambda(partial(to_mode, mode="RGB")),
+            v2.RandomResizedCrop(size),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
     def folder(split: str, transform: Callable[[Image.Image], torch.Tensor]) -> datasets.ImageFolder:
         return datasets.ImageFolder(str(Path(data_dir) / split), transform=transform, loader=load_image_file)
@@ -215,9 +241,17 @@ def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size:
         raise DataError(f"val_size must be between 1 and {len(train_full) - 1} for this folder, got {val_size}")
     order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(split_seed)).tolist()
     return DataBundle(
-        "imagefolder", Subset(train_full, order[val_size:]), Subset(eval_full, order[:val_size]), test,
-        list(train_full.classes), 3, size, mean, std, resize=resize,
-    )  # fmt: skip
+        "imagefolder",
+        Subset(train_full, order[val_size:]),
+        Subset(eval_full, order[:val_size]),
+        test,
+        list(train_full.classes),
+        3,
+        size,
+        mean,
+        std,
+        resize=resize,
+    )
 
 
 def load_synthetic(num_classes: int = 4, size: int = 16, channels: int = 3, n: int = 256, seed: int = 0) -> DataBundle:
@@ -232,9 +266,16 @@ def load_synthetic(num_classes: int = 4, size: int = 16, channels: int = 3, n: i
     full = TensorImages(images, labels, tf)
     quarter = n // 4
     return DataBundle(
-        "synthetic", Subset(full, range(2 * quarter, n)), Subset(full, range(quarter)),
-        Subset(full, range(quarter, 2 * quarter)), [f"class{i}" for i in range(num_classes)], channels, size, mean, std,
-    )  # fmt: skip
+        "synthetic",
+        Subset(full, range(2 * quarter, n)),
+        Subset(full, range(quarter)),
+        Subset(full, range(quarter, 2 * quarter)),
+        [f"class{i}" for i in range(num_classes)],
+        channels,
+        size,
+        mean,
+        std,
+    )
 
 
 def load_data(

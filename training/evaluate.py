@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from models.multi_exit import MultiExitNet
 
 
-def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):  # type: ignore[no-untyped-def]
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
     """An autocast context on CUDA when a dtype is given, otherwise a no-op."""
     if amp_dtype is None or device.type != "cuda":
         return nullcontext()

@@ -26,21 +26,26 @@ from models.artifact import (
     ArtifactError,
     Ensemble,
     ExitInfo,
+    ExitSelection,
     InputSpec,
     ManifestBody,
     Policy,
     PolicyOutcome,
+    SelectionStep,
     StageLatency,
     SweepPoint,
     save_artifact,
 )
-from models.confidence import MEASURES, confidence
+from models.confidence import Measure, confidence
 from models.cost import BATCH_SIZES, ExitCost, exit_costs, profile_latency
+from models.exit_points import keep_exits
+from models.multi_exit import MultiExitNet
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
 from training.config import build_parser, settings_error
 from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
+from training.exit_selection import select_exits
 from training.report import write_report
 from training.thresholds import PolicyResult, agreement_by_exit, evaluate_policy, select_thresholds
 
@@ -61,10 +66,13 @@ class ExportConfig(BaseSettings):
     z: float = Field(1.645, ge=0, description="standard errors added to the accuracy loss (1.645: 95 %% one-sided)")
     mode: Literal["accuracy", "budget"] = Field("accuracy", description="minimise FLOPs within ε, or best accuracy")
     budget: float | None = Field(None, gt=0, le=1, description="budget mode: target mean FLOPs fraction, e.g. 0.5")
-    confidence: Literal[MEASURES] = Field("max_softmax", description="confidence measure")  # type: ignore[valid-type]
+    confidence: Measure = Field("max_softmax", description="confidence measure")
     data_dir: str | None = Field(None, description="override the data directory recorded in the checkpoint")
     latency_batch_sizes: list[int] = Field(list(BATCH_SIZES), description="batch sizes of the latency profile")
     latency_repeats: int = Field(40, ge=1, description="timed runs per batch size (after 5 warm-up runs)")
+    exits: Literal["select", "all"] = Field(
+        "select", description="select: serve only the exits that lower the expected cost (ResNets); all: every exit"
+    )
 
     @model_validator(mode="after")
     def _budget_given(self) -> ExportConfig:
@@ -77,9 +85,12 @@ def code_version() -> str:
     """`git describe` of the working tree when available, else the package version."""
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5,
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -102,9 +113,11 @@ def _conf_and_correct(
 
 def _outcome(r: PolicyResult) -> PolicyOutcome:
     return PolicyOutcome(
-        accuracy=r.accuracy * 100, mean_flops_fraction=r.mean_flops, exit_rates=r.exit_rates,
+        accuracy=r.accuracy * 100,
+        mean_flops_fraction=r.mean_flops,
+        exit_rates=r.exit_rates,
         loss_bound_pp=r.loss_bound * 100,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -134,6 +147,7 @@ def _exit_entries(
             params=c.params,
             flops=c.flops,
             flops_fraction=c.flops_fraction,
+            served_flops_fraction=c.served_flops_fraction,
             head_flops=c.head_flops,
             latency_ms=latency[k],
             val_accuracy=val_acc[f"exit{k + 1}"],
@@ -146,7 +160,7 @@ def _exit_entries(
     ]
 
 
-def _policy(ev: Evaluated, flops: np.ndarray, cfg: ExportConfig) -> Policy:
+def _policy(ev: Evaluated, flops: np.ndarray, cfg: ExportConfig, selection: ExitSelection | None = None) -> Policy:
     """Choose thresholds on val, report them on test, and sweep ε for the report."""
     val_conf, val_correct = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, cfg.confidence)
     test_conf, test_correct = _conf_and_correct(ev.test_logits, ev.test_y, ev.temps, cfg.confidence)
@@ -158,9 +172,60 @@ def _policy(ev: Evaluated, flops: np.ndarray, cfg: ExportConfig) -> Policy:
         t = evaluate_policy(test_conf, test_correct, flops, np.array(r.thresholds))
         sweep.append(SweepPoint(epsilon_pp=eps * 100, thresholds=r.thresholds, val=_outcome(r), test=_outcome(t)))
     return Policy(
-        confidence=cfg.confidence, mode=cfg.mode, epsilon_pp=cfg.epsilon, budget=cfg.budget, z=cfg.z,
-        thresholds=chosen.thresholds, val=_outcome(chosen), test=_outcome(on_test), sweep=sweep,
-    )  # fmt: skip
+        confidence=cfg.confidence,
+        mode=cfg.mode,
+        epsilon_pp=cfg.epsilon,
+        budget=cfg.budget,
+        z=cfg.z,
+        thresholds=chosen.thresholds,
+        val=_outcome(chosen),
+        test=_outcome(on_test),
+        sweep=sweep,
+        exit_selection=selection,
+    )
+
+
+def _select_exits(
+    model: MultiExitNet, spec: ArchitectureSpec, ev: Evaluated, shape: tuple[int, int, int], cfg: ExportConfig
+) -> tuple[MultiExitNet, ArchitectureSpec, Evaluated, ExitSelection | None]:
+    """The network with only the exits worth serving (`--exits select`, ResNets), and the record of the choice."""
+    if cfg.exits == "all" or model.exit_blocks is None or model.num_exits < 2:
+        return model, spec, ev, None
+    costs = exit_costs(model, shape)
+    conf, correct = _conf_and_correct(ev.val_logits, ev.val_y, ev.temps, cfg.confidence)
+    chosen = select_exits(
+        conf,
+        correct,
+        [c.stage_flops for c in costs],
+        [c.head_flops for c in costs],
+        cfg.epsilon / 100,
+        cfg.mode,
+        cfg.budget,
+        cfg.z,
+    )
+    blocks = model.exit_blocks
+    steps, kept = [], list(range(model.num_exits))
+    for dropped, result in chosen.steps:
+        kept = [k for k in kept if k != dropped]
+        steps.append(
+            SelectionStep(
+                dropped_block=None if dropped is None else blocks[dropped],
+                kept_blocks=[blocks[k] for k in kept],
+                val=_outcome(result),
+            )
+        )
+    record = ExitSelection(trained_blocks=list(blocks), kept_blocks=[blocks[k] for k in chosen.kept], steps=steps)
+    log.info("exits kept after blocks %s of %s", record.kept_blocks, record.trained_blocks)
+    model, spec = keep_exits(model, spec, chosen.kept)
+    pick = chosen.kept
+    ev = Evaluated(
+        [ev.val_logits[k] for k in pick],
+        ev.val_y,
+        [ev.test_logits[k] for k in pick],
+        ev.test_y,
+        [ev.temps[k] for k in pick],
+    )
+    return model, spec, ev, record
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -181,8 +246,9 @@ def export(cfg: ExportConfig) -> Path:
     ev = Evaluated(val_logits, val_y, test_logits, test_y, [fit_temperature(z, val_y) for z in val_logits])
     input_spec = InputSpec.model_validate(data)
     input_shape = (input_spec.channels, input_spec.size, input_spec.size)
+    model, architecture, ev, selection = _select_exits(model, architecture, ev, input_shape, cfg)
     costs = exit_costs(model, input_shape)
-    policy = _policy(ev, np.array([c.flops_fraction for c in costs]), cfg)
+    policy = _policy(ev, np.array([c.served_flops_fraction for c in costs]), cfg, selection)
     log.info("profiling latency")
     latency = profile_latency(model, input_shape, tuple(cfg.latency_batch_sizes), cfg.latency_repeats)
     accs = {"val": accuracies(val_logits, val_y), "test": accuracies(test_logits, test_y)}

@@ -42,18 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     tv.add_argument("--attention", action="store_true", help="attention gate before each shallow exit")
     args = parser.parse_args(argv)
     try:
-        model = from_torchvision(args.arch, read_weights(args.weights), exit_style=args.exit_style,
-                                 attention=args.attention)  # fmt: skip
+        model = from_torchvision(
+            args.arch, read_weights(args.weights), exit_style=args.exit_style, attention=args.attention
+        )
     except (ImportMismatch, ValueError, OSError, RuntimeError) as exc:
         sys.stderr.write(f"anytime-import: error: {exc}\n")
         return 2
     fc = model.exits[-1]
     num_classes = fc.fc.out_features if hasattr(fc, "fc") else fc.classifier[-1].out_features
     spec = ArchitectureSpec(
-        name=args.arch, num_classes=num_classes, in_channels=3, stem="imagenet",
-        kwargs={"exit_style": args.exit_style, "attention": args.attention,
-                **({"classifier": "imagenet"} if args.arch.startswith("vgg") else {})},
-    )  # fmt: skip
+        name=args.arch,
+        num_classes=num_classes,
+        in_channels=3,
+        stem="imagenet",
+        kwargs={
+            "exit_style": args.exit_style,
+            "attention": args.attention,
+            **({"classifier": "imagenet"} if args.arch.startswith("vgg") else {}),
+        },
+    )
     save_checkpoint({"model": model.state_dict(), "model_spec": spec.model_dump()}, args.out)
     sys.stdout.write(f"{args.arch} with {model.num_exits} exits ({num_classes} classes) written to {args.out}\n")
     return 0

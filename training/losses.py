@@ -135,7 +135,7 @@ def compute_loss(
 ) -> dict[str, Tensor]:
     """Dispatch to the loss of `method` (one of `METHODS`); "ramps" trains heads with the BYOT loss."""
     if method in ("byot", "ramps"):
-        return byot_loss(logits, features, target, **options)  # type: ignore[arg-type]
+        return byot_loss(logits, features, target, **options)
     if method == "dsn":
         return dsn_loss(logits, target)
     if method == "standard":
@@ -144,7 +144,7 @@ def compute_loss(
         if teacher_logits is None:
             raise ValueError("method 'kd' needs the teacher's logits")
         kd_opts = {k: v for k, v in options.items() if k in ("alpha", "temperature", "kd_scale")}
-        return kd_loss(logits, teacher_logits, target, **kd_opts)  # type: ignore[arg-type]
+        return kd_loss(logits, teacher_logits, target, **kd_opts)
     raise ValueError(f"Unknown method {method!r}; known: {', '.join(METHODS)}")
 
 

@@ -18,17 +18,32 @@ def plot_exit_profile(manifest: Manifest, path: Path) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     ax1.plot([e.flops_fraction for e in exits], [e.test_accuracy for e in exits], "o-", label="single exit")
     for e in exits:
-        ax1.annotate(f"exit {e.exit}", (e.flops_fraction, e.test_accuracy), textcoords="offset points",
-                     xytext=(4, -12), fontsize=8)  # fmt: skip
+        ax1.annotate(
+            f"exit {e.exit}",
+            (e.flops_fraction, e.test_accuracy),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
     sweep = sorted(policy.sweep, key=lambda s: s.test.mean_flops_fraction)
-    ax1.plot([s.test.mean_flops_fraction for s in sweep], [s.test.accuracy for s in sweep], "s--",
-             label="anytime policy (ε sweep)")  # fmt: skip
+    ax1.plot(
+        [s.test.mean_flops_fraction for s in sweep],
+        [s.test.accuracy for s in sweep],
+        "s--",
+        label="anytime policy (ε sweep)",
+    )
     if policy.test is not None:
-        ax1.plot([policy.test.mean_flops_fraction], [policy.test.accuracy], "r*", markersize=14,
-                 label=f"chosen (ε = {policy.epsilon_pp} pp)")  # fmt: skip
+        ax1.plot(
+            [policy.test.mean_flops_fraction],
+            [policy.test.accuracy],
+            "r*",
+            markersize=14,
+            label=f"chosen (ε = {policy.epsilon_pp} pp)",
+        )
     if manifest.ensemble is not None:
-        ax1.plot([manifest.ensemble.flops_fraction], [manifest.ensemble.test_accuracy], "D",
-                 label="ensemble of all exits")  # fmt: skip
+        ax1.plot(
+            [manifest.ensemble.flops_fraction], [manifest.ensemble.test_accuracy], "D", label="ensemble of all exits"
+        )
     ax1.set_xlabel("mean FLOPs (fraction of the full network)")
     ax1.set_ylabel("test top-1 accuracy (%)")
     ax1.set_title("Accuracy vs compute")
@@ -81,7 +96,7 @@ def report_markdown(manifest: Manifest) -> str:
         lines += [
             "",
             f"Chosen policy on the test set: accuracy {p.test.accuracy:.2f} % at {p.test.mean_flops_fraction:.1%} of "
-            "the full network's FLOPs; exit distribution "
+            "the full network's FLOPs (every head a request passes counted); exit distribution "
             + ", ".join(f"exit {i + 1}: {r:.1%}" for i, r in enumerate(p.test.exit_rates))
             + ".",
         ]
@@ -92,6 +107,7 @@ def report_markdown(manifest: Manifest) -> str:
             f"| {s.epsilon_pp:g} | {th} | {s.val.accuracy:.2f} | {s.test.accuracy:.2f} | "
             f"{s.test.mean_flops_fraction:.1%} |"
         )
+    lines += _selection_lines(manifest)
     sizes = list(manifest.exits[0].latency_ms)
     if sizes:
         lines += ["", f"Latency (median ms per stage + head, {manifest.latency_device}):", ""]
@@ -101,6 +117,29 @@ def report_markdown(manifest: Manifest) -> str:
             cells = [f"{e.latency_ms[b].stage_ms:.2f} + {e.latency_ms[b].head_ms:.2f}" for b in sizes]
             lines.append(f"| {e.exit} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(manifest: Manifest) -> list[str]:
+    """The exit selection: which trained exits are served, and what each elimination step gave on val."""
+    sel = manifest.policy.exit_selection
+    if sel is None:
+        return []
+    lines = [
+        "",
+        f"Exit selection: trained with exits after blocks {', '.join(map(str, sel.trained_blocks))}; serves the "
+        f"exits after blocks {', '.join(map(str, sel.kept_blocks))} (each dropped exit lowered the validation mean "
+        "cost, every passed head counted, at the same ε):",
+        "",
+        "| step | dropped exit (after block) | exits served | val acc | val mean FLOPs (served) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for i, step in enumerate(sel.steps):
+        dropped = "–" if step.dropped_block is None else str(step.dropped_block)
+        lines.append(
+            f"| {i} | {dropped} | {', '.join(map(str, step.kept_blocks))} | {step.val.accuracy:.2f} | "
+            f"{step.val.mean_flops_fraction:.1%} |"
+        )
+    return lines
 
 
 def write_report(directory: Path, manifest: Manifest) -> None:

@@ -48,10 +48,19 @@ def _config(args: argparse.Namespace, variant: str, seed: int, out: Path) -> Tra
     else:
         options["model"] = args.model
     return TrainConfig(
-        **options, epochs=args.epochs, seed=seed, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
-        augment=args.augment, out_dir=str(out), resume=(out / "last.pt").is_file(), progress=not args.no_progress,
-        threads=args.threads, max_steps=args.max_steps,
-    )  # fmt: skip
+        **options,
+        epochs=args.epochs,
+        seed=seed,
+        schedule=args.schedule,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=args.augment,
+        out_dir=str(out),
+        resume=(out / "last.pt").is_file(),
+        progress=not args.no_progress,
+        threads=args.threads,
+        max_steps=args.max_steps,
+    )
 
 
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@ at the last exit. Given each sample's confidence and correctness at every exit a
 fraction of the full network), `select_thresholds` finds thresholds that either minimise mean
 FLOPs within an accuracy loss ε of the final exit ("accuracy" mode) or maximise accuracy within
 a FLOPs budget ("budget" mode). It brute-forces a coarse grid, then refines one exit at a time
-on a fine grid, so its answer is never worse than the coarse grid's best.
+on a fine grid, so its answer is never worse than the coarse grid's best. With more shallow exits
+than a grid can cover (exits at every block), it starts from uniform thresholds instead.
 
 The accuracy loss is bounded with confidence, not just estimated: with d_i = 1 when the final
 exit is right and the policy wrong, −1 for the reverse, 0 otherwise, the policy is feasible
@@ -25,6 +26,7 @@ import numpy as np
 from models.exit_policy import answering_exits
 
 NEVER = 1.0  # the exit rule never answers early at a threshold of 1 or more: the exit is skipped
+MAX_GRID = 25_000  # threshold vectors a coarse brute force may try (4 shallow exits at 11 values + NEVER: 20,736)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def evaluate_policy(
     )
 
 
-def _better(a: PolicyResult, b: PolicyResult | None, mode: str, limit: float) -> bool:
+def better(a: PolicyResult, b: PolicyResult | None, mode: str, limit: float) -> bool:
     """Is `a` feasible and better than `b`? (accuracy mode: `limit` = ε; budget mode: FLOPs budget)."""
     if mode == "accuracy":
         if a.loss_bound > limit + 1e-12:
@@ -81,7 +83,7 @@ def brute_force(
     best = None
     for combo in itertools.product(sorted({*grid, NEVER}), repeat=conf.shape[0] - 1):
         r = evaluate_policy(conf, correct, flops, np.array(combo), z)
-        if _better(r, best, mode, limit):
+        if better(r, best, mode, limit):
             best = r
     return best
 
@@ -107,8 +109,16 @@ def select_thresholds(
     else:
         raise ValueError(f"Unknown mode {mode!r}; use 'accuracy' or 'budget'")
     k = conf.shape[0] - 1
-    coarse_grid = list(np.linspace(0.0, 1.0, coarse)) if k <= 4 else list(np.linspace(0.5, 1.0, 6))
-    best = brute_force(conf, correct, flops, coarse_grid, mode, limit, z)
+    if (coarse + 1) ** k <= MAX_GRID:
+        best = brute_force(conf, correct, flops, list(np.linspace(0.0, 1.0, coarse)), mode, limit, z)
+    elif 7**k <= MAX_GRID:
+        best = brute_force(conf, correct, flops, list(np.linspace(0.5, 1.0, 6)), mode, limit, z)
+    else:  # too many exits for a grid: start from a few uniform vectors and the final exit alone
+        best = None
+        for t in (*np.linspace(0.5, 0.99, 8), NEVER):
+            r = evaluate_policy(conf, correct, flops, np.full(k, t), z)
+            if better(r, best, mode, limit):
+                best = r
     if best is None:  # nothing feasible: budget below exit 1, say; fall back to the final exit
         return evaluate_policy(conf, correct, flops, np.full(k, NEVER), z)
     thresholds = np.array(best.thresholds)
@@ -121,7 +131,7 @@ def select_thresholds(
                 trial = thresholds.copy()
                 trial[i] = c
                 r = evaluate_policy(conf, correct, flops, trial, z)
-                if _better(r, best, mode, limit) and r != best:
+                if better(r, best, mode, limit) and r != best:
                     best, thresholds, improved = r, trial, True
     return best
 

@@ -77,7 +77,11 @@ def model_spec(cfg: TrainConfig, bundle: DataBundle) -> ArchitectureSpec:
         num_classes=bundle.num_classes,
         in_channels=bundle.in_channels,
         stem=cfg.stem,
-        kwargs={"exit_style": cfg.exit_style, "attention": cfg.attention},
+        kwargs={
+            "exit_style": cfg.exit_style,
+            "attention": cfg.attention,
+            **({"exits": list(cfg.exits)} if cfg.exits else {}),
+        },
     )
 
 
@@ -112,8 +116,12 @@ def loss_options(cfg: TrainConfig, alpha: float) -> dict[str, Any]:
     """The keyword arguments of `compute_loss` for the configured method."""
     opts: dict[str, Any] = {"alpha": alpha, "temperature": cfg.temperature, "kd_scale": cfg.effective_kd_scale}
     if cfg.method in ("byot", "ramps"):
-        opts |= {"feature_weight": cfg.feature_weight, "use_kd": cfg.use_kd, "hint": cfg.hint,
-                 "hint_exits": cfg.hint_exits}  # fmt: skip
+        opts |= {
+            "feature_weight": cfg.feature_weight,
+            "use_kd": cfg.use_kd,
+            "hint": cfg.hint,
+            "hint_exits": cfg.hint_exits,
+        }
     return opts
 
 
@@ -195,7 +203,7 @@ class Trainer:
             unused = cfg.method in ("standard", "kd")  # shallow exits get no gradient there
             self.net = DistributedDataParallel(self.train_net, device_ids=ids, find_unused_parameters=unused)
         if cfg.compile:
-            self.net = torch.compile(self.net)  # type: ignore[assignment]
+            self.net = torch.compile(self.net)
 
     def _network(self) -> tuple[MultiExitNet, ArchitectureSpec]:
         """A fresh network for the data, or the `--init` checkpoint's (whose architecture wins)."""

@@ -36,7 +36,7 @@ class TrainNet(nn.Module):
             module.eval()  # frozen batch norms keep their running statistics
         return self
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         out = self.model(x)
         features = list(out.features)
         for k in self.adapted:
