@@ -57,11 +57,17 @@ def _contrast(factor: float) -> Corruption:
 
 STREAMS: dict[str, Corruption | None] = {
     "clean": None,
-    "noise 0.1": _noise(0.1), "noise 0.2": _noise(0.2), "noise 0.3": _noise(0.3),
-    "blur 1.0": _blur(1.0), "blur 1.5": _blur(1.5), "blur 2.0": _blur(2.0),
-    "contrast 0.5": _contrast(0.5), "contrast 0.3": _contrast(0.3), "contrast 0.15": _contrast(0.15),
+    "noise 0.1": _noise(0.1),
+    "noise 0.2": _noise(0.2),
+    "noise 0.3": _noise(0.3),
+    "blur 1.0": _blur(1.0),
+    "blur 1.5": _blur(1.5),
+    "blur 2.0": _blur(2.0),
+    "contrast 0.5": _contrast(0.5),
+    "contrast 0.3": _contrast(0.3),
+    "contrast 0.15": _contrast(0.15),
     "inverted": lambda a: 255 - a,
-}  # fmt: skip
+}
 
 
 def pngs(images: np.ndarray, corruption: Corruption | None) -> list[bytes]:
@@ -81,16 +87,23 @@ def offline(artifact: Path, stream: list[bytes], labels: np.ndarray) -> dict[str
 
     from models.artifact import load_artifact
     from models.preprocess import Preprocess
-    from service.engine import Engine, Job
+    from service.engine import Engine, EngineConfig, Job
     from service.images import decode_image
     from service.metrics import Metrics
+    from service.options import InferenceOptions
 
     loaded = load_artifact(artifact)
-    engine = Engine(loaded, torch.device("cpu"), Metrics().for_model("x", "1", "cpu"), max_batch=64)
+    engine = Engine(loaded, torch.device("cpu"), Metrics().for_model("x", "1", "cpu"), EngineConfig(max_batch=64))
     pre = Preprocess(loaded.manifest.input)
     xs = [decode_image(p, loaded.manifest.input, pre, 10**7) for p in stream]
-    served = [a for i in range(0, len(xs), 64) for a in engine.run([Job(x) for x in xs[i : i + 64]])]
-    final = [a for i in range(0, len(xs), 64) for a in engine.run([Job(x, threshold=1.0) for x in xs[i : i + 64]])]
+    served = [
+        a for i in range(0, len(xs), 64) for a in engine.run([Job(x, InferenceOptions.now()) for x in xs[i : i + 64]])
+    ]
+    final = [
+        a
+        for i in range(0, len(xs), 64)
+        for a in engine.run([Job(x, InferenceOptions.now(threshold=1.0)) for x in xs[i : i + 64]])
+    ]
     exits = np.array([a.exit for a in served])
     agree = np.array([a.index == f.index for a, f in zip(served, final, strict=True)])
     return {
@@ -131,8 +144,12 @@ def _prometheus(work: Path, target: str) -> LocalProcess:
         f"scrape_configs:\n  - job_name: anytime\n    static_configs: [{{targets: ['{target}']}}]\n"
     )
     port = free_port()
-    argv = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    argv = [
+        binary,
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={work / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     return LocalProcess(argv, port, work / "prometheus.log").wait_ready("/-/ready")
 
 
@@ -221,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     artifact = resolve_artifact(args.store, args.name)
     test = load_data("fashion-mnist", allow_download=False).test
-    images = test.images[: args.images, 0].numpy()  # type: ignore[attr-defined]
-    labels = test.labels[: args.images].numpy()  # type: ignore[attr-defined]
+    images = test.images[: args.images, 0].numpy()
+    labels = test.labels[: args.images].numpy()
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"images": args.images}
     clean = pngs(images, None)

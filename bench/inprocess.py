@@ -21,15 +21,18 @@ import torch
 
 from models.artifact import load_artifact
 from models.preprocess import Preprocess
-from service.engine import Answer, Engine, Job
+from service.engine import Answer, Engine, EngineConfig, Job
 from service.images import decode_image
 from service.metrics import Metrics
+from service.options import InferenceOptions
 
 
 def _engine(artifact_dir: Path) -> tuple[Engine, Preprocess]:
     artifact = load_artifact(artifact_dir)
     metrics = Metrics().for_model(artifact.manifest.name, artifact.manifest.version, "cpu")
-    return Engine(artifact, torch.device("cpu"), metrics, max_batch=1), Preprocess(artifact.manifest.input)
+    return Engine(artifact, torch.device("cpu"), metrics, EngineConfig(max_batch=1)), Preprocess(
+        artifact.manifest.input
+    )
 
 
 def latency(artifact_dir: Path, images: list[bytes], seconds: float, threshold: float | None) -> dict[str, float]:
@@ -41,7 +44,8 @@ def latency(artifact_dir: Path, images: list[bytes], seconds: float, threshold: 
     i = 0
     while time.perf_counter() - start < seconds + 1.0:
         t0 = time.perf_counter()
-        engine.run([Job(decode_image(images[i % len(images)], spec, preprocess, 10**8), threshold=threshold)])
+        x = decode_image(images[i % len(images)], spec, preprocess, 10**8)
+        engine.run([Job(x, InferenceOptions.now(threshold=threshold))])
         if t0 - start >= 1.0:
             times.append((time.perf_counter() - t0) * 1e3)
         i += 1
@@ -54,7 +58,8 @@ def evaluate(artifact_dir: Path, images: list[bytes], labels: list[int], thresho
     flops = [e.flops_fraction or 0.0 for e in load_artifact(artifact_dir).manifest.exits]
     answers: list[Answer] = []
     for png in images:
-        out = engine.run([Job(decode_image(png, engine.input, preprocess, 10**8), threshold=threshold)])[0]
+        x = decode_image(png, engine.input, preprocess, 10**8)
+        out = engine.run([Job(x, InferenceOptions.now(threshold=threshold))])[0]
         assert isinstance(out, Answer), out
         answers.append(out)
     exits = [a.exit for a in answers]

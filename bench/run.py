@@ -198,10 +198,16 @@ def _protocols(server: LocalProcess, images: list[Path], work: Path, reps: int, 
     kinds = {
         "classify": lambda c: run_wrk(f"{server.url}/classify", images, seconds, c, cpu=LOAD_CPU),
         "v2_binary": lambda c: run_wrk(
-            server.url + oip_path, bodies, seconds, c, paths=[oip_path], cpu=LOAD_CPU,
-            content_type="application/octet-stream", header=header,
+            server.url + oip_path,
+            bodies,
+            seconds,
+            c,
+            paths=[oip_path],
+            cpu=LOAD_CPU,
+            content_type="application/octet-stream",
+            header=header,
         ),
-    }  # fmt: skip
+    }
     p50: dict[str, list[float]] = {k: [] for k in kinds}
     rps: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(reps):
@@ -232,15 +238,20 @@ def shadow_cost(store: Path, images: list[Path], reps: int, seconds: float, rate
                 )
         for label, server in servers.items():
             text = httpx.get(f"{server.url}/metrics", timeout=10).text
-            checks[label] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                if line.startswith("anytime_shadow_samples_total{"))  # fmt: skip
+            checks[label] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("anytime_shadow_samples_total{")
+            )
     finally:
         for server in servers.values():
             server.stop()
     return {
-        "rate_rps": rate, "p99_ms": {k: spread(v) for k, v in p99.items()}, "shadow_checks_run": checks,
+        "rate_rps": rate,
+        "p99_ms": {k: spread(v) for k, v in p99.items()},
+        "shadow_checks_run": checks,
         "p99_ratio": spread([a / b for a, b in zip(p99["0.01"], p99["off"], strict=True)]),
-    }  # fmt: skip
+    }
 
 
 def realized(work: Path, reps: int, seconds: float) -> dict[str, Any]:
@@ -285,13 +296,26 @@ def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
     artifact = resolve_artifact(store, "fashion-mnist")
     results: dict[str, Any] = {}
     port = free_port()
-    baseline = [sys.executable, "-m", "bench.peers.baseline", "--store", str(store), "--name", "fashion-mnist",
-                "--port", str(port)]  # fmt: skip
-    starts: list[tuple[str, Callable[[], LocalProcess], str]] = [(
-        "fastapi_baseline",
-        lambda: LocalProcess(baseline, port, OUT / f"server-{port}.log", {"PYTHONPATH": str(ROOT)}, SERVER_CPU)
-        .wait_ready("/docs"), "/classify",
-    )]  # fmt: skip
+    baseline = [
+        sys.executable,
+        "-m",
+        "bench.peers.baseline",
+        "--store",
+        str(store),
+        "--name",
+        "fashion-mnist",
+        "--port",
+        str(port),
+    ]
+    starts: list[tuple[str, Callable[[], LocalProcess], str]] = [
+        (
+            "fastapi_baseline",
+            lambda: LocalProcess(
+                baseline, port, OUT / f"server-{port}.log", {"PYTHONPATH": str(ROOT)}, SERVER_CPU
+            ).wait_ready("/docs"),
+            "/classify",
+        )
+    ]
     if Path(sys.executable).with_name("torchserve").exists():
         ports = [free_port() for _ in range(5)]
 
@@ -377,8 +401,10 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     for name, v in r.items():
         c = v["cpu_ms_per_request"]
-        lines.append(f"| {name} | {_cell(v['efficiency'])} | {v['ideal_speedup']:.2f}x | "
-                     f"{c['full']['median']:.2f} → {c['mix']['median']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {_cell(v['efficiency'])} | {v['ideal_speedup']:.2f}x | "
+            f"{c['full']['median']:.2f} → {c['mix']['median']:.2f} |"
+        )
     pr = b["protocols"]
     lines += [
         "",
@@ -412,13 +438,17 @@ def format_table(results: dict[str, Any]) -> str:
             f"{v['p99_ms']['median']:.1f} |"
         )
     if p:
-        lines += ["", "| full depth, one run each | p50, one client (ms) | saturation (req/s) | CPU per request (ms) |",
-                  "| --- | --- | --- | --- |",
-                  f"| Anytime, threshold=1 | – | {sat['full']['throughput_rps']['median']:.0f} | "
-                  f"{sat['full']['cpu_ms_per_request']['median']:.2f} |"]  # fmt: skip
+        lines += [
+            "",
+            "| full depth, one run each | p50, one client (ms) | saturation (req/s) | CPU per request (ms) |",
+            "| --- | --- | --- | --- |",
+            f"| Anytime, threshold=1 | – | {sat['full']['throughput_rps']['median']:.0f} | "
+            f"{sat['full']['cpu_ms_per_request']['median']:.2f} |",
+        ]
         for name, v in p.items():
-            lines.append(f"| {name} | {v['p50_ms_one_client']:.2f} | {v['throughput_rps']:.0f} | "
-                         f"{v['cpu_ms_per_request']:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {v['p50_ms_one_client']:.2f} | {v['throughput_rps']:.0f} | {v['cpu_ms_per_request']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -454,11 +484,21 @@ def main(argv: list[str] | None = None) -> int:
         results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
     results["headline"] = headline(results["bundled"], results["realized"])
     results["machine"] = {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")), "unknown"),
-        "server_cpu": SERVER_CPU, "load_cpu": LOAD_CPU, "torch_threads": 1,
-    }  # fmt: skip
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "unknown",
+        ),
+        "server_cpu": SERVER_CPU,
+        "load_cpu": LOAD_CPU,
+        "torch_threads": 1,
+    }
     results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["wall_seconds"] = round(time.monotonic() - started)
     results["command"] = "make bench"

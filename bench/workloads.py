@@ -112,11 +112,20 @@ def oip_bodies(directory: Path, images: list[Path]) -> list[Path]:
     for path in images:
         png = path.read_bytes()
         element = len(png).to_bytes(4, "little") + png
-        head = json.dumps({
-            "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                        "parameters": {"binary_data_size": len(element)}}],
-            "outputs": [{"name": "label"}, {"name": "exit"}],
-        }, separators=(",", ":"))  # fmt: skip
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(element)},
+                    }
+                ],
+                "outputs": [{"name": "label"}, {"name": "exit"}],
+            },
+            separators=(",", ":"),
+        )
         assert len(head) <= OIP_HEAD, len(head)
         body = directory / path.name.replace(".png", ".bin")
         body.write_bytes(head.ljust(OIP_HEAD).encode() + element)

@@ -80,8 +80,13 @@ def run_wrk(
     with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
         (Path(tmp) / "images").write_text("\n".join(str(p) for p in images) + "\n")
         (Path(tmp) / "paths").write_text("\n".join(paths or ["/classify"]) + "\n")
-        env = {**os.environ, "BENCH_IMAGES": f"{tmp}/images", "BENCH_PATHS": f"{tmp}/paths",
-               "BENCH_CONTENT_TYPE": content_type, "BENCH_CONNECTIONS": str(connections)}  # fmt: skip
+        env = {
+            **os.environ,
+            "BENCH_IMAGES": f"{tmp}/images",
+            "BENCH_PATHS": f"{tmp}/paths",
+            "BENCH_CONTENT_TYPE": content_type,
+            "BENCH_CONNECTIONS": str(connections),
+        }
         if rate:
             env["BENCH_RATE"] = f"{rate:.3f}"
         if deadline_ms is not None:
@@ -108,9 +113,16 @@ def run_wrk(
     raw = json.loads(line.removeprefix("BENCH_JSON "))
     errors = raw["errors"]
     return WrkResult(
-        requests=raw["requests"], seconds=raw["duration_us"] / 1e6, p50_ms=raw["p50_us"] / 1e3,
-        p90_ms=raw["p90_us"] / 1e3, p99_ms=raw["p99_us"] / 1e3, status=raw["status"], exits=raw["exits"],
-        ok=raw["ok"], server_met=raw["server_met"], early_by_deadline=raw["early_by_deadline"],
+        requests=raw["requests"],
+        seconds=raw["duration_us"] / 1e6,
+        p50_ms=raw["p50_us"] / 1e3,
+        p90_ms=raw["p90_us"] / 1e3,
+        p99_ms=raw["p99_us"] / 1e3,
+        status=raw["status"],
+        exits=raw["exits"],
+        ok=raw["ok"],
+        server_met=raw["server_met"],
+        early_by_deadline=raw["early_by_deadline"],
         share_under_deadline=raw["share_under_deadline"],
         socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
-    )  # fmt: skip
+    )

@@ -5,6 +5,14 @@ from client.errors import AnytimeError, BadInput, DeadlineExceeded, Overloaded, 
 from client.result import Result, TopK
 
 __all__ = [
-    "AnytimeClient", "AsyncAnytimeClient", "AnytimeError", "BadInput", "DeadlineExceeded", "Overloaded",
-    "Result", "ServerError", "TopK", "Unreachable",
-]  # fmt: skip
+    "AnytimeClient",
+    "AsyncAnytimeClient",
+    "AnytimeError",
+    "BadInput",
+    "DeadlineExceeded",
+    "Overloaded",
+    "Result",
+    "ServerError",
+    "TopK",
+    "Unreachable",
+]

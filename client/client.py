@@ -26,9 +26,13 @@ from client.result import Result
 
 ImageInput = str | Path | bytes | Any  # Any: an object with PIL's `save(fp, format=...)`
 _MAGIC = [
-    (b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"),
-    (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"),
-]  # fmt: skip
+    (b"\x89PNG", "image/png"),
+    (b"\xff\xd8", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+]
 
 
 def image_bytes(image: ImageInput) -> tuple[bytes, str]:
@@ -102,9 +106,14 @@ class _Attempts:
 
 class _Base:
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", deadline_ms: float | None = None,
-        timeout_margin_ms: float = 250.0, timeout_s: float = 30.0, retries: int = 2, retry_backoff_ms: float = 50.0,
-    ) -> None:  # fmt: skip
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        deadline_ms: float | None = None,
+        timeout_margin_ms: float = 250.0,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        retry_backoff_ms: float = 50.0,
+    ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.base_url = base_url.rstrip("/")
@@ -116,9 +125,13 @@ class _Base:
         return _Attempts(deadline, self.timeout_s, self.retries, self.retry_backoff_ms)
 
     def _request(
-        self, image: ImageInput, attempts: _Attempts, threshold: float | None, max_exit: int | None,
+        self,
+        image: ImageInput,
+        attempts: _Attempts,
+        threshold: float | None,
+        max_exit: int | None,
         top_k: int | None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         """The keyword arguments of one POST /classify, with the budget that is left."""
         data, ctype = image_bytes(image)
         headers = {"content-type": ctype}
@@ -149,16 +162,25 @@ class AnytimeClient(_Base):
     """Blocking client. Use as a context manager, or call `close()`."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", deadline_ms: float | None = None,
-        timeout_margin_ms: float = 250.0, timeout_s: float = 30.0, retries: int = 2, retry_backoff_ms: float = 50.0,
-    ) -> None:  # fmt: skip
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        deadline_ms: float | None = None,
+        timeout_margin_ms: float = 250.0,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        retry_backoff_ms: float = 50.0,
+    ) -> None:
         super().__init__(base_url, deadline_ms, timeout_margin_ms, timeout_s, retries, retry_backoff_ms)
         self._http = httpx.Client(base_url=self.base_url)
 
     def classify(
-        self, image: ImageInput, deadline_ms: float | None = None, threshold: float | None = None,
-        max_exit: int | None = None, top_k: int | None = None,
-    ) -> Result:  # fmt: skip
+        self,
+        image: ImageInput,
+        deadline_ms: float | None = None,
+        threshold: float | None = None,
+        max_exit: int | None = None,
+        top_k: int | None = None,
+    ) -> Result:
         """Classify one image; raises BadInput, Overloaded, DeadlineExceeded, Unreachable or ServerError."""
         attempts = self._attempts(deadline_ms)
         while True:
@@ -189,18 +211,27 @@ class AsyncAnytimeClient(_Base):
     """asyncio client. Use with `async with`, or `await aclose()`."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", deadline_ms: float | None = None,
-        timeout_margin_ms: float = 250.0, timeout_s: float = 30.0, retries: int = 2, retry_backoff_ms: float = 50.0,
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        deadline_ms: float | None = None,
+        timeout_margin_ms: float = 250.0,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        retry_backoff_ms: float = 50.0,
         max_connections: int = 100,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(base_url, deadline_ms, timeout_margin_ms, timeout_s, retries, retry_backoff_ms)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(base_url=self.base_url, limits=limits)
 
     async def classify(
-        self, image: ImageInput, deadline_ms: float | None = None, threshold: float | None = None,
-        max_exit: int | None = None, top_k: int | None = None,
-    ) -> Result:  # fmt: skip
+        self,
+        image: ImageInput,
+        deadline_ms: float | None = None,
+        threshold: float | None = None,
+        max_exit: int | None = None,
+        top_k: int | None = None,
+    ) -> Result:
         """Classify one image; raises BadInput, Overloaded, DeadlineExceeded, Unreachable or ServerError."""
         attempts = self._attempts(deadline_ms)
         while True:

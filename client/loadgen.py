@@ -48,10 +48,17 @@ class LoadRun:
     """One bounded load run against `url`."""
 
     def __init__(
-        self, url: str, images: list[tuple[bytes, int]], duration_s: float, max_requests: int,
-        deadlines_ms: list[float] | None = None, params: dict[str, Any] | None = None, seed: int = 0,
-        progress: bool = True, path: str = "/classify",
-    ) -> None:  # fmt: skip
+        self,
+        url: str,
+        images: list[tuple[bytes, int]],
+        duration_s: float,
+        max_requests: int,
+        deadlines_ms: list[float] | None = None,
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        path: str = "/classify",
+    ) -> None:
         self.url, self.images, self.path = url.rstrip("/"), images, path
         self.duration_s, self.max_requests = duration_s, max_requests
         self.deadlines, self.params = deadlines_ms or [], params or {}
@@ -117,7 +124,7 @@ class LoadRun:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def _run(self, body, max_connections: int) -> float:  # type: ignore[no-untyped-def]
+    async def _run(self, body, max_connections: int) -> float:
         from tqdm import tqdm
 
         self._bar = tqdm(total=self.max_requests, unit="req", disable=not self.progress, leave=False)
@@ -177,8 +184,14 @@ def run_and_report(args: argparse.Namespace, images: list[tuple[bytes, int]]) ->
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load = {"rate": args.rate} if args.rate else {"concurrency": args.concurrency}
-    payload = {"name": args.name, "url": args.url, "load": load, "params": params, "summary": summary,
-               "records": [asdict(r) for r in run.records]}  # fmt: skip
+    payload = {
+        "name": args.name,
+        "url": args.url,
+        "load": load,
+        "params": params,
+        "summary": summary,
+        "records": [asdict(r) for r in run.records],
+    }
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
     plot_run(args.name, run.records, out)
     return summary

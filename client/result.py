@@ -36,7 +36,17 @@ class Result:
     def from_json(cls, body: dict[str, Any], round_trip_ms: float, attempts: int = 1) -> Result:
         top = tuple(TopK(t["label"], int(t["index"]), float(t["probability"])) for t in body["top_k"])
         return cls(
-            body["label"], int(body["index"]), float(body["confidence"]), int(body["exit"]), int(body["exits"]),
-            body["reason"], top, float(body["latency_ms"]), float(body["queue_ms"]), body["model"],
-            str(body["version"]), round_trip_ms, attempts,
-        )  # fmt: skip
+            body["label"],
+            int(body["index"]),
+            float(body["confidence"]),
+            int(body["exit"]),
+            int(body["exits"]),
+            body["reason"],
+            top,
+            float(body["latency_ms"]),
+            float(body["queue_ms"]),
+            body["model"],
+            str(body["version"]),
+            round_trip_ms,
+            attempts,
+        )

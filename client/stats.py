@@ -36,7 +36,7 @@ def attainment(records: list[Record]) -> float:
     with_deadline = [r for r in records if r.deadline_ms is not None]
     if not with_deadline:
         return math.nan
-    met = [r for r in with_deadline if r.status == 200 and r.latency_ms <= r.deadline_ms]  # type: ignore[operator]
+    met = [r for r in with_deadline if r.status == 200 and r.latency_ms <= r.deadline_ms]
     return len(met) / len(with_deadline)
 
 
@@ -73,8 +73,8 @@ def summarize(records: list[Record], duration_s: float) -> dict[str, Any]:
             "p50": percentile(lat, 50),
             "p95": percentile(lat, 95),
             "p99": percentile(lat, 99),
-        },  # fmt: skip
-        "accuracy": sum(r.correct for r in judged) / len(judged) if judged else math.nan,  # type: ignore[misc]
+        },
+        "accuracy": sum(r.correct for r in judged) / len(judged) if judged else math.nan,
         "exit_distribution": {str(k): v / len(ok) for k, v in sorted(exits.items())} if ok else {},
         "deadline_attainment": attainment(records),
         "answered_early_by_deadline": sum(r.reason == "deadline" for r in ok) / len(ok) if ok else math.nan,

@@ -1,4 +1,4 @@
-"""Builds the FastAPI app and runs it: `anytime-serve` (settings from ANYTIME_* variables)."""
+"""Builds the app and runs it: `anytime-serve` (settings from ANYTIME_* variables)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,24 @@ from contextlib import asynccontextmanager
 
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from models.artifact import ArtifactError
-from service import oip_grpc, oip_rest
-from service.api import HOT_ROUTES, meta, router
+from service import __version__
 from service.config import ServiceSettings
+from service.dataplane import DataPlane
 from service.drain import CloseWhenDraining, DrainingServer
-from service.errors import BodyLimitMiddleware, install_error_handlers
-from service.frontdoor import FrontDoor
+from service.errors import INVALID_OPTION, ServiceError, internal_error, to_error
 from service.metrics import Metrics
+from service.protocols import ROUTES, classify, v2_grpc, v2_rest
+from service.protocols.routes import BodyLimit, FrontDoor, install
 from service.registry import BudgetExceeded, ModelRegistry
-from service.state import ServiceState
+from service.warmup import warm_request_paths
 
 log = logging.getLogger("anytime.serve")
 
@@ -43,52 +48,71 @@ def start_registry(settings: ServiceSettings, metrics: Metrics) -> ModelRegistry
     return registry
 
 
-def create_app(settings: ServiceSettings, registry: ModelRegistry | None = None) -> FastAPI:
-    """The app; its lifespan starts the models (if not given) and watches the model store."""
+def _install_error_handlers(app: FastAPI) -> None:
+    """Requests that match no route (404, 405) are answered in the protocol their path belongs to."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        error = to_error(exc)
+        if isinstance(exc, RequestValidationError):
+            error = ServiceError(str(exc), INVALID_OPTION)
+        if error is None:
+            log.exception("unhandled error", exc_info=exc)
+            error = internal_error()
+        path = request.url.path
+        render = v2_rest.render if path == "/v2" or path.startswith("/v2/") else classify.render
+        return render(error)
+
+    for exc_class in (HTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(exc_class, handle)
+
+
+def build(
+    settings: ServiceSettings, registry: ModelRegistry | None = None, front_door: bool = True
+) -> tuple[FastAPI, ASGIApp]:
+    """The FastAPI app (its lifespan starts the models if none are given, gRPC, the store watcher and the
+    request-path warm-up) and what uvicorn serves: `Connection: close` while draining, the body limit, the
+    front door for the hot routes (unless `front_door` is false), then the app."""
+    stack: ASGIApp | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reg = registry or start_registry(settings, Metrics())
-        state = ServiceState(settings, reg.metrics, reg)
-        app.state.service = state
+        plane = DataPlane(settings, reg.metrics, reg)
+        app.state.plane = plane
         watcher = None
         if settings.model_poll_s > 0:
-            watcher = asyncio.create_task(reg.watch(settings.model_poll_s, lambda: state.draining))
-        grpc_server = await oip_grpc.start(state, settings) if settings.grpc_port else None
-        state.ready = True
+            watcher = asyncio.create_task(reg.watch(settings.model_poll_s, lambda: plane.draining))
+        grpc_server = await v2_grpc.start(plane, settings) if settings.grpc_port else None
+        if settings.warmup:
+            assert stack is not None
+            await warm_request_paths(stack, plane)
+        plane.ready = True
         log.info("serving %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in reg.served()))
         try:
             yield
         finally:
-            state.draining = True
+            plane.draining = True
             if watcher is not None:
                 watcher.cancel()
             if grpc_server is not None:  # new calls get UNAVAILABLE; those in flight finish
                 await grpc_server.stop(grace=settings.drain_timeout_s)
             await reg.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="Anytime",
         summary="Anytime inference for multi-exit image classifiers",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
+        static_url="/docs-assets",  # Swagger UI and ReDoc served from the package, no CDN
         # OpenTelemetry is off: the service exports its own Prometheus metrics, and FastAPI's
         # per-request telemetry check cost 9 % of the event loop's time under load (py-spy).
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.include_router(router)
-    app.include_router(meta)
-    app.include_router(oip_rest.infer_router)
-    app.include_router(oip_rest.router)
-    install_error_handlers(app)
-    return app
-
-
-def asgi_app(app: FastAPI, settings: ServiceSettings) -> CloseWhenDraining:
-    """What uvicorn serves: `Connection: close` while draining, the body limit, then the front door
-    for the hot routes, then `app`."""
-    front = FrontDoor(app, HOT_ROUTES + oip_rest.HOT_ROUTES)
-    return CloseWhenDraining(BodyLimitMiddleware(front, limit=settings.max_body_bytes), app)
+    install(app, ROUTES)
+    _install_error_handlers(app)
+    inner: ASGIApp = FrontDoor(app, ROUTES) if front_door else app
+    stack = CloseWhenDraining(BodyLimit(inner, limit=settings.max_body_bytes), app)
+    return app, stack
 
 
 def main() -> int:
@@ -105,9 +129,9 @@ def main() -> int:
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
         sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
         return 2
-    app = create_app(settings, registry)
+    app, stack = build(settings, registry)
     config = uvicorn.Config(
-        asgi_app(app, settings),
+        stack,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -34,7 +34,23 @@ class ServiceSettings(BaseSettings):
     # 0: batches form from what queued up while the worker was busy; waiting 2 ms to fill a batch
     # raised single-client p50 from 5.7 to 7.8 ms in `make bench` without a reliable throughput gain.
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long the worker waits to fill a batch")
-    queue_size: int = Field(256, ge=1, description="requests waiting beyond this are answered 503")
+    queue_size: int = Field(256, ge=1, description="rows waiting in the stage queues beyond this: new requests get 503")
+    aging_ms: float = Field(
+        20.0,
+        gt=0,
+        description="a request without a deadline is scheduled as if due this long after it arrived "
+        "(earliest deadline first, without starving it); also how long rows may wait to merge into fuller batches",
+    )
+    cuda_graphs: bool = Field(True, description="on CUDA, replay each stage as a CUDA graph (false: eager kernels)")
+    overload: Literal["shed", "degrade"] = Field(
+        "shed", description="shed: refuse what cannot make its deadline; degrade: answer from earlier exits first"
+    )
+    brownout_floor_pp: float = Field(
+        2.0,
+        ge=0,
+        description="degrade never below the shallowest exit within this many points of the final "
+        "exit's validation accuracy",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies are answered 413")
     max_image_pixels: int = Field(16_000_000, ge=1, description="larger images are answered 413")
     # A 28x28 PNG decodes in about 0.1 ms, less than the hop to a thread and back; a photo takes
@@ -44,16 +60,20 @@ class ServiceSettings(BaseSettings):
     )
     max_files: int = Field(64, ge=1, description="most images in one /classify/batch request")
     default_deadline_ms: float | None = Field(None, gt=0, description="deadline for requests that name none")
-    request_timeout_s: float = Field(30.0, gt=0, description="longest a request may wait for its answer")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="cap of every request's deadline (and the deadline of requests without one)"
+    )
     # One intra-op thread by default: on a shared CPU, multi-threaded kernels wait for each other's
     # descheduled threads (bundled model, batch 1: 0.57 ms per stage on 1 thread, 160 ms on 2 while
     # another process kept both cores busy). Raise it for large models on a machine of their own.
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the server process")
     # A balancer checking /readyz every 1 s, down after 2 failures, stops sending within 3 s.
     drain_grace_s: float = Field(
-        3.0, ge=0, description="on SIGTERM, how long the server keeps answering while /readyz says 503 "
+        3.0,
+        ge=0,
+        description="on SIGTERM, how long the server keeps answering while /readyz says 503 "
         "(so load balancers stop sending) before it closes its listener",
-    )  # fmt: skip
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="after the grace period, how long requests already read may take to finish"
     )

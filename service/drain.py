@@ -22,8 +22,8 @@ log = logging.getLogger("anytime.serve")
 
 
 def _draining(app: FastAPI) -> bool:
-    service = getattr(app.state, "service", None)
-    return service is not None and service.draining
+    plane = getattr(app.state, "plane", None)
+    return plane is not None and plane.draining
 
 
 class CloseWhenDraining:
@@ -55,9 +55,9 @@ class DrainingServer(uvicorn.Server):
         self.grace_ends: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            service.draining = True
+        plane = getattr(self.app.state, "plane", None)
+        if plane is not None:
+            plane.draining = True
         if self.grace_ends is None and self.grace_s > 0 and not self.should_exit:
             self.grace_ends = time.monotonic() + self.grace_s
             log.info("draining: /readyz answers 503; closing the listener in %.1f s", self.grace_s)

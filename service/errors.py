@@ -1,201 +1,115 @@
-"""Every failure as one JSON error body `{"error": {"code", "message"}}`, mapped in one place.
+"""The one error table: every failure the server answers with, and what each protocol makes of it.
 
-`api_error` turns the engine's and the image decoder's exceptions into HTTP errors;
-`MeteredRoute` counts every inference request by its final status and times it, whatever the
-route returns or raises; `install_error_handlers` renders errors; `BodyLimitMiddleware` caps
-request bodies.
+Each `Kind` maps once to an HTTP status (what `/classify` answers), a gRPC status code name and
+a stable `code` string that every protocol carries. The Open Inference Protocol over REST answers
+every bad request with 400, as the protocol says (`v2_status`). Protocol modules only render:
+`/classify` as `{"error": {"code", "message"}}`, v2 REST as `{"error": message, "code": code}`,
+gRPC as the status with the message. `to_error` turns any exception into a `ServiceError`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.engine import DeadlineUnreachable, EngineFailure, EngineStopped, QueueFull
-from service.images import ImageRejected
-from service.registry import ModelNotFound
-from service.served import InvalidOption
-
-log = logging.getLogger("anytime.api")
-CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
+from starlette.exceptions import HTTPException
 
 
-class ApiError(Exception):
-    """An error answered with `status` and a JSON body; `headers` e.g. Retry-After."""
+@dataclass(frozen=True)
+class Kind:
+    """One row of the error table."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    code: str
+    status: int
+    grpc: str  # a grpc.StatusCode name (this module imports no transport)
+    retry_after_s: int | None = None
+
+
+INVALID_OPTION = Kind("invalid_option", 422, "INVALID_ARGUMENT")
+INVALID_REQUEST = Kind("invalid_request", 400, "INVALID_ARGUMENT")
+INVALID_JSON = Kind("invalid_json", 400, "INVALID_ARGUMENT")
+INVALID_BASE64 = Kind("invalid_base64", 400, "INVALID_ARGUMENT")
+MISSING_FILE = Kind("missing_file", 422, "INVALID_ARGUMENT")
+EMPTY_IMAGE = Kind("empty_image", 400, "INVALID_ARGUMENT")
+UNDECODABLE_IMAGE = Kind("undecodable_image", 400, "INVALID_ARGUMENT")
+UNSUPPORTED_MEDIA_TYPE = Kind("unsupported_media_type", 415, "INVALID_ARGUMENT")
+UNSUPPORTED_IMAGE_FORMAT = Kind("unsupported_image_format", 415, "INVALID_ARGUMENT")
+BODY_TOO_LARGE = Kind("body_too_large", 413, "RESOURCE_EXHAUSTED")
+IMAGE_TOO_LARGE = Kind("image_too_large", 413, "RESOURCE_EXHAUSTED")
+TOO_MANY_ITEMS = Kind("too_many_items", 413, "RESOURCE_EXHAUSTED")
+MODEL_NOT_FOUND = Kind("model_not_found", 404, "NOT_FOUND")
+NOT_FOUND = Kind("not_found", 404, "NOT_FOUND")
+METHOD_NOT_ALLOWED = Kind("method_not_allowed", 405, "UNIMPLEMENTED")
+OVERLOADED = Kind("overloaded", 503, "RESOURCE_EXHAUSTED", retry_after_s=1)
+NOT_READY = Kind("not_ready", 503, "UNAVAILABLE", retry_after_s=1)
+SHUTTING_DOWN = Kind("shutting_down", 503, "UNAVAILABLE", retry_after_s=5)
+DEADLINE_EXCEEDED = Kind("deadline_exceeded", 504, "DEADLINE_EXCEEDED")
+INFERENCE_FAILED = Kind("inference_failed", 500, "INTERNAL")
+INTERNAL_ERROR = Kind("internal_error", 500, "INTERNAL")
+BAD_REQUEST = Kind("bad_request", 400, "INVALID_ARGUMENT")
+
+TABLE: tuple[Kind, ...] = tuple(k for k in globals().values() if isinstance(k, Kind))
+_BY_STATUS = {
+    400: BAD_REQUEST,
+    404: NOT_FOUND,
+    405: METHOD_NOT_ALLOWED,
+    413: BODY_TOO_LARGE,
+    415: UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+class ServiceError(Exception):
+    """A failure answered to the client: its `kind` (the table row) and a sentence saying what was wrong.
+
+    `retry_after_s` overrides the kind's Retry-After (e.g. a predicted wait); `headers` are extra
+    HTTP headers (Starlette's `Allow` on a 405).
+    """
+
+    kind: Kind = INTERNAL_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        kind: Kind | None = None,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+        self.retry_after_s = retry_after_s if retry_after_s is not None else self.kind.retry_after_s
+        self.extra_headers = headers or {}
+
+    @property
+    def code(self) -> str:
+        return self.kind.code
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers of the answer: Retry-After (whole seconds, at least 1) and any extra ones."""
+        headers = dict(self.extra_headers)
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return headers
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def v2_status(kind: Kind) -> int:
+    """The HTTP status of the Open Inference Protocol over REST: 400 for every bad request."""
+    return 400 if kind.status in (400, 415, 422) else kind.status
 
 
-def validation_message(errors: list[dict[str, Any]]) -> str:
-    """Pydantic/FastAPI validation errors as one sentence naming each bad option."""
-    parts = []
-    for err in errors[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
-        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
-_STATUS_CODES = {
-    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-    415: "unsupported_media_type",
-}  # fmt: skip
-
-
-def api_error(exc: BaseException) -> ApiError | None:
-    """The HTTP error an exception from the engine, the decoder or validation stands for; None if unknown."""
-    match exc:
-        case ApiError():
-            return exc
-        case ImageRejected():
-            return ApiError(exc.status, exc.code, exc.message)
-        case InvalidOption():
-            return ApiError(422, "invalid_option", str(exc))
-        case ModelNotFound():
-            return ApiError(404, "model_not_found", str(exc.args[0]))
-        case RequestValidationError():
-            return ApiError(422, "invalid_option", validation_message(list(exc.errors())))
-        case StarletteHTTPException():  # e.g. Starlette's multipart parser: 400 "Too many fields"
-            code = _STATUS_CODES.get(exc.status_code, "http_error")
-            return ApiError(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))  # keeps Allow on 405
-        case QueueFull():
-            return ApiError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
-        case EngineStopped():
-            return ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
-        case DeadlineUnreachable():
-            return ApiError(504, "deadline_exceeded", str(exc))
-        case TimeoutError():
-            return ApiError(504, "timeout", "no answer within the server's request timeout")
-        case EngineFailure():
-            return ApiError(500, "inference_failed", str(exc))
+def to_error(exc: BaseException) -> ServiceError | None:
+    """The ServiceError an exception stands for; None for an unexpected one (a bug: answered 500 and logged)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, HTTPException):  # Starlette's own, e.g. its multipart parser's 400 "Too many fields"
+        kind = _BY_STATUS.get(exc.status_code, BAD_REQUEST)
+        return ServiceError(str(exc.detail), kind, headers=dict(exc.headers or {}))  # keeps Allow on a 405
     return None
 
 
-Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
-
-
-async def call_metered(endpoint: Endpoint, request: Request, protocol: str = "http") -> Response:
-    """Run an inference endpoint, count it by protocol and final status and time it; known errors come
-    out as ApiError."""
-    start = time.monotonic()
-    status = 500
-    try:
-        response = await endpoint(request)
-        status = response.status_code
-        return response
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED  # the client hung up: not a server error
-        raise
-    except Exception as exc:
-        error = api_error(exc)
-        if error is None:
-            raise
-        status = error.status
-        raise error from None
-    finally:
-        served = getattr(request.state, "served", None)  # set once the request's model is known
-        if served is not None:
-            served.metrics.request(protocol, status)
-            served.metrics.request_latency.observe(time.monotonic() - start)
-        else:
-            metrics = request.app.state.service.metrics
-            metrics.requests.labels("", "", protocol, str(status)).inc()
-            metrics.request_latency.labels("", "").observe(time.monotonic() - start)
-
-
-async def respond(endpoint: Endpoint, request: Request, protocol: str = "http") -> Response:
-    """`call_metered`, with every error rendered as the JSON error body (no stack trace leaves)."""
-    try:
-        return await call_metered(endpoint, request, protocol)
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-    except Exception:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "the server failed to process the request")
-
-
-class MeteredRoute(APIRoute):
-    """An inference route: counted by final status and timed, with its errors mapped by `api_error`."""
-
-    protocol = "http"  # the `protocol` label: "http" for /classify and /v1, see service/oip_rest.py
-
-    def get_route_handler(self) -> Endpoint:
-        handler = super().get_route_handler()
-
-        async def metered(request: Request) -> Response:
-            return await call_metered(handler, request, self.protocol)
-
-        return metered
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error the app can produce becomes the JSON error body; no stack trace ever leaves."""
-
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_option", validation_message(list(exc.errors())))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = api_error(exc)
-        assert error is not None
-        return error_response(error.status, error.code, error.message, error.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        error = api_error(exc)
-        if error is not None:
-            return error_response(error.status, error.code, error.message, error.headers)
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "the server failed to process the request")
-
-
-class BodyLimitMiddleware:
-    """Answer 413 to bodies over `limit` bytes: by Content-Length up front, or as they stream in."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        message = f"the request body exceeds {self.limit} bytes"
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            if scope["path"].startswith("/v2/"):  # the Open Inference Protocol's error body
-                await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
-            else:
-                await error_response(413, "body_too_large", message)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, "body_too_large", message)
-            return msg
-
-        await self.app(scope, limited, send)
+def internal_error() -> ServiceError:
+    return ServiceError("the server failed to process the request", INTERNAL_ERROR)

@@ -16,40 +16,36 @@ from PIL import Image, UnidentifiedImageError
 
 from models.artifact import InputSpec
 from models.preprocess import Preprocess, upright
+from service.errors import (
+    EMPTY_IMAGE,
+    IMAGE_TOO_LARGE,
+    UNDECODABLE_IMAGE,
+    UNSUPPORTED_IMAGE_FORMAT,
+    ServiceError,
+)
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
-
-
-class ImageRejected(Exception):
-    """An image that cannot be classified; `status` and `code` go into the HTTP error."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify `data` and check its size from the header alone; no pixel is decoded yet.
 
-    Raises ImageRejected with the right status (400 not an image, 413 too large, 415 a format we
-    do not accept).
+    Raises ServiceError: undecodable_image (400), image_too_large (413), unsupported_image_format (415).
     """
     if not data:
-        raise ImageRejected(400, "empty_image", "the image is empty (0 bytes)")
+        raise ServiceError("the image is empty (0 bytes)", EMPTY_IMAGE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageRejected(*_unidentified(data)) from None
+        raise _unidentified(data) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
-    except Exception as exc:  # noqa: BLE001 - a malformed header can raise nearly anything in a decoder
-        raise ImageRejected(400, "undecodable_image", f"the image header cannot be read: {exc}") from None
+        raise ServiceError(f"the image has more than {max_pixels} pixels", IMAGE_TOO_LARGE) from None
+    except Exception as exc:  # a malformed header can raise nearly anything in a decoder
+        raise ServiceError(f"the image header cannot be read: {exc}", UNDECODABLE_IMAGE) from None
     if im.width * im.height > max_pixels:
-        raise ImageRejected(
-            413, "image_too_large", f"the image is {im.width}x{im.height}; the limit is {max_pixels} pixels"
-        )
+        raise ServiceError(f"the image is {im.width}x{im.height}; the limit is {max_pixels} pixels", IMAGE_TOO_LARGE)
     return im
 
 
@@ -60,22 +56,22 @@ def _load(im: Image.Image, max_pixels: int) -> Image.Image:
         im.load()
         return upright(im)
     except Image.DecompressionBombError:
-        raise ImageRejected(413, "image_too_large", f"the image has more than {max_pixels} pixels") from None
-    except Exception as exc:  # noqa: BLE001 - see above: untrusted bytes, any decoder error is the client's
-        raise ImageRejected(400, "undecodable_image", f"the {im.format} image cannot be decoded: {exc}") from None
+        raise ServiceError(f"the image has more than {max_pixels} pixels", IMAGE_TOO_LARGE) from None
+    except Exception as exc:  # untrusted bytes: any decoder error is the client's
+        raise ServiceError(f"the {im.format} image cannot be decoded: {exc}", UNDECODABLE_IMAGE) from None
 
 
-def _unidentified(data: bytes) -> tuple[int, str, str]:
+def _unidentified(data: bytes) -> ServiceError:
     """400 for bytes that are no image at all; 415 for an image format we do not accept."""
     try:
         other = Image.open(io.BytesIO(data))  # identifies only; decodes nothing
         fmt = other.format
-    except Exception:  # noqa: BLE001 - any failure here means "not an image we know"
+    except Exception:  # any failure here means "not an image we know"
         fmt = None
     if fmt:
         accepted = ", ".join(ACCEPTED_FORMATS)
-        return 415, "unsupported_image_format", f"{fmt} images are not accepted; use one of {accepted}"
-    return 400, "undecodable_image", "the body is not a decodable image"
+        return ServiceError(f"{fmt} images are not accepted; use one of {accepted}", UNSUPPORTED_IMAGE_FORMAT)
+    return ServiceError("the body is not a decodable image", UNDECODABLE_IMAGE)
 
 
 def finish_image(im: Image.Image, spec: InputSpec, transform: Preprocess, max_pixels: int) -> torch.Tensor:
@@ -83,10 +79,8 @@ def finish_image(im: Image.Image, spec: InputSpec, transform: Preprocess, max_pi
     im = _load(im, max_pixels)
     try:
         return transform(im)
-    except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow can open but not convert
-        raise ImageRejected(
-            400, "undecodable_image", f"the {im.format} {im.mode} image cannot be converted: {exc}"
-        ) from None
+    except Exception as exc:  # e.g. a mode Pillow can open but not convert
+        raise ServiceError(f"the {im.format} {im.mode} image cannot be converted: {exc}", UNDECODABLE_IMAGE) from None
 
 
 def decode_image(data: bytes, spec: InputSpec, transform: Preprocess, max_pixels: int) -> torch.Tensor:

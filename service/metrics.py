@@ -3,18 +3,33 @@
 Per-model series carry `model` and `version` labels, so one process serving several models (or
 rolling a model to a new version) still sums correctly in the dashboard. `ModelMetrics` holds a
 version's children, bound once, for the hot path.
+
+With several request processes (ANYTIME_WORKERS > 1, service/workers/) every process writes its
+samples to files in PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode) and any of them
+answers /metrics with the sum: counters and histograms add up over processes, and each gauge says
+how it combines (`MODES`). Counters of a process that died keep their totals.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond to seconds: a shallow exit of a small model answers in well under 1 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MV = ["model", "version"]
+# How a gauge combines over processes in multiprocess mode: the engine process alone sets the
+# per-model ones (the most recent value of a live process), every request process its in-flight count.
+SUM, RECENT = "livesum", "livemostrecent"
+
+
+def multiprocess() -> bool:
+    """Whether samples go to PROMETHEUS_MULTIPROC_DIR (set by the supervisor of several request processes)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class Metrics:
@@ -24,57 +39,119 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "anytime_requests", "Inference requests by protocol and the (HTTP-equivalent) status they ended with",
-            [*MV, "protocol", "status"], registry=r,
-        )  # fmt: skip
+            "anytime_requests",
+            "Inference requests by protocol and the (HTTP-equivalent) status they ended with",
+            [*MV, "protocol", "status"],
+            registry=r,
+        )
         self.exits = Counter(
             "anytime_exits", "Samples answered, by exit (1-based) and reason", [*MV, "exit", "reason"], registry=r
         )
         self.request_latency = Histogram(
-            "anytime_request_latency_seconds", "Server-side latency of inference requests", MV,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.exit_latency = Histogram(
-            "anytime_exit_latency_seconds", "Latency of samples by the exit that answered", [*MV, "exit"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.stage_seconds = Histogram(
-            "anytime_stage_seconds", "Time of one stage and its exit head for a batch", [*MV, "stage"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.deadlines = Counter(
-            "anytime_deadline", "Requests with a deadline: met, missed, or rejected unstarted", [*MV, "outcome"],
+            "anytime_request_latency_seconds",
+            "Server-side latency of inference requests",
+            MV,
+            buckets=LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
-        self.queue_depth = Gauge("anytime_queue_depth", "Requests waiting for the worker", MV, registry=r)
+        )
+        self.exit_latency = Histogram(
+            "anytime_exit_latency_seconds",
+            "Latency of samples by the exit that answered",
+            [*MV, "exit"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "anytime_stage_seconds",
+            "Time of one stage and its exit head for a batch",
+            [*MV, "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadlines = Counter(
+            "anytime_deadline",
+            "Requests with a deadline: met, missed, or rejected unstarted",
+            [*MV, "outcome"],
+            registry=r,
+        )
+        self.stage_rows = Histogram(
+            "anytime_stage_rows",
+            "Rows one run of a stage computed (merged from several batches past exit 1)",
+            [*MV, "stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "anytime_queue_depth", "Rows waiting in the stage queues", MV, registry=r, multiprocess_mode=SUM
+        )
+        self.brownout = Gauge(
+            "anytime_brownout",
+            "Exits taken off the end for new work under overload (0: none)",
+            MV,
+            registry=r,
+            multiprocess_mode=RECENT,
+        )
+        self.max_exit = Gauge(
+            "anytime_max_exit", "Deepest exit new work may reach (1-based)", MV, registry=r, multiprocess_mode=RECENT
+        )
         # One series per process, over every model and protocol: what an autoscaler scales on.
-        self.inflight = Gauge("anytime_inflight", "Inference requests admitted and not yet answered", registry=r)
+        self.inflight = Gauge(
+            "anytime_inflight", "Inference requests admitted and not yet answered", registry=r, multiprocess_mode=SUM
+        )
         self.batch_size = Histogram(
             "anytime_batch_size", "Requests per engine batch", MV, buckets=BATCH_BUCKETS, registry=r
         )
         self.model_info = Gauge(
-            "anytime_model_info", "A model version being served (1 per served version)", ["name", "version", "device"],
+            "anytime_model_info",
+            "A model version being served (1 per served version)",
+            ["name", "version", "device"],
             registry=r,
-        )  # fmt: skip
+            multiprocess_mode="livemax",  # the engine process and every request process set it to 1
+        )
         self.load_failures = Counter(
             "anytime_model_load_failures", "Versions that failed to load (never served)", ["model"], registry=r
         )
         self.shadow_samples = Counter(
-            "anytime_shadow_samples", "Early answers also run to the final exit (drift guard)", [*MV, "exit"],
+            "anytime_shadow_samples",
+            "Early answers also run to the final exit (drift guard)",
+            [*MV, "exit"],
             registry=r,
-        )  # fmt: skip
+        )
         self.shadow_agreements = Counter(
-            "anytime_shadow_agreements", "Shadow-checked early answers the final exit labelled alike", [*MV, "exit"],
+            "anytime_shadow_agreements",
+            "Shadow-checked early answers the final exit labelled alike",
+            [*MV, "exit"],
             registry=r,
-        )  # fmt: skip
+        )
         self.shadow_dropped = Counter(
             "anytime_shadow_dropped", "Shadow checks dropped because their queue was full", MV, registry=r
         )
         self.expected_agreement = Gauge(
-            "anytime_exit_expected_agreement", "Validation agreement with the final exit of the samples an exit "
-            "answers (from the manifest)", [*MV, "exit"], registry=r,
-        )  # fmt: skip
-        self.threshold = Gauge("anytime_threshold", "Confidence threshold in force per exit", [*MV, "exit"], registry=r)
+            "anytime_exit_expected_agreement",
+            "Validation agreement with the final exit of the samples an exit answers (from the manifest)",
+            [*MV, "exit"],
+            registry=r,
+            multiprocess_mode=RECENT,
+        )
+        self.threshold = Gauge(
+            "anytime_threshold",
+            "Confidence threshold in force per exit",
+            [*MV, "exit"],
+            registry=r,
+            multiprocess_mode=RECENT,
+        )
+
+        self.worker_restarts = Counter(
+            "anytime_worker_restarts", "Processes of this server restarted after they died", ["role"], registry=r
+        )
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The /metrics page and its content type (summed over every process in multiprocess mode)."""
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def for_model(self, name: str, version: str, device: str) -> ModelMetrics:
         """The children of one served version, and its `anytime_model_info` series set to 1."""
@@ -99,6 +176,7 @@ class ModelMetrics:
         self._exits: dict[tuple[int, str], Counter] = {}
         self._exit_latency: dict[int, Histogram] = {}
         self._stages: dict[int, Histogram] = {}
+        self._stage_rows: dict[int, Histogram] = {}
         self._deadlines = {o: m.deadlines.labels(*mv, o) for o in ("met", "missed", "rejected")}
         self._per_exit_gauges: set[tuple[Gauge, str]] = set()
 
@@ -118,6 +196,16 @@ class ModelMetrics:
         if k not in self._stages:
             self._stages[k] = self.metrics.stage_seconds.labels(self.name, self.version, str(k + 1))
         return self._stages[k]
+
+    def stage_rows(self, k: int) -> Histogram:
+        """The `anytime_stage_rows` child of 0-based stage `k`."""
+        if k not in self._stage_rows:
+            self._stage_rows[k] = self.metrics.stage_rows.labels(self.name, self.version, str(k + 1))
+        return self._stage_rows[k]
+
+    def set_brownout(self, level: int, max_exit: int) -> None:
+        self.metrics.brownout.labels(self.name, self.version).set(level)
+        self.metrics.max_exit.labels(self.name, self.version).set(max_exit)
 
     def request(self, protocol: str, status: int) -> None:
         self.metrics.requests.labels(self.name, self.version, protocol, str(status)).inc()
@@ -145,8 +233,11 @@ class ModelMetrics:
         return gauge.labels(self.name, self.version, str(k + 1))
 
     def released(self) -> None:
-        """The version no longer serves: its gauges go (counters keep their totals)."""
+        """The version no longer serves: its gauges go (counters keep their totals). In multiprocess mode a
+        removed series keeps its last value in the process's file, so it is zeroed first."""
+        self.metrics.model_info.labels(self.name, self.version, self.device).set(0)
         self.metrics.model_info.remove(self.name, self.version, self.device)
-        self.metrics.queue_depth.remove(self.name, self.version)
+        for gauge in (self.metrics.queue_depth, self.metrics.brownout, self.metrics.max_exit):
+            gauge.remove(self.name, self.version)
         for gauge, exit_ in self._per_exit_gauges:
             gauge.remove(self.name, self.version, exit_)

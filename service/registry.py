@@ -23,14 +23,17 @@ import torch
 
 from models.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, list_versions, load_artifact
 from service.config import ServiceSettings
+from service.errors import MODEL_NOT_FOUND, ServiceError
 from service.metrics import Metrics
 from service.served import ServedModel
 
 log = logging.getLogger("anytime.registry")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(ServiceError):
     """No served model (or served version) of that name; answered 404."""
+
+    kind = MODEL_NOT_FOUND
 
 
 class BudgetExceeded(RuntimeError):
@@ -114,6 +117,12 @@ class ModelRegistry:
         """Load, verify and warm up one version (blocking: run it in a thread when serving)."""
         path = self.store / name / version
         artifact = load_artifact(path)
+        m = artifact.manifest
+        if (m.name, m.version) != (name, version):
+            # A copied directory would answer under the manifest's name and version, not its own.
+            raise ArtifactError(
+                f"{path}: its manifest says {m.name}/{m.version}; a version directory must hold its own artifact"
+            )
         need = footprint(artifact, self.settings.max_batch)
         budget = self.settings.max_models_bytes
         if budget:
@@ -124,7 +133,13 @@ class ModelRegistry:
                     f"ANYTIME_MAX_MODELS_BYTES={budget / 2**20:.0f} MiB is taken by the other models"
                 )
         served = ServedModel.start(artifact, self.device, self.metrics, self.settings)
-        served.bytes = need
+        served.bytes = need + served.engine.runner.graph_bytes
+        if budget and others + served.bytes > budget:
+            served.stop(0)
+            raise BudgetExceeded(
+                f"{name}/{version} holds {served.bytes / 2**20:.0f} MiB with its CUDA graphs; "
+                f"{others / 2**20:.0f} MiB of ANYTIME_MAX_MODELS_BYTES={budget / 2**20:.0f} MiB is taken by the others"
+            )
         return served
 
     def _failed(self, slot: Slot, version: str, exc: Exception) -> None:
@@ -224,7 +239,7 @@ class ModelRegistry:
     async def lease(self, name: str | None = None, version: str | None = None) -> AsyncIterator[ServedModel]:
         """The model for one request: a swap waits for the request to finish before stopping it."""
         model = self.get(name, version)
-        model.leases += 1
+        model.acquire()
         self.metrics.inflight.inc()
         try:
             yield model

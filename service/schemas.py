@@ -1,26 +1,16 @@
-"""Request options and response bodies of the HTTP API."""
+"""Bodies of the HTTP API (its request options are `service/options.py`'s `OptionFields`)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from models.artifact import Ensemble, ExitInfo, InputSpec, PolicyChoice
+from service.options import OptionFields
 
 
-class ClassifyOptions(BaseModel):
-    """Options of /classify, from the query string, the JSON body or the X-Deadline-Ms header."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="overrides every exit's")
-    deadline_ms: float | None = Field(None, gt=0, le=3_600_000, allow_inf_nan=False, description="latency budget")
-    top_k: int = Field(1, ge=1, le=1000, description="how many classes to return")
-    max_exit: int | None = Field(None, ge=1, description="answer at this exit at the latest (1-based)")
-
-
-class ClassifyJSON(ClassifyOptions):
+class ClassifyJSON(OptionFields):
     """JSON body of /classify: a base64 image and the options."""
 
     image: str = Field(..., description="base64-encoded image bytes", max_length=64 * 1024 * 1024)
@@ -41,7 +31,7 @@ class Classification(BaseModel):
     exit: int = Field(description="the exit that answered, 1-based")
     exits: int = Field(description="number of exits of the model")
     reason: Literal["confidence", "deadline", "max_exit", "final"]
-    top_k: list[TopK]
+    top_k: list[TopK] = Field(description="the top classes: `top_k` of them, or every class when the model has fewer")
     latency_ms: float = Field(description="server-side time from receipt to answer")
     queue_ms: float = Field(description="time spent waiting for the worker")
     model: str
@@ -80,6 +70,16 @@ class ModelView(BaseModel):
     shadow_agreement: list[float | None] = Field(
         description="per exit: agreement with the final exit in the drift guard's current window"
     )
+    brownout: Brownout
+
+
+class Brownout(BaseModel):
+    """The overload mode and the deepest exit new work may reach now."""
+
+    mode: Literal["shed", "degrade"]
+    level: int = Field(description="exits taken off the end (0: none)")
+    max_exit_in_force: int
+    floor_exit: int = Field(description="the brownout never goes below this exit")
 
 
 class ServedSummary(BaseModel):

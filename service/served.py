@@ -1,15 +1,17 @@
-"""One artifact being served: its engine, its preprocessing and what it answers with.
+"""A model version being served: what every protocol needs of it, and the local kind with its own engine.
 
-Every protocol (`/classify`, the Open Inference Protocol over REST and gRPC) turns a request
-into bytes or a tensor and calls `prepare` and `infer` here; they differ only in how they parse
-a request and write an answer.
+`Served` holds what comes from the manifest (classes, input spec, preprocessing), the request
+leases that keep a replaced version alive until its requests finish, and `prepare` (image bytes →
+input tensor). `ServedModel` adds an engine in this process; `service/workers/remote.py` has the
+kind whose engine lives in the engine process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass, field
+import threading
+from abc import ABC, abstractmethod
+from typing import Protocol
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -17,61 +19,69 @@ from starlette.concurrency import run_in_threadpool
 from models.artifact import Artifact, InputSpec, Manifest, PolicyChoice
 from models.preprocess import Preprocess
 from service.config import ServiceSettings
-from service.engine import Answer, DeadlineUnreachable, Engine, Job
+from service.engine import Answer, Engine, EngineConfig, Job
 from service.images import finish_image, open_image
 from service.metrics import Metrics, ModelMetrics
-from service.schemas import ModelView
+from service.schemas import Brownout, ModelView
 
 
-class InvalidOption(ValueError):
-    """A request option that does not fit this model (answered 422)."""
+def engine_config(settings: ServiceSettings) -> EngineConfig:
+    """The engine's part of the server's settings."""
+    return EngineConfig(
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        queue_size=settings.queue_size,
+        aging_ms=settings.aging_ms,
+        shadow_rate=settings.shadow_rate,
+        shadow_queue=settings.shadow_queue,
+        adapt=settings.adapt,
+        cuda_graphs=settings.cuda_graphs,
+        overload=settings.overload,
+        brownout_floor_pp=settings.brownout_floor_pp,
+    )
 
 
-@dataclass
-class ServedModel:
-    """An artifact with a started engine; built by `start`, ended by `stop`.
+class EngineLike(Protocol):
+    """What the data plane asks of an engine, local or in the engine process."""
 
-    `leases` counts the requests that hold this version (ModelRegistry.lease); a version swapped
-    out waits for them (`idle`) before its engine stops.
-    """
+    num_exits: int
 
-    artifact: Artifact
-    engine: Engine
-    settings: ServiceSettings
-    metrics: ModelMetrics
-    transform: Preprocess = field(init=False)
-    classes: list[str] = field(init=False)
-    leases: int = 0
-    bytes: int = 0  # the footprint the memory budget counts
+    @property
+    def alive(self) -> bool: ...
 
-    def __post_init__(self) -> None:
-        self.transform = Preprocess(self.manifest.input)
-        self.classes = list(self.manifest.classes)
+    def submit(self, job: Job) -> asyncio.Future: ...
+
+    def answer_now(self, job: Job) -> Answer: ...
+
+
+class Served(ABC):
+    """A served version as the protocols see it. `leases` counts the requests that hold it."""
+
+    engine: EngineLike
+
+    def __init__(self, manifest: Manifest, settings: ServiceSettings, metrics: ModelMetrics) -> None:
+        self.manifest, self.settings, self.metrics = manifest, settings, metrics
+        self.transform = Preprocess(manifest.input)
+        self.classes = list(manifest.classes)
+        self.leases = 0
+        self.bytes = 0  # the footprint the memory budget counts
         self._idle = asyncio.Event()
+        self._lock = threading.Lock()  # leases taken from other threads (the engine process's links)
 
-    @classmethod
-    def start(
-        cls, artifact: Artifact, device: torch.device, metrics: Metrics, settings: ServiceSettings
-    ) -> ServedModel:
-        """Build the engine, warm it up (when the settings say so) and start its worker."""
-        m = artifact.manifest
-        bound = metrics.for_model(m.name, m.version, str(device))
-        engine = Engine(
-            artifact, device, bound, settings.max_batch, settings.max_wait_ms, settings.queue_size,
-            shadow_rate=settings.shadow_rate, shadow_queue=settings.shadow_queue, adapt=settings.adapt,
-        )  # fmt: skip
-        engine.start(warmup=settings.warmup)
-        return cls(artifact, engine, settings, bound)
+    def acquire(self) -> None:
+        with self._lock:
+            self.leases += 1
 
-    def stop(self, drain_timeout_s: float) -> None:
-        """Finish queued work (up to the timeout), stop the worker, drop this version's gauges."""
-        self.engine.stop(drain_timeout_s)
-        self.metrics.released()
-
-    def release(self) -> None:
-        self.leases -= 1
-        if self.leases == 0:
-            self._idle.set()
+    def release(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """One lease less; from another thread, pass the event loop that waits in `idle`."""
+        with self._lock:
+            self.leases -= 1
+            idle = self.leases == 0
+        if idle:
+            if loop is None:
+                self._idle.set()
+            else:
+                loop.call_soon_threadsafe(self._idle.set)
 
     async def idle(self, timeout_s: float) -> None:
         """Until no request holds this version (or `timeout_s` passes)."""
@@ -85,10 +95,6 @@ class ServedModel:
     @property
     def device(self) -> str:
         return self.metrics.device
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.artifact.manifest
 
     @property
     def name(self) -> str:
@@ -115,50 +121,61 @@ class ServedModel:
             return finish_image(im, self.input, self.transform, limit)
         return await run_in_threadpool(finish_image, im, self.input, self.transform, limit)
 
-    async def infer(
-        self,
-        x: torch.Tensor,
-        *,
-        received: float,
-        threshold: float | None = None,
-        max_exit: int | None = None,
-        deadline_ms: float | None = None,
-        top_k: int = 1,
-        probabilities: bool = False,
-    ) -> Answer:
-        """Run one input through the engine and record its exit, latency and deadline outcome.
+    @abstractmethod
+    async def view(self) -> ModelView:
+        """GET /v1/model: the manifest without training internals, plus the engine's live figures."""
 
-        `received` is when the request arrived (`time.monotonic()`). Engine exceptions (QueueFull,
-        DeadlineUnreachable, EngineFailure, EngineStopped), TimeoutError and InvalidOption
-        propagate for the protocol to map to its errors.
-        """
-        if max_exit is not None and max_exit > self.num_exits:
-            raise InvalidOption(f"max_exit: the model has {self.num_exits} exits")
-        if deadline_ms is None:
-            deadline_ms = self.settings.default_deadline_ms
-        deadline = received + deadline_ms / 1e3 if deadline_ms is not None else None
-        job = Job(x, threshold, max_exit, deadline, min(top_k, len(self.classes)), probabilities)
-        future = self.engine.submit(job)
-        try:
-            answer: Answer = await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
-        except DeadlineUnreachable:
-            self.metrics.deadline("rejected")
-            raise
-        now = time.monotonic()
-        self.metrics.answered(answer.exit, answer.reason.value, now - received)
-        if deadline is not None:
-            self.metrics.deadline("met" if now <= deadline else "missed")
-        return answer
 
-    def view(self) -> ModelView:
-        """GET /v1/model: the manifest without training internals, plus live stage-time estimates."""
+class ServedModel(Served):
+    """An artifact with a started engine in this process; built by `start`, ended by `stop`."""
+
+    def __init__(self, artifact: Artifact, engine: Engine, settings: ServiceSettings, metrics: ModelMetrics) -> None:
+        super().__init__(artifact.manifest, settings, metrics)
+        self.artifact = artifact
+        self.engine: Engine = engine
+
+    @classmethod
+    def start(
+        cls, artifact: Artifact, device: torch.device, metrics: Metrics, settings: ServiceSettings
+    ) -> ServedModel:
+        """Build the engine, capture its graphs and warm it up (when the settings say so), start its worker."""
+        m = artifact.manifest
+        bound = metrics.for_model(m.name, m.version, str(device))
+        engine = Engine(artifact, device, bound, engine_config(settings))
+        engine.start(warmup=settings.warmup)
+        return cls(artifact, engine, settings, bound)
+
+    def stop(self, drain_timeout_s: float) -> None:
+        """Finish queued work (up to the timeout), stop the worker, drop this version's gauges."""
+        self.engine.stop(drain_timeout_s)
+        self.metrics.released()
+
+    async def view(self) -> ModelView:
+        return self.describe()
+
+    def describe(self) -> ModelView:
+        """GET /v1/model: the manifest without training internals, plus the engine's live figures."""
         m = self.manifest
+        engine = self.engine
         return ModelView(
-            name=m.name, version=m.version, created=m.created, architecture=m.architecture.name, dataset=m.dataset,
-            classes=m.classes, input=m.input, exits=m.exits, ensemble=m.ensemble,
-            policy=PolicyChoice.model_validate(m.policy.model_dump(exclude={"sweep"})), device=self.device,
-            stage_ms_now=[
-                {str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in self.engine.times.snapshot()
-            ],
-            thresholds_in_force=self.engine.thresholds.tolist(), shadow_agreement=self.engine.guard.agreement(),
-        )  # fmt: skip
+            name=m.name,
+            version=m.version,
+            created=m.created,
+            architecture=m.architecture.name,
+            dataset=m.dataset,
+            classes=m.classes,
+            input=m.input,
+            exits=m.exits,
+            ensemble=m.ensemble,
+            policy=PolicyChoice.model_validate(m.policy.model_dump(exclude={"sweep"})),
+            device=self.device,
+            stage_ms_now=[{str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in engine.times.snapshot()],
+            thresholds_in_force=engine.thresholds.tolist(),
+            shadow_agreement=engine.guard.agreement(),
+            brownout=Brownout(
+                mode=engine.config.overload,
+                level=engine.brownout.level,
+                max_exit_in_force=engine.brownout.max_exit,
+                floor_exit=engine.brownout.floor,
+            ),
+        )

@@ -46,12 +46,13 @@ def make_artifact(
     version: str = "1",
     rgb: bool = False,
     class_prefix: str = "class",
+    val_accuracy: Sequence[float] | None = None,
 ) -> Path:
     """Export an untrained network (same `seed`, same weights) with a hand-made manifest.
 
     The manifest's latency profile says stage k takes `profile_ms[k]` (default: `stage_ms`, the
     time test_sleepy really sleeps; 1 ms without either). `rgb`: 3-channel 32x32 input instead
-    of Fashion-MNIST's 1x28x28.
+    of Fashion-MNIST's 1x28x28. `val_accuracy`: per exit, % (none by default).
     """
     profile_ms = profile_ms or stage_ms
     torch.manual_seed(seed)
@@ -67,7 +68,12 @@ def make_artifact(
         expected = 0.9 if k < n - 1 else None  # a validation agreement with the final exit, for the drift guard
         exits.append(
             ExitInfo(
-                exit=k + 1, temperature=1.0, threshold=thresholds[k], latency_ms=latency, expected_agreement=expected
+                exit=k + 1,
+                temperature=1.0,
+                threshold=thresholds[k],
+                latency_ms=latency,
+                expected_agreement=expected,
+                val_accuracy=val_accuracy[k] if val_accuracy else None,
             )
         )
     spec = ArchitectureSpec(name=model_name, num_classes=num_classes, in_channels=channels, stem="cifar", kwargs=kwargs)

@@ -23,7 +23,7 @@ def _text(value: object) -> str:
 
 
 async def main(url: str, grpc_url: str, image_path: str) -> dict:
-    png = open(image_path, "rb").read()  # noqa: SIM115 - a test helper reading one file
+    png = open(image_path, "rb").read()
     rest = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
     image = InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([png], dtype=np.object_), binary_data=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.drift import CEILING, MIN_SAMPLES, DriftGuard, wilson
+from service.engine.drift import CEILING, MIN_SAMPLES, DriftGuard, wilson
 from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
 from training.data import load_data
 
@@ -65,7 +65,7 @@ def test_the_ceiling_without_expectation_and_without_adapt() -> None:
 @pytest.fixture(scope="module")
 def pngs() -> list[bytes]:
     test = load_data("fashion-mnist", allow_download=False).test
-    return [png_bytes(Image.fromarray(test.images[i][0].numpy())) for i in range(300)]  # type: ignore[attr-defined]
+    return [png_bytes(Image.fromarray(test.images[i][0].numpy())) for i in range(300)]
 
 
 def _post(url: str, png: bytes, **params: object) -> dict:

@@ -1,8 +1,9 @@
-"""The engine in process: exit-aware batching and a failing batch."""
+"""The engine in process: exit-aware stage batching, merging, failures, deadlines, admission and brownout."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -10,42 +11,76 @@ import torch
 
 from models.artifact import load_artifact
 from models.exit_policy import Reason
-from service.engine import Engine, EngineFailure, Job
+from service.engine import Answer, DeadlineUnreachable, Engine, EngineConfig, EngineFailure, Job, QueueFull
+from service.engine.brownout import HOLD_S, Brownout, floor_exit
 from service.metrics import Metrics
+from service.options import InferenceOptions
 from tests.helpers import make_artifact
 
 
-def _engine(tmp_path: Path, max_wait_ms: float = 200.0) -> Engine:
-    artifact = load_artifact(make_artifact(tmp_path, "tiny", "test_tiny"))
-    engine = Engine(
-        artifact, torch.device("cpu"), Metrics().for_model("tiny", "1", "cpu"), max_batch=8, max_wait_ms=max_wait_ms
-    )
-    engine.start(warmup=False)
+def _engine(tmp_path: Path, model: str = "test_tiny", start: bool = True, **config: object) -> Engine:
+    kw = {"stage_ms": config.pop("stage_ms")} if "stage_ms" in config else {}
+    for key in ("profile_ms", "val_accuracy"):
+        if key in config:
+            kw[key] = config.pop(key)
+    artifact = load_artifact(make_artifact(tmp_path, "m", model, **kw))
+    engine = Engine(artifact, torch.device("cpu"), Metrics().for_model("m", "1", "cpu"), EngineConfig(**config))
+    if start:
+        engine.start(warmup=False)
     return engine
 
 
-async def _submit_all(engine: Engine, requests: list[Job]) -> list:
-    futures = [engine.submit(r) for r in requests]
+def _job(x: torch.Tensor | None = None, **options: object) -> Job:
+    return Job(torch.randn(1, 28, 28) if x is None else x, InferenceOptions.now(**options))
+
+
+def _rows_per_stage(engine: Engine) -> list[list[int]]:
+    rows: list[list[int]] = [[] for _ in range(engine.num_exits)]
+    for k, stage in enumerate(engine.model.stages):
+        stage.register_forward_hook(lambda _m, inp, _o, k=k: rows[k].append(inp[0].shape[0]))
+    return rows
+
+
+async def _submit_all(engine: Engine, jobs: list[Job]) -> list:
+    futures = []
+    for j in jobs:
+        try:
+            futures.append(engine.submit(j))
+        except Exception as exc:
+            f = asyncio.get_running_loop().create_future()
+            f.set_exception(exc)
+            futures.append(f)
     return await asyncio.gather(*futures, return_exceptions=True)
 
 
-def test_samples_confident_at_exit_1_leave_the_batch(tmp_path: Path) -> None:
-    engine = _engine(tmp_path)
-    rows_per_stage: list[list[int]] = [[] for _ in range(engine.num_exits)]
-    for k, stage in enumerate(engine.model.stages):
-        stage.register_forward_hook(lambda _m, inp, _o, k=k: rows_per_stage[k].append(inp[0].shape[0]))
-    x = torch.randn(1, 28, 28)
-    requests = [Job(x, threshold=0.0 if i % 2 else 1.0) for i in range(8)]
-    answers = asyncio.run(_submit_all(engine, requests))
-    engine.stop(1.0)
-    assert rows_per_stage[0] == [8] and rows_per_stage[1] == [4] and rows_per_stage[2] == [4]
-    assert [a.exit for a in answers] == [3, 1] * 4
+def test_confident_rows_leave_and_the_rest_merge_into_full_batches(tmp_path: Path) -> None:
+    """16 jobs, batch 8, half confident at exit 1: stage 1 runs twice; the 4 + 4 rows that go on merge into
+    one batch of 8 at stages 2 and 3 (the old engine ran 4 + 4 there). Aging is long, so that a slow
+    machine does not make the first rows urgent before the second batch joins them."""
+    engine = _engine(tmp_path, start=False, max_batch=8, aging_ms=60_000)
+    rows = _rows_per_stage(engine)
+    jobs = [_job(threshold=0.0 if i % 2 else 1.0) for i in range(16)]
+    answers = engine.run(jobs)
+    assert rows == [[8, 8], [8], [8]]
+    assert [a.exit for a in answers] == [3, 1] * 8
     assert {a.reason for a in answers[1::2]} == {Reason.CONFIDENCE}
     assert {a.reason for a in answers[::2]} == {Reason.FINAL}
 
 
+def test_stage_wise_answers_equal_the_full_forward_pass(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, start=False, max_batch=8)
+    xs = torch.randn(12, 1, 28, 28)
+    answers = engine.run([_job(x, threshold=1.0, top_k=3) for x in xs])
+    with torch.inference_mode():
+        final = torch.softmax(engine.model(xs).logits[-1], dim=1)
+    for a, p in zip(answers, final, strict=True):
+        assert isinstance(a, Answer) and a.exit == 3
+        assert a.index == int(p.argmax()) and a.confidence == pytest.approx(float(p.max()), abs=1e-6)
+        assert [i for i, _ in a.top_k] == p.topk(3).indices.tolist()
+
+
 def test_a_failing_batch_is_answered_and_the_next_one_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = _engine(tmp_path, max_wait_ms=50)
+    engine = _engine(tmp_path, max_batch=8)
     original = engine.model.run_stage
     calls = {"n": 0}
 
@@ -56,15 +91,131 @@ def test_a_failing_batch_is_answered_and_the_next_one_served(tmp_path: Path, mon
         return original(k, h)
 
     monkeypatch.setattr(engine.model, "run_stage", flaky)
-    x = torch.randn(1, 28, 28)
 
     async def scenario() -> tuple[list, list]:
-        first = await _submit_all(engine, [Job(x), Job(x)])
-        second = await _submit_all(engine, [Job(x)])
+        first = await _submit_all(engine, [_job(), _job()])
+        second = await _submit_all(engine, [_job()])
         return first, second
 
     first, second = asyncio.run(scenario())
     engine.stop(1.0)
-    assert all(isinstance(a, EngineFailure) for a in first)
-    assert "RuntimeError" in str(first[0]) and "bus" not in str(first[0])  # no internals leak
+    assert any(isinstance(a, EngineFailure) for a in first)
+    failure = next(a for a in first if isinstance(a, EngineFailure))
+    assert "RuntimeError" in str(failure) and "bus" not in str(failure)  # no internals leak
     assert second[0].exit >= 1
+
+
+def test_admission_refuses_at_once_what_cannot_reach_exit_1(tmp_path: Path) -> None:
+    """Stages sleep 40 ms; with four jobs queued ahead, a 60 ms deadline cannot be met: refused in under 1 ms."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[40] * 4)
+
+    async def scenario() -> tuple[list, float, BaseException | None]:
+        ahead = [engine.submit(_job(threshold=1.0)) for _ in range(4)]
+        t0 = time.perf_counter()
+        refused = None
+        try:
+            engine.submit(_job(threshold=1.0, deadline_ms=60))
+        except QueueFull as exc:
+            refused = exc
+        took = time.perf_counter() - t0
+        return await asyncio.gather(*ahead), took, refused
+
+    done, took, refused = asyncio.run(scenario())
+    engine.stop(1.0)
+    assert isinstance(refused, QueueFull) and refused.status == 503 and refused.retry_after_s
+    assert "exit 1 is predicted" in str(refused)
+    assert took < 0.001
+    assert all(isinstance(a, Answer) for a in done)
+
+
+def test_a_row_waiting_for_a_later_stage_is_answered_at_its_deadline(tmp_path: Path) -> None:
+    """The manifest says stages take 1 ms; stage 1 takes 40 ms and stage 2 200 ms. A 100 ms deadline is met
+    from exit 1 (reason deadline) while stage 2 still runs, not after it."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[40, 200, 200, 200], profile_ms=[1] * 4)
+
+    async def scenario() -> tuple[Answer, float]:
+        job = _job(threshold=1.0, deadline_ms=100)
+        future = engine.submit(job)
+        try:
+            answer = await asyncio.wait_for(future, job.deadline - time.monotonic())
+        except TimeoutError:
+            answer = engine.answer_now(job)
+        return answer, (time.monotonic() - job.options.received) * 1e3
+
+    answer, took_ms = asyncio.run(scenario())
+    engine.stop(1.0)
+    assert (answer.exit, answer.reason) == (1, Reason.DEADLINE)
+    assert took_ms < 110
+
+
+def test_no_exit_reached_by_the_deadline_is_a_504_not_a_late_answer(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[80] * 4, profile_ms=[1] * 4)
+
+    async def scenario() -> BaseException:
+        job = _job(threshold=1.0, deadline_ms=30)
+        future = engine.submit(job)
+        try:
+            await asyncio.wait_for(future, job.deadline - time.monotonic())
+        except TimeoutError:
+            try:
+                engine.answer_now(job)
+            except DeadlineUnreachable as exc:
+                return exc
+        raise AssertionError("answered after the deadline")
+
+    error = asyncio.run(scenario())
+    engine.stop(1.0)
+    assert error.status == 504 and "no exit was reached" in str(error) and "exit 1 needs about" in str(error)
+
+
+def test_brownout_steps_down_under_pressure_and_back_with_hysteresis() -> None:
+    b = Brownout(num_exits=4, floor=2, enabled=True)
+    t = 0.0
+    for _ in range(50):  # waits take 90 % of the budgets
+        t += 0.1
+        b.observe(0.9, 1.0, t)
+    assert b.max_exit == 2  # never below the floor
+    for _ in range(10):  # calm, but not for HOLD_S yet
+        t += HOLD_S / 20
+        b.observe(0.0, 1.0, t)
+    assert b.max_exit == 2
+    for _ in range(200):
+        t += 0.05
+        b.observe(0.0, 1.0, t)
+    assert b.max_exit == 4 and b.level == 0
+
+
+def test_the_accuracy_floor_is_the_shallowest_exit_near_the_final_one() -> None:
+    assert floor_exit([92.3, 93.5, 94.0, 94.2], 2.0) == 1
+    assert floor_exit([92.3, 93.5, 94.0, 94.2], 1.0) == 2
+    assert floor_exit([None, None, None], 2.0) == 3
+
+
+def test_brownout_in_the_engine_answers_from_earlier_exits_before_refusing(tmp_path: Path) -> None:
+    """Five jobs every 4 ms, each wanting the last exit; stages take 3 ms per batch of 4, so exit 1 alone can
+    serve about 1.3 jobs per ms and full depth a third of that. `degrade` lowers the deepest exit for new
+    work (floor: exit 1, within 5 points of the final exit here) and answers at once from exit 1: it
+    fails fewer requests than `shed`, whose rows wait for deeper stages until their deadline."""
+    results = {}
+    for mode in ("shed", "degrade"):
+        engine = _engine(
+            tmp_path / mode, "test_sleepy", max_batch=4, stage_ms=[3] * 4, overload=mode, brownout_floor_pp=5,
+            val_accuracy=[90.0, 92.0, 93.0, 94.0],
+        )  # fmt: skip
+
+        async def load(engine: Engine = engine) -> list:
+            futures = []
+            for _ in range(60):
+                for _ in range(5):
+                    futures.append(asyncio.ensure_future(_submit_all(engine, [_job(threshold=1.0, deadline_ms=30)])))
+                await asyncio.sleep(0.004)
+            return [r[0] for r in await asyncio.gather(*futures)]
+
+        outcomes = asyncio.run(load())
+        results[mode] = (outcomes, engine.brownout.level)
+        engine.stop(1.0)
+    failed = {m: sum(not isinstance(o, Answer) for o in r) for m, (r, _) in results.items()}
+    degraded = [a for a in results["degrade"][0] if isinstance(a, Answer)]
+    assert failed["degrade"] < failed["shed"], failed
+    assert results["degrade"][1] > 0 and results["shed"][1] == 0
+    assert sum(a.reason is Reason.MAX_EXIT for a in degraded) > len(degraded) / 2

@@ -33,7 +33,7 @@ N = 200
 @pytest.fixture(scope="module")
 def images() -> list[tuple[bytes, int]]:
     test = load_data("fashion-mnist", allow_download=False).test
-    return [(png_bytes(Image.fromarray(test.images[i][0].numpy())), int(test.labels[i])) for i in range(N)]  # type: ignore[attr-defined]
+    return [(png_bytes(Image.fromarray(test.images[i][0].numpy())), int(test.labels[i])) for i in range(N)]
 
 
 def _predicted(artifact_dir: Path, images: list[tuple[bytes, int]], thresholds: list[float]) -> dict:

@@ -41,7 +41,7 @@ def test_fuzzed_requests_never_break_the_server(fuzz_server: ServerProcess) -> N
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None)  # fmt: skip
-        def fuzz(case) -> None:  # type: ignore[no-untyped-def]
+        def fuzz(case) -> None:
             response = case.call_and_validate(
                 excluded_checks=[not_a_server_error, positive_data_acceptance], timeout=30
             )

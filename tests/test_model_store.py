@@ -28,7 +28,7 @@ def _post(url: str, png: bytes, **params: object) -> httpx.Response:
     return httpx.post(url, content=png, headers={"content-type": "image/png"}, params=params, timeout=30)
 
 
-def _wait(check, timeout: float) -> float:  # type: ignore[no-untyped-def]
+def _wait(check, timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if check():
@@ -39,7 +39,7 @@ def _wait(check, timeout: float) -> float:  # type: ignore[no-untyped-def]
 
 def _publish(store: Path, staging: Path, name: str, version: str, **kw: object) -> None:
     """Export a version into `staging`, then rename it into the store: it appears complete or not at all."""
-    make_artifact(staging, name, version=version, **kw)  # type: ignore[arg-type]
+    make_artifact(staging, name, version=version, **kw)
     (store / name).mkdir(parents=True, exist_ok=True)
     os.rename(staging / name / version, store / name / version)
 
@@ -174,3 +174,21 @@ def test_a_pinned_version_stays_and_the_memory_budget_refuses_a_model(tmp_path: 
     finally:
         assert server.stop() == 0
     assert "ANYTIME_MAX_MODELS_BYTES" in server.output()
+
+
+def test_a_version_directory_holding_another_versions_artifact_is_refused(tmp_path: Path) -> None:
+    """Version 1 copied to directory 3 would answer as version 1 from directory 3: it is refused like a
+    corrupt version (logged and counted) and version 1 keeps serving."""
+    store, staging = tmp_path / "store", tmp_path / "staging"
+    make_artifact(store, "tiny")
+    server = ServerProcess(store, "tiny", model_poll_s=0.2, log_level="info").wait_ready()
+    try:
+        shutil.copytree(store / "tiny" / "1", staging / "tiny-3")
+        os.rename(staging / "tiny-3", store / "tiny" / "3")
+        failures = lambda: metric(httpx.get(f"{server.url}/metrics").text, "anytime_model_load_failures_total")  # noqa: E731
+        _wait(lambda: failures() == 1, 30)
+        assert _post(f"{server.url}/classify", GRAY).json()["version"] == "1"
+        assert httpx.get(f"{server.url}/v1/models").json()["models"][0]["version"] == "1"
+    finally:
+        assert server.stop() == 0
+    assert "its manifest says tiny/1; a version directory must hold its own artifact" in server.output()

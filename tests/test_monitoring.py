@@ -53,7 +53,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[ServerProcess, PrometheusProces
         assert server.stop() == 0
 
 
-def _wait(check, timeout: float) -> None:  # type: ignore[no-untyped-def]
+def _wait(check, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:

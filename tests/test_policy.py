@@ -21,7 +21,7 @@ from models.exit_policy import (
     decide,
     reachable,
 )
-from service.timing import StageTimes
+from service.engine.timing import StageTimes
 
 INF = NO_DEADLINE
 
@@ -45,7 +45,7 @@ INF = NO_DEADLINE
         (1, 0.1, 0.9, 2, 1.0, 1.05, 0.2, MAX_EXIT),  # max_exit before deadline
     ],
 )
-def test_decide_cases(k, conf, threshold, max_exit, now, deadline, next_s, expected) -> None:  # type: ignore[no-untyped-def]
+def test_decide_cases(k, conf, threshold, max_exit, now, deadline, next_s, expected) -> None:
     codes = decide(
         k, 4, np.array([conf]), threshold, max_exit=[max_exit], deadline=[deadline], now=now,
         next_stage_s=next_s,

@@ -56,7 +56,7 @@ def test_register_under_another_name_and_refuse_duplicates() -> None:
     try:
 
         @register_model(name="test_alias_of_tiny")
-        def _builder(**kwargs):  # type: ignore[no-untyped-def]
+        def _builder(**kwargs):
             return build_model("test_tiny", **kwargs)
 
         assert "test_alias_of_tiny" in list_models()

@@ -32,7 +32,7 @@ STAGE_MS = [120.0, 120.0, 120.0, 120.0]
 @pytest.fixture(scope="module")
 def fmnist_pngs() -> list[tuple[bytes, int]]:
     test = load_data("fashion-mnist", allow_download=False).test
-    return [(png_bytes(Image.fromarray(test.images[i][0].numpy())), int(test.labels[i])) for i in range(40)]  # type: ignore[attr-defined]
+    return [(png_bytes(Image.fromarray(test.images[i][0].numpy())), int(test.labels[i])) for i in range(40)]
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,9 @@ class Cluster:
         self.lb = self._start_haproxy().wait_ready()
         self.wait_lb_status("UP")
         if self.settings.prometheus_port:
-            self.prometheus = PrometheusProcess(self._prometheus_config(), self.workdir / "tsdb",
-                                                self.settings.prometheus_port).wait_ready()  # fmt: skip
+            self.prometheus = PrometheusProcess(
+                self._prometheus_config(), self.workdir / "tsdb", self.settings.prometheus_port
+            ).wait_ready()
             self._wait_scraped()
         return self
 
@@ -139,9 +140,11 @@ class Cluster:
         servers = self.workdir / "servers.cfg"
         lines = ["backend api"] + [f"    server r{i + 1} 127.0.0.1:{p} check" for i, p in enumerate(self.ports)]
         servers.write_text("\n".join(lines) + "\n")
-        env = {"ANYTIME_LB_BIND": f"127.0.0.1:{self.settings.port}",
-               "ANYTIME_LB_STATS_BIND": f"127.0.0.1:{self.stats_port}",
-               "ANYTIME_LB_ADMIN_SOCKET": str(self.socket_path)}  # fmt: skip
+        env = {
+            "ANYTIME_LB_BIND": f"127.0.0.1:{self.settings.port}",
+            "ANYTIME_LB_STATS_BIND": f"127.0.0.1:{self.stats_port}",
+            "ANYTIME_LB_ADMIN_SOCKET": str(self.socket_path),
+        }
         argv = [binary, "-db", "-f", str(HAPROXY_CONFIG), "-f", str(servers)]
         return LocalProcess(argv, self.settings.port, self.workdir / "haproxy.log", env)
 
@@ -250,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
             sys.stderr.write(f"cluster: cannot start: {exc}\n")
             return 1
-        log.info("balancer %s (stats http://127.0.0.1:%d/stats) over replicas on ports %s; logs in %s",
-                 cluster.url, cluster.stats_port, cluster.ports, tmp)  # fmt: skip
+        log.info(
+            "balancer %s (stats http://127.0.0.1:%d/stats) over replicas on ports %s; logs in %s",
+            cluster.url,
+            cluster.stats_port,
+            cluster.ports,
+            tmp,
+        )
         if cluster.prometheus is not None:
             log.info("Prometheus %s", cluster.prometheus.url)
         log.info("Ctrl-C stops everything; kill -HUP %d restarts the replicas one at a time", os.getpid())

@@ -74,7 +74,7 @@ class SmokeFailed(RuntimeError):
 
 def run(argv: list[str], timeout: float = 600, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess:
     """Run a command, capture its output, raise SmokeFailed with its tail when it fails."""
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
         raise SmokeFailed(f"{' '.join(argv[:6])} … exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return proc
@@ -104,9 +104,16 @@ class Engine:
         root = self.workdir / f"engine-{driver}"
         root.mkdir()
         sock = root / "docker.sock"
-        argv = ["dockerd", f"--storage-driver={driver}", "--iptables=false", "--bridge=none",
-                f"--data-root={root / 'data'}", f"--exec-root={root / 'exec'}", f"--pidfile={root / 'pid'}",
-                f"--host=unix://{sock}"]  # fmt: skip
+        argv = [
+            "dockerd",
+            f"--storage-driver={driver}",
+            "--iptables=false",
+            "--bridge=none",
+            f"--data-root={root / 'data'}",
+            f"--exec-root={root / 'exec'}",
+            f"--pidfile={root / 'pid'}",
+            f"--host=unix://{sock}",
+        ]
         with (self.workdir / "dockerd.log").open("a") as out:
             self.daemon = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
@@ -161,8 +168,17 @@ class Smoke:
         rootfs = self.workdir / "rootfs"
         if not rootfs.exists():
             log.info("debootstrap bookworm with %s", DEBIAN_PACKAGES)
-            run(["debootstrap", "--variant=minbase", f"--include={DEBIAN_PACKAGES}", "bookworm", str(rootfs),
-                 self.settings.mirror], timeout=900)  # fmt: skip
+            run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={DEBIAN_PACKAGES}",
+                    "bookworm",
+                    str(rootfs),
+                    self.settings.mirror,
+                ],
+                timeout=900,
+            )
             # python:3.11-slim has `python` and `pip` on PATH and pip may install: a venv gives both.
             run(["chroot", str(rootfs), "python3", "-m", "venv", "/usr/local/python"], timeout=300)
             # prom/prometheus runs as nobody and writes its database to /prometheus.
@@ -197,43 +213,110 @@ class Smoke:
     # -- wheels -----------------------------------------------------------------------------
     def wheels(self) -> None:
         """Serve a host-prepared wheelhouse when the build cannot reach a package index."""
-        probe = self.engine.docker("run", "--rm", "--network", "host", PYTHON_BASE, "python", "-m", "pip", "download",
-                                   "--no-deps", "-d", "/tmp/probe", "six", timeout=120, check=False)  # fmt: skip
+        probe = self.engine.docker(
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            PYTHON_BASE,
+            "python",
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-d",
+            "/tmp/probe",
+            "six",
+            timeout=120,
+            check=False,
+        )
         if probe.returncode == 0:
             self.report["build"] = "online (the build reached a package index)"
             return
         house = self.workdir / "wheelhouse"
         log.info("no package index inside the build: preparing a wheelhouse on the host")
-        run([sys.executable, "-m", "pip", "download", "-q", "-d", str(house), "torch==2.14.1", "torchvision==0.29.1",
-             f"{ROOT}[serve,train]", "setuptools>=68,<81"], timeout=1800)  # fmt: skip
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "-d",
+                str(house),
+                "torch==2.14.1",
+                "torchvision==0.29.1",
+                f"{ROOT}[serve,train]",
+                "setuptools>=68,<81",
+            ],
+            timeout=1800,
+        )
         port = free_port()
-        self.wheel_server = LocalProcess([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
-                                          "--directory", str(house)], port, self.workdir / "wheels.log")  # fmt: skip
+        self.wheel_server = LocalProcess(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(house)],
+            port,
+            self.workdir / "wheels.log",
+        )
         self.wheel_server.wait_ready("/", timeout=30)
         url = f"http://127.0.0.1:{port}/"
-        self.build_args = ["--build-arg", "PIP_NO_INDEX=1", "--build-arg", f"PIP_FIND_LINKS={url}",
-                           "--build-arg", f"TORCH_INDEX_URL={url}"]  # fmt: skip
+        self.build_args = [
+            "--build-arg",
+            "PIP_NO_INDEX=1",
+            "--build-arg",
+            f"PIP_FIND_LINKS={url}",
+            "--build-arg",
+            f"TORCH_INDEX_URL={url}",
+        ]
         size = run(["du", "-sh", str(house)]).stdout.split("\t")[0]
         self.report["build"] = f"offline, from a {size} wheelhouse served on 127.0.0.1"
 
     # -- images -----------------------------------------------------------------------------
     def build(self, dockerfile: str, target: str, tag: str) -> None:
         started = time.monotonic()
-        self.engine.docker("build", "--network", "host", "-f", f"docker/{dockerfile}", "--target", target, "-t", tag,
-                           *self.build_args, ".", cwd=ROOT, timeout=1800)  # fmt: skip
+        self.engine.docker(
+            "build",
+            "--network",
+            "host",
+            "-f",
+            f"docker/{dockerfile}",
+            "--target",
+            target,
+            "-t",
+            tag,
+            *self.build_args,
+            ".",
+            cwd=ROOT,
+            timeout=1800,
+        )
         self.images.append(tag)
         size = int(self.engine.docker("image", "inspect", "-f", "{{.Size}}", tag).stdout.strip())
-        self.report.setdefault("images", {})[tag] = {  # type: ignore[union-attr]
+        self.report.setdefault("images", {})[tag] = {
             "size_mb": round(size / 2**20),
             "build_seconds": round(time.monotonic() - started),
         }
         log.info("built %s (%s target of %s): %d MB", tag, target, dockerfile, size // 2**20)
 
     def _api(self, name: str, *extra: str, env: dict[str, str] | None = None) -> str:
-        env = {"ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(self.settings.api_port), "ANYTIME_GRPC_PORT": "0",
-               **(env or {})}  # fmt: skip
-        args = ["run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-                *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], *extra, "anytime:cpu"]  # fmt: skip
+        env = {
+            "ANYTIME_HOST": "127.0.0.1",
+            "ANYTIME_PORT": str(self.settings.api_port),
+            "ANYTIME_GRPC_PORT": "0",
+            **(env or {}),
+        }
+        args = [
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
+            *extra,
+            "anytime:cpu",
+        ]
         cid = self.engine.docker(*args).stdout.strip()
         self.containers.append(name)
         return cid
@@ -253,8 +336,12 @@ class Smoke:
         return self.engine.docker("logs", "--tail", "30", name, check=False).stdout[-3000:]
 
     def _classify(self) -> dict:
-        r = httpx.post(f"http://127.0.0.1:{self.settings.api_port}/classify", content=_png(),
-                       headers={"content-type": "image/png"}, timeout=30)  # fmt: skip
+        r = httpx.post(
+            f"http://127.0.0.1:{self.settings.api_port}/classify",
+            content=_png(),
+            headers={"content-type": "image/png"},
+            timeout=30,
+        )
         if r.status_code != 200:
             raise SmokeFailed(f"/classify answered {r.status_code}: {r.text[:300]}")
         return r.json()
@@ -277,23 +364,51 @@ class Smoke:
         if code != 0:
             raise SmokeFailed(f"docker stop: exit code {code}: {self._logs(f'{PREFIX}-api')}")
         self.report["api"] = {
-            "healthy_after_s": round(healthy_s, 1), "answer": _brief(answer, "label", "exit", "model", "version"),
-            "uid": int(uid), "read_only_root": True, "docker_stop_s": round(stop_s, 1), "exit_code": code,
-        }  # fmt: skip
-        log.info("api: healthy after %.0f s, answered %s, uid %s, stopped in %.1f s with 0", healthy_s,
-                 answer["label"], uid, stop_s)  # fmt: skip
+            "healthy_after_s": round(healthy_s, 1),
+            "answer": _brief(answer, "label", "exit", "model", "version"),
+            "uid": int(uid),
+            "read_only_root": True,
+            "docker_stop_s": round(stop_s, 1),
+            "exit_code": code,
+        }
+        log.info(
+            "api: healthy after %.0f s, answered %s, uid %s, stopped in %.1f s with 0",
+            healthy_s,
+            answer["label"],
+            uid,
+            stop_s,
+        )
 
     def train(self) -> None:
         volume = f"{PREFIX}-models"
         self.engine.docker("volume", "create", volume)
         self.volumes.append(volume)
-        script = ("python -m training.cli --model resnet_fmnist_narrow --method byot --epochs 1 --max-steps 30 "
-                  "--no-progress --out-dir /tmp/run && python -m training.export /tmp/run/best.pt --store /models "
-                  "--name smoke --latency-repeats 2")  # fmt: skip
+        script = (
+            "python -m training.cli --model resnet_fmnist_narrow --method byot --epochs 1 --max-steps 30 "
+            "--no-progress --out-dir /tmp/run && python -m training.export /tmp/run/best.pt --store /models "
+            "--name smoke --latency-repeats 2"
+        )
         started = time.monotonic()
-        self.engine.docker("run", "--rm", "--name", f"{PREFIX}-train", "--network", "host", "--read-only",
-                           "--tmpfs", "/tmp", "-v", f"{FASHION_MNIST}:/data:ro", "-v", f"{volume}:/models",
-                           "anytime:train", "sh", "-c", script, timeout=1200)  # fmt: skip
+        self.engine.docker(
+            "run",
+            "--rm",
+            "--name",
+            f"{PREFIX}-train",
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "-v",
+            f"{FASHION_MNIST}:/data:ro",
+            "-v",
+            f"{volume}:/models",
+            "anytime:train",
+            "sh",
+            "-c",
+            script,
+            timeout=1200,
+        )
         train_s = time.monotonic() - started
         self._api(f"{PREFIX}-api-trained", "-v", f"{volume}:/models", env={"ANYTIME_MODEL_NAME": "smoke"})
         self._wait_healthy(f"{PREFIX}-api-trained")
@@ -302,8 +417,12 @@ class Smoke:
             raise SmokeFailed(f"the trained model is not the one serving: {answer}")
         self.engine.docker("stop", "-t", "45", f"{PREFIX}-api-trained", timeout=120)
         self.report["train"] = {"train_and_export_s": round(train_s), "served": _brief(answer, "model", "version")}
-        log.info("train: one short epoch and export in %.0f s; a fresh api serves %s v%s", train_s, answer["model"],
-                 answer["version"])  # fmt: skip
+        log.info(
+            "train: one short epoch and export in %.0f s; a fresh api serves %s v%s",
+            train_s,
+            answer["model"],
+            answer["version"],
+        )
 
     def compose(self) -> None:
         """api + prometheus from docker-compose.yml with this machine's override (host network)."""
@@ -313,8 +432,9 @@ class Smoke:
         prom_dir.mkdir()
         config = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
         config["global"]["scrape_interval"] = "1s"
-        config["scrape_configs"] = [{"job_name": "anytime", "static_configs": [
-            {"targets": [f"127.0.0.1:{self.settings.api_port}"]}]}]  # fmt: skip
+        config["scrape_configs"] = [
+            {"job_name": "anytime", "static_configs": [{"targets": [f"127.0.0.1:{self.settings.api_port}"]}]}
+        ]
         (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         for rules in (ROOT / "docker" / "prometheus").glob("anytime.rules*.yml"):
             shutil.copy(rules, prom_dir / rules.name)
@@ -355,9 +475,10 @@ class Smoke:
                 logs = run([*compose, "logs", "--tail", "20"], env=env, check=False, cwd=ROOT).stdout[-3000:]
                 raise SmokeFailed(f"Prometheus did not scrape the api (up={up}, requests={requests}):\n{logs}")
             self.report["compose"] = {
-                "up": up, "anytime_requests_total": requests,
+                "up": up,
+                "anytime_requests_total": requests,
                 "left_out": "lb (needs Docker's DNS: no bridge network here), grafana (no image here)",
-            }  # fmt: skip
+            }
             log.info("compose: Prometheus scrapes the api (up=1, anytime_requests_total=%s)", requests)
         finally:
             run([*compose, "down", "-v", "--timeout", "45"], env=env, check=False, timeout=300, cwd=ROOT)

@@ -41,12 +41,16 @@ class LocalProcess:
             argv = ["taskset", "-c", cpus, *argv]
         self.argv, self.port = argv, port
         self.url = f"http://127.0.0.1:{port}"
-        self.log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
+        self.log = open(log_path, "w+")  # closed in stop()
         self.terminated = False
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
 
     @property
     def pid(self) -> int:
@@ -120,9 +124,17 @@ class ServerProcess(LocalProcess):
         self, store: Path, name: str, log_dir: Path | None = None, cpus: str | None = None, **settings: Any
     ) -> None:
         port = free_port()
-        env = {"PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
-               "ANYTIME_HOST": "127.0.0.1", "ANYTIME_PORT": str(port), "ANYTIME_TORCH_THREADS": "1",
-               "ANYTIME_LOG_LEVEL": "warning", "ANYTIME_GRPC_PORT": "0", "ANYTIME_DRAIN_GRACE_S": "0"}  # fmt: skip
+        env = {
+            "PYTHONPATH": str(ROOT),
+            "ANYTIME_MODEL_STORE": str(store),
+            "ANYTIME_MODEL_NAME": name,
+            "ANYTIME_HOST": "127.0.0.1",
+            "ANYTIME_PORT": str(port),
+            "ANYTIME_TORCH_THREADS": "1",
+            "ANYTIME_LOG_LEVEL": "warning",
+            "ANYTIME_GRPC_PORT": "0",
+            "ANYTIME_DRAIN_GRACE_S": "0",
+        }
         env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
         self.grpc_address = f"127.0.0.1:{settings['grpc_port']}" if settings.get("grpc_port") else None
         log_path = Path(log_dir or store) / f"server-{port}.log"
@@ -137,8 +149,12 @@ class PrometheusProcess(LocalProcess):
         if binary is None:
             raise FileNotFoundError("prometheus is not installed (Debian package `prometheus`)")
         port = port or free_port()
-        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
-                f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+        argv = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data_dir}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
         super().__init__(argv, port, data_dir.parent / f"prometheus-{port}.log")
 
     def wait_ready(self, path: str = "/-/ready", timeout: float = 60.0) -> PrometheusProcess:

@@ -17,67 +17,205 @@ RATE = "$__rate_interval"
 
 # (title, kind, unit, [(legend, expr)], description)
 PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
-    ("Per-exit hit rate", "stacked", "percentunit", [(
-        "exit {{exit}}",
-        f"sum by (exit) (rate(anytime_exits_total{SEL}[{RATE}])) / ignoring(exit) group_left "
-        f"sum(rate(anytime_exits_total{SEL}[{RATE}]))",
-    )], "Share of answers given by each exit (stacked to 100 %)."),
-    ("Exit distribution", "bars", "short", [(
-        "exit {{exit}}", f"sum by (exit) (increase(anytime_exits_total{SEL}[$__range]))",
-    )], "Answers per exit over the dashboard's time range."),
-    ("Request latency", "lines", "s", [
-        (f"p{q}", f"histogram_quantile(0.{q}, sum by (le) (rate(anytime_request_latency_seconds_bucket{SEL}[{RATE}])))")
-        for q in (50, 95, 99)
-    ], "Server-side latency of /classify, from receipt to answer."),
-    ("Latency per exit (p95)", "lines", "s", [(
-        "exit {{exit}}",
-        f"histogram_quantile(0.95, sum by (le, exit) (rate(anytime_exit_latency_seconds_bucket{SEL}[{RATE}])))",
-    )], "95th percentile latency of the requests each exit answered."),
-    ("Stage time (p95)", "lines", "s", [(
-        "{{model}} stage {{stage}}",
-        f"histogram_quantile(0.95, sum by (le, model, stage) (rate(anytime_stage_seconds_bucket{SEL}[{RATE}])))",
-    )], "Time of one stage and its exit head for a whole batch, per model."),
-    ("Deadlines", "stacked", "reqps", [(
-        "{{outcome}}", f"sum by (outcome) (rate(anytime_deadline_total{SEL}[{RATE}]))",
-    )], "Requests with a deadline: met, missed (answered late) or rejected (504 before any compute)."),
-    ("Exit reasons", "stacked", "reqps", [(
-        "{{reason}}", f"sum by (reason) (rate(anytime_exits_total{SEL}[{RATE}]))",
-    )], "Why samples stopped: confidence, deadline, max_exit or final."),
-    ("Throughput by status", "stacked", "reqps", [(
-        "{{status}}", f"sum by (status) (rate(anytime_requests_total{SEL}[{RATE}]))",
-    )], "Requests per second by HTTP status."),
-    ("Queue depth", "lines", "short", [(
-        "{{model}}", f"sum by (model) (anytime_queue_depth{SEL})",
-    )], "Requests waiting for each model's workers, over all replicas (a replica answers 503 when its queue is full)."),
-    ("Batch size", "lines", "short", [(
-        "mean", f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
-    )], "Mean number of requests the engine ran through the stages together."),
-    ("Exit agreement (drift guard)", "lines", "percentunit", [
-        ("exit {{exit}} measured",
-         f"sum by (exit) (rate(anytime_shadow_agreements_total{SEL}[{RATE}])) / "
-         f"sum by (exit) (rate(anytime_shadow_samples_total{SEL}[{RATE}]))"),
-        ("exit {{exit}} expected", f"max by (exit) (anytime_exit_expected_agreement{SEL})"),
-    ], "How often shadow-checked early answers agree with the final exit, against the validation figure. "
-       "A measured line well below its expected one means the traffic drifted (alert AnytimeExitDisagreement)."),
-    ("Thresholds in force", "lines", "short", [(
-        "{{model}} exit {{exit}}", f"max by (model, exit) (anytime_threshold{SEL})",
-    )], "Per exit: the artifact's threshold, or the drift guard's when ANYTIME_ADAPT is on."),
-    ("In flight per replica", "lines", "short", [(
-        "{{instance}}", 'anytime_inflight{instance=~"$instance"}',
-    )], "Requests each replica has admitted and not yet answered: what the autoscaler scales on (deploy/k8s)."),
-    ("Throughput per replica", "stacked", "reqps", [(
-        "{{instance}}", f"sum by (instance) (rate(anytime_requests_total{SEL}[{RATE}]))",
-    )], "Requests per second each replica answered; an even split means the balancer spreads the load."),
-    ("Balancer", "lines", "short", [
-        ("replicas in the pool", 'sum(haproxy_backend_active_servers{proxy="api"})'),
-        ("retries/s", f'sum(rate(haproxy_backend_retry_warnings_total{{proxy="api"}}[{RATE}]))'),
-        ("redispatches/s", f'sum(rate(haproxy_backend_redispatch_warnings_total{{proxy="api"}}[{RATE}]))'),
-    ], "HAProxy (make cluster, docker compose): replicas passing their /readyz check, and requests it "
-       "sent again to another replica after a failed connection, no answer or a 503. Empty with one server."),
-    ("Model", "table", "short", [(
-        "", f"anytime_model_info{INFO_SEL}",
-    )], "The models (name, version) and devices each instance serves: one row per served version."),
-]  # fmt: skip
+    (
+        "Per-exit hit rate",
+        "stacked",
+        "percentunit",
+        [
+            (
+                "exit {{exit}}",
+                f"sum by (exit) (rate(anytime_exits_total{SEL}[{RATE}])) / ignoring(exit) group_left "
+                f"sum(rate(anytime_exits_total{SEL}[{RATE}]))",
+            )
+        ],
+        "Share of answers given by each exit (stacked to 100 %).",
+    ),
+    (
+        "Exit distribution",
+        "bars",
+        "short",
+        [
+            (
+                "exit {{exit}}",
+                f"sum by (exit) (increase(anytime_exits_total{SEL}[$__range]))",
+            )
+        ],
+        "Answers per exit over the dashboard's time range.",
+    ),
+    (
+        "Request latency",
+        "lines",
+        "s",
+        [
+            (
+                f"p{q}",
+                f"histogram_quantile(0.{q}, sum by (le) (rate(anytime_request_latency_seconds_bucket{SEL}[{RATE}])))",
+            )
+            for q in (50, 95, 99)
+        ],
+        "Server-side latency of /classify, from receipt to answer.",
+    ),
+    (
+        "Latency per exit (p95)",
+        "lines",
+        "s",
+        [
+            (
+                "exit {{exit}}",
+                f"histogram_quantile(0.95, sum by (le, exit) (rate(anytime_exit_latency_seconds_bucket{SEL}[{RATE}])))",
+            )
+        ],
+        "95th percentile latency of the requests each exit answered.",
+    ),
+    (
+        "Stage time (p95)",
+        "lines",
+        "s",
+        [
+            (
+                "{{model}} stage {{stage}}",
+                "histogram_quantile(0.95, sum by (le, model, stage) "
+                f"(rate(anytime_stage_seconds_bucket{SEL}[{RATE}])))",
+            )
+        ],
+        "Time of one stage and its exit head for a whole batch, per model.",
+    ),
+    (
+        "Deadlines",
+        "stacked",
+        "reqps",
+        [
+            (
+                "{{outcome}}",
+                f"sum by (outcome) (rate(anytime_deadline_total{SEL}[{RATE}]))",
+            )
+        ],
+        "Requests with a deadline: met, missed (answered late) or rejected (504 before any compute).",
+    ),
+    (
+        "Exit reasons",
+        "stacked",
+        "reqps",
+        [
+            (
+                "{{reason}}",
+                f"sum by (reason) (rate(anytime_exits_total{SEL}[{RATE}]))",
+            )
+        ],
+        "Why samples stopped: confidence, deadline, max_exit or final.",
+    ),
+    (
+        "Throughput by status",
+        "stacked",
+        "reqps",
+        [
+            (
+                "{{status}}",
+                f"sum by (status) (rate(anytime_requests_total{SEL}[{RATE}]))",
+            )
+        ],
+        "Requests per second by HTTP status.",
+    ),
+    (
+        "Queue depth",
+        "lines",
+        "short",
+        [
+            (
+                "{{model}}",
+                f"sum by (model) (anytime_queue_depth{SEL})",
+            )
+        ],
+        "Requests waiting for each model's workers, over all replicas (a replica answers 503 when its queue is full).",
+    ),
+    (
+        "Batch size",
+        "lines",
+        "short",
+        [
+            (
+                "mean",
+                f"sum(rate(anytime_batch_size_sum{SEL}[{RATE}])) / sum(rate(anytime_batch_size_count{SEL}[{RATE}]))",
+            )
+        ],
+        "Mean number of requests the engine ran through the stages together.",
+    ),
+    (
+        "Exit agreement (drift guard)",
+        "lines",
+        "percentunit",
+        [
+            (
+                "exit {{exit}} measured",
+                f"sum by (exit) (rate(anytime_shadow_agreements_total{SEL}[{RATE}])) / "
+                f"sum by (exit) (rate(anytime_shadow_samples_total{SEL}[{RATE}]))",
+            ),
+            ("exit {{exit}} expected", f"max by (exit) (anytime_exit_expected_agreement{SEL})"),
+        ],
+        "How often shadow-checked early answers agree with the final exit, against the validation figure. "
+        "A measured line well below its expected one means the traffic drifted (alert AnytimeExitDisagreement).",
+    ),
+    (
+        "Thresholds in force",
+        "lines",
+        "short",
+        [
+            (
+                "{{model}} exit {{exit}}",
+                f"max by (model, exit) (anytime_threshold{SEL})",
+            )
+        ],
+        "Per exit: the artifact's threshold, or the drift guard's when ANYTIME_ADAPT is on.",
+    ),
+    (
+        "In flight per replica",
+        "lines",
+        "short",
+        [
+            (
+                "{{instance}}",
+                'anytime_inflight{instance=~"$instance"}',
+            )
+        ],
+        "Requests each replica has admitted and not yet answered: what the autoscaler scales on (deploy/k8s).",
+    ),
+    (
+        "Throughput per replica",
+        "stacked",
+        "reqps",
+        [
+            (
+                "{{instance}}",
+                f"sum by (instance) (rate(anytime_requests_total{SEL}[{RATE}]))",
+            )
+        ],
+        "Requests per second each replica answered; an even split means the balancer spreads the load.",
+    ),
+    (
+        "Balancer",
+        "lines",
+        "short",
+        [
+            ("replicas in the pool", 'sum(haproxy_backend_active_servers{proxy="api"})'),
+            ("retries/s", f'sum(rate(haproxy_backend_retry_warnings_total{{proxy="api"}}[{RATE}]))'),
+            ("redispatches/s", f'sum(rate(haproxy_backend_redispatch_warnings_total{{proxy="api"}}[{RATE}]))'),
+        ],
+        "HAProxy (make cluster, docker compose): replicas passing their /readyz check, and requests it "
+        "sent again to another replica after a failed connection, no answer or a 503. Empty with one server.",
+    ),
+    (
+        "Model",
+        "table",
+        "short",
+        [
+            (
+                "",
+                f"anytime_model_info{INFO_SEL}",
+            )
+        ],
+        "The models (name, version) and devices each instance serves: one row per served version.",
+    ),
+]
 
 
 def _panel(i: int, title: str, kind: str, unit: str, targets: list[tuple[str, str]], description: str) -> dict:
@@ -98,7 +236,7 @@ def _panel(i: int, title: str, kind: str, unit: str, targets: list[tuple[str, st
                 **({"format": "table", "instant": True} if kind == "table" else {}),
             }
             for j, (legend, expr) in enumerate(targets)
-        ],  # fmt: skip
+        ],
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
     }
     if kind == "table":
@@ -121,10 +259,18 @@ def _variable(name: str, label: str, info_label: str) -> dict:
     """A multi-value template variable over one label of anytime_model_info, "All" by default."""
     query = f"label_values(anytime_model_info, {info_label})"
     return {
-        "name": name, "label": label, "type": "query", "datasource": DATASOURCE,
-        "query": {"query": query, "refId": name}, "definition": query, "includeAll": True, "multi": True,
-        "allValue": ".*", "current": {"text": "All", "value": "$__all"}, "refresh": 2,
-    }  # fmt: skip
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "refresh": 2,
+    }
 
 
 def build() -> dict:

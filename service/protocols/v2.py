@@ -1,49 +1,55 @@
-"""The Open Inference Protocol (KServe v2) without its transports: tensors in, the engine, tensors out.
+"""The Open Inference Protocol (KServe v2) without its transports: tensors in, the data plane, tensors out.
 
-`service/oip_rest.py` (JSON and the binary tensor data extension) and `service/oip_grpc.py`
+`service/protocols/v2_rest.py` (JSON and the binary tensor data extension) and `v2_grpc.py`
 (`inference.GRPCInferenceService`) parse a request into an `InferCall` and write its `OutputTensor`s;
-everything between is here and goes through the same `ServedModel.infer` as `/classify`.
+everything between is here and goes through the same data plane as `/classify`.
 
 A model takes one of two inputs: `image`, BYTES [N] of encoded images (PNG, JPEG, …), or `input`,
 FP32 [N, C, H, W] already preprocessed as the manifest's input spec says. It answers with the
 outputs `label` (BYTES), `class_index` (INT64), `confidence` (FP32), `exit` (INT32), `reason`
 (BYTES) and `probabilities` (FP32 [N, classes]), each [N] unless said; all of them when the request
 names none. The classification extension (`classification: k` on a requested output) turns that
-output into BYTES [N, k] of "score:index:label". Request parameters: `timeout` (microseconds,
-Triton's), `deadline_ms`, `threshold`, `max_exit`; the smallest budget of `timeout`, `deadline_ms`,
-X-Deadline-Ms and the gRPC deadline wins.
+output into BYTES [N, k] of "score:index:label" (k clamped to the number of classes). Request
+parameters: `timeout` (microseconds, Triton's), `deadline_ms`, `threshold`, `max_exit`; the earliest
+deadline of `timeout`, `deadline_ms`, X-Deadline-Ms and the gRPC deadline wins (service/options.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from service import __version__
+from service.dataplane import DataPlane
 from service.engine import Answer
-from service.errors import ApiError
-from service.served import InvalidOption, ServedModel
+from service.errors import INVALID_REQUEST, TOO_MANY_ITEMS, ServiceError
+from service.options import budget_ms, option_fields
+from service.served import ServedModel
 
 SERVER_NAME = "anytime"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
 PLATFORM = "pytorch"
 IMAGE_INPUT, TENSOR_INPUT = "image", "input"
 OUTPUTS = {
-    "label": "BYTES", "class_index": "INT64", "confidence": "FP32", "exit": "INT32", "reason": "BYTES",
+    "label": "BYTES",
+    "class_index": "INT64",
+    "confidence": "FP32",
+    "exit": "INT32",
+    "reason": "BYTES",
     "probabilities": "FP32",
-}  # fmt: skip
+}
 NUMPY = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}
 
 
-def bad_request(message: str) -> ApiError:
+def bad_request(message: str) -> ServiceError:
     """A malformed request (400): the message names the input or field."""
-    return ApiError(400, "invalid_request", message)
+    return ServiceError(message, INVALID_REQUEST)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class InputTensor:
 @dataclass
 class RequestedOutput:
     name: str
-    classification: int | None = None
+    classification: Any = None  # k of the classification extension (validated as an option)
     binary: bool = False
 
 
@@ -86,13 +92,13 @@ class OutputTensor:
 
     def raw(self) -> bytes:
         """The binary tensor data encoding: 4-byte little-endian length before each BYTES element."""
-        if self.datatype == "BYTES":
-            return b"".join(len(v).to_bytes(4, "little") + v for v in self.values)  # type: ignore[union-attr]
+        if isinstance(self.values, list):  # BYTES
+            return b"".join(len(v).to_bytes(4, "little") + v for v in self.values)
         return np.ascontiguousarray(self.values, dtype=NUMPY[self.datatype]).tobytes()
 
     def json_data(self) -> list:
-        if self.datatype == "BYTES":
-            return [v.decode() for v in self.values]  # type: ignore[union-attr]
+        if isinstance(self.values, list):  # BYTES
+            return [v.decode() for v in self.values]
         return np.asarray(self.values).reshape(-1).tolist()
 
 
@@ -155,34 +161,18 @@ def check_input(tensor: InputTensor, model: ServedModel, max_items: int) -> int:
         raise bad_request(f"unknown input {tensor.name!r}; this model takes 'image' (BYTES) or 'input' (FP32)")
     n = tensor.shape[0]
     if n > max_items:
-        raise ApiError(413, "too_many_items", f"input {tensor.name!r}: at most {max_items} items per request")
+        raise ServiceError(f"input {tensor.name!r}: at most {max_items} items per request", TOO_MANY_ITEMS)
     return n
 
 
-def _number(params: Mapping[str, Any], key: str, kind: type, low: float, high: float) -> Any:
-    value = params.get(key)
-    if value is None:
-        return None
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise InvalidOption(f"parameter {key!r} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high:
-        raise InvalidOption(f"parameter {key!r} must be between {low:g} and {high:g}, got {value!r}")
-    return number
-
-
-def budget_ms(params: Mapping[str, Any], header_ms: float | None, grpc_remaining_s: float | None) -> float | None:
-    """The smallest latency budget of the request's `timeout` (µs), `deadline_ms`, X-Deadline-Ms and gRPC deadline."""
-    timeout_us = _number(params, "timeout", float, 1, 3.6e9)
-    candidates = [
-        timeout_us / 1e3 if timeout_us is not None else None,
-        _number(params, "deadline_ms", float, 1e-3, 3.6e6),
+def budgets(params: Mapping[str, Any], header_ms: float | None, grpc_remaining_s: float | None) -> list[float | None]:
+    """Every latency budget of the request (ms): its `timeout` (µs), `deadline_ms`, X-Deadline-Ms and gRPC deadline."""
+    return [
+        budget_ms("parameters.timeout", params.get("timeout"), scale=1e-3),
+        budget_ms("parameters.deadline_ms", params.get("deadline_ms")),
         header_ms,
         grpc_remaining_s * 1e3 if grpc_remaining_s is not None else None,
     ]
-    given = [c for c in candidates if c is not None]
-    return min(given) if given else None
 
 
 def outputs_wanted(call: InferCall, model: ServedModel) -> list[RequestedOutput]:
@@ -192,37 +182,43 @@ def outputs_wanted(call: InferCall, model: ServedModel) -> list[RequestedOutput]
     for out in call.outputs:
         if out.name not in OUTPUTS:
             raise bad_request(f"unknown output {out.name!r}; outputs: {', '.join(OUTPUTS)}")
-        if out.classification is not None and not 1 <= out.classification <= len(model.classes):
-            raise InvalidOption(f"output {out.name!r}: classification must be 1..{len(model.classes)}")
+        if out.classification is not None:
+            where = f"outputs.{out.name}.parameters.classification"
+            k = option_fields({"top_k": out.classification}, names={"top_k": where}).top_k
+            out.classification = min(k, len(model.classes))  # clamped, like top_k
     return call.outputs
 
 
 async def execute(
-    call: InferCall, model: ServedModel, received: float, header_ms: float | None = None,
-    grpc_remaining_s: float | None = None, max_items: int = 64,
-) -> list[OutputTensor]:  # fmt: skip
+    call: InferCall,
+    model: ServedModel,
+    plane: DataPlane,
+    received: float,
+    budgets_ms: Sequence[float | None],
+    max_items: int = 64,
+) -> list[OutputTensor]:
     """Run a parsed request through `model` and build the requested outputs."""
     if len(call.inputs) != 1:
         raise bad_request(f"send exactly one input ('image' or 'input'), got {len(call.inputs)}")
     tensor = call.inputs[0]
     n = check_input(tensor, model, max_items)
     outputs = outputs_wanted(call, model)
-    deadline_ms = budget_ms(call.parameters, header_ms, grpc_remaining_s)
-    threshold = _number(call.parameters, "threshold", float, 0.0, 1.0)
-    max_exit = _number(call.parameters, "max_exit", int, 1, model.num_exits)
+    params = call.parameters
+    fields = option_fields(
+        {k: params[k] for k in ("threshold", "max_exit") if params.get(k) is not None},
+        names={"threshold": "parameters.threshold", "max_exit": "parameters.max_exit"},
+    )
+    top_k = max([o.classification or 1 for o in outputs])
+    want_probs = any(o.name == "probabilities" and o.classification is None for o in outputs)
+    fields = fields.model_copy(update={"top_k": top_k})
+    options = plane.options(received, fields, budgets_ms, probabilities=want_probs)
     if tensor.name == IMAGE_INPUT:
         assert tensor.elements is not None
         xs = [await model.prepare(data) for data in tensor.elements]  # every image valid before any compute
     else:
         assert tensor.array is not None
         xs = list(torch.from_numpy(np.array(tensor.array, dtype=np.float32)))
-    top_k = max([o.classification or 1 for o in outputs])
-    want_probs = any(o.name == "probabilities" and o.classification is None for o in outputs)
-    answers = await asyncio.gather(*(
-        model.infer(x, received=received, threshold=threshold, max_exit=max_exit, deadline_ms=deadline_ms,
-                    top_k=top_k, probabilities=want_probs)
-        for x in xs
-    ))  # fmt: skip
+    answers = await asyncio.gather(*(plane.infer(model, x, options) for x in xs))
     return [_output(out, answers, model, n) for out in outputs]
 
 
@@ -240,8 +236,11 @@ def _output(out: RequestedOutput, answers: list[Answer], model: ServedModel, n: 
     if out.name == "probabilities":
         values = np.array([a.probabilities for a in answers], dtype=np.float32).reshape(n, len(classes))
         return OutputTensor(out.name, datatype, [n, len(classes)], values, out.binary)
-    column = {"class_index": [a.index for a in answers], "confidence": [a.confidence for a in answers],
-              "exit": [a.exit for a in answers]}[out.name]  # fmt: skip
+    column = {
+        "class_index": [a.index for a in answers],
+        "confidence": [a.confidence for a in answers],
+        "exit": [a.exit for a in answers],
+    }[out.name]
     return OutputTensor(out.name, datatype, [n], np.array(column, dtype=NUMPY[datatype]), out.binary)
 
 
@@ -265,4 +264,4 @@ def model_metadata(model: ServedModel) -> dict[str, Any]:
 
 
 def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}

@@ -43,6 +43,11 @@ class StageTimes:
                 prior = self._predict(stage, batch)
                 table[batch] = seconds if prior == 0 else prior + self.smoothing * (seconds - prior)
 
+    def set(self, stage: int, batch: int, seconds: float) -> None:
+        """Replace the estimate for (stage, batch) with a measurement (warm-up on this machine)."""
+        with self._lock:
+            self._table[stage][batch] = seconds
+
     def predict(self, stage: int, batch: int) -> float:
         """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown."""
         if stage >= self.num_stages:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from models.multi_exit import MultiExitNet
-from service.drift import DriftGuard
+from service.engine.drift import DriftGuard
 from service.metrics import ModelMetrics
 
 
@@ -37,9 +37,15 @@ class ShadowChecks:
     """The queue of checks and the one in progress."""
 
     def __init__(
-        self, model: MultiExitNet, to_device: Callable[[Tensor], Tensor], rate: float, capacity: int,
-        metrics: ModelMetrics, guard: DriftGuard, seed: int | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model: MultiExitNet,
+        to_device: Callable[[Tensor], Tensor],
+        rate: float,
+        capacity: int,
+        metrics: ModelMetrics,
+        guard: DriftGuard,
+        seed: int | None = None,
+    ) -> None:
         self.model, self.to_device = model, to_device
         self.rate, self.capacity = rate, capacity
         self.metrics, self.guard = metrics, guard
@@ -58,7 +64,7 @@ class ShadowChecks:
         if len(self.queue) >= self.capacity:
             self.metrics.shadow_dropped()
             return
-        self.queue.append(Check(x, exit_index, label))
+        self.queue.append(Check(x.clone(), exit_index, label))  # x may live in another process's buffer
 
     def step(self) -> None:
         """Run one stage of the oldest check; at the final exit, record whether it agreed."""

@@ -4,7 +4,8 @@ A request body is JSON, or — with `Inference-Header-Content-Length: L` — L b
 the binary data of the inputs whose parameters carry `binary_data_size`, in order. `L = 0` is the
 raw-binary form: the whole body is one encoded image. In JSON, a BYTES element (an encoded image)
 is a base64 string. Outputs go back as JSON, or as binary for those with `binary_data: true` (or all
-of them with the request parameter `binary_data_output: true`). Errors are `{"error": "..."}`.
+of them with the request parameter `binary_data_output: true`). Errors are the protocol's
+`{"error": "<message>"}` plus our stable `"code"`, with 400 for every bad request.
 """
 
 from __future__ import annotations
@@ -12,32 +13,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.routing import Route
 
-from service import oip
-from service.errors import ApiError, MeteredRoute, api_error
-from service.oip import InferCall, InputTensor, OutputTensor, RequestedOutput, bad_request
+from service.dataplane import DataPlane, Protocol
+from service.errors import ServiceError, v2_status
+from service.options import budget_ms
+from service.protocols import v2
+from service.protocols.routes import Route
+from service.protocols.v2 import InferCall, InputTensor, OutputTensor, RequestedOutput, bad_request
 from service.served import ServedModel
-from service.state import ServiceState
 
-log = logging.getLogger("anytime.oip")
 HEADER_LENGTH = "inference-header-content-length"
-PROTOCOL = "v2-rest"  # the `protocol` label of anytime_requests_total
-
-
-class OipRoute(MeteredRoute):
-    protocol = PROTOCOL
-
-
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
-infer_router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"], route_class=OipRoute)
+PROTOCOL = Protocol("v2-rest", v2_status)  # the `protocol` label of anytime_requests_total
 
 
 class RestTensor(BaseModel):
@@ -63,9 +55,10 @@ class RestInferRequest(BaseModel):
 
 
 class ProtocolError(BaseModel):
-    """The protocol's error body."""
+    """The protocol's error body, and our stable error code."""
 
     error: str
+    code: str
 
 
 class TensorMeta(BaseModel):
@@ -109,22 +102,19 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ProtocolError} for s in statuses}
 
 
-def error(exc: BaseException) -> JSONResponse:
-    """The protocol's error body `{"error": "..."}` with the status the exception stands for."""
-    mapped = api_error(exc)
-    if mapped is None:
-        log.exception("unhandled error", exc_info=exc)
-        mapped = ApiError(500, "internal_error", "the server failed to process the request")
-    return JSONResponse({"error": mapped.message}, status_code=mapped.status, headers=mapped.headers)
+def render(error: ServiceError) -> Response:
+    """`{"error": message, "code": code}` with the protocol's status (400 for every bad request)."""
+    body = {"error": error.message, "code": error.code}
+    return JSONResponse(body, status_code=v2_status(error.kind), headers=error.headers())
 
 
-def service(request: Request) -> ServiceState:
-    return request.app.state.service
+def plane(request: Request) -> DataPlane:
+    return request.app.state.plane
 
 
 def _bytes_elements(tensor: RestTensor, raw: bytes | None, count: int) -> list[bytes]:
     if raw is not None:
-        return oip.split_bytes(tensor.name, raw, count)
+        return v2.split_bytes(tensor.name, raw, count)
     data = tensor.data
     while isinstance(data, list) and data and isinstance(data[0], list):  # [[b64], [b64]] for shape [N, 1]
         data = [v for row in data for v in row]
@@ -139,14 +129,15 @@ def _bytes_elements(tensor: RestTensor, raw: bytes | None, count: int) -> list[b
 
 
 def _input(tensor: RestTensor, raw: bytes | None) -> InputTensor:
-    count = oip.element_count(tensor.name, tensor.shape)
+    count = v2.element_count(tensor.name, tensor.shape)
     if raw is None and tensor.data is None:
         raise bad_request(f"input {tensor.name!r} has neither data nor binary_data_size")
     if tensor.datatype == "BYTES":
         return InputTensor(tensor.name, "BYTES", tensor.shape, elements=_bytes_elements(tensor, raw, count))
     if tensor.datatype == "FP32":
-        return InputTensor(tensor.name, "FP32", tensor.shape, array=oip.fp32_array(tensor.name, tensor.shape,
-                                                                                    tensor.data, raw))  # fmt: skip
+        return InputTensor(
+            tensor.name, "FP32", tensor.shape, array=v2.fp32_array(tensor.name, tensor.shape, tensor.data, raw)
+        )
     return InputTensor(tensor.name, tensor.datatype, tensor.shape)  # check_input names the wrong datatype
 
 
@@ -159,7 +150,7 @@ def parse(body: bytes, header_length: str | None, name: str, version: str | None
         if length > len(body):
             raise bad_request(f"Inference-Header-Content-Length is {length}; the body has only {len(body)} bytes")
         if length == 0:  # raw binary: the body is one encoded image
-            return InferCall(name, version, [InputTensor(oip.IMAGE_INPUT, "BYTES", [1], elements=[body])], [])
+            return InferCall(name, version, [InputTensor(v2.IMAGE_INPUT, "BYTES", [1], elements=[body])], [])
         body, binary = body[:length], body[length:]
     else:
         binary = b""
@@ -189,13 +180,8 @@ def parse(body: bytes, header_length: str | None, name: str, version: str | None
     return InferCall(name, version, inputs, outputs, request.parameters, request.id)
 
 
-def _classification(out: RestOutput) -> int | None:
-    k = out.parameters.get("classification")
-    if k is None:
-        return None
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise bad_request(f"output {out.name!r}: classification must be an integer, got {k!r}")
-    return k
+def _classification(out: RestOutput) -> Any:
+    return out.parameters.get("classification")  # validated with the other options (v2.outputs_wanted)
 
 
 def encode(call: InferCall, model: ServedModel, outputs: list[OutputTensor]) -> Response:
@@ -216,127 +202,85 @@ def encode(call: InferCall, model: ServedModel, outputs: list[OutputTensor]) -> 
     text = json.dumps(head, separators=(",", ":")).encode()
     if not chunks:
         return Response(text, media_type="application/json")
-    return Response(text + b"".join(chunks), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(text))})  # fmt: skip
-
-
-def _header_deadline(request: Request) -> float | None:
-    value = request.headers.get("x-deadline-ms")
-    if value is None:
-        return None
-    try:
-        ms = float(value)
-    except ValueError:
-        raise ApiError(422, "invalid_option", f"X-Deadline-Ms must be a number, got {value!r}") from None
-    if not 0 < ms <= 3_600_000:
-        raise ApiError(422, "invalid_option", "X-Deadline-Ms must be in (0, 3600000]")
-    return ms
+    return Response(
+        text + b"".join(chunks), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(text))}
+    )
 
 
 async def infer(request: Request) -> Response:
-    """POST /v2/models/{name}[/versions/{version}]/infer."""
+    """Inference with the model (and version) the path names; JSON or binary tensor data."""
     received = time.monotonic()
+    dp = plane(request)
     name, version = request.path_params["name"], request.path_params.get("version")
-    state = service(request)
-    try:
-        async with state.lease(request, name, version) as model:
-            call = parse(await request.body(), request.headers.get(HEADER_LENGTH), name, version)
-            outputs = await oip.execute(
-                call, model, received, _header_deadline(request), max_items=state.settings.max_files
-            )
-            return encode(call, model, outputs)
-    except Exception as exc:
-        return error(exc)
+    async with dp.call(PROTOCOL, name, version) as model:
+        call = parse(await request.body(), request.headers.get(HEADER_LENGTH), name, version)
+        header = budget_ms("X-Deadline-Ms", request.headers.get("x-deadline-ms"))
+        budgets = v2.budgets(call.parameters, header, None)
+        outputs = await v2.execute(call, model, dp, received, budgets, max_items=dp.settings.max_files)
+        return encode(call, model, outputs)
 
 
-_INFER_DOC: dict[str, Any] = {
-    "response_model": None,
-    "responses": {200: {"model": RestInferResponse}, **_errors(400, 404, 413, 415, 422, 500, 503, 504)},
-    "openapi_extra": {"requestBody": {"content": {
-        "application/json": {"schema": RestInferRequest.model_json_schema()},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    }}},
-}  # fmt: skip
-
-
-@infer_router.post("/models/{name}/infer", **_INFER_DOC)
-async def infer_model(request: Request, name: str) -> Response:
-    """Inference with the serving version of `name`; JSON or binary tensor data."""
-    return await infer(request)
-
-
-@infer_router.post("/models/{name}/versions/{version}/infer", **_INFER_DOC)
-async def infer_version(request: Request, name: str, version: str) -> Response:
-    """Inference with version `version` of `name` (404 unless it is the one serving)."""
-    return await infer(request)
-
-
-@router.get("", response_model=ServerMetadata)
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata(request: Request) -> Response:
     """Server metadata: name, version, extensions."""
-    return oip.server_metadata()
+    return JSONResponse(v2.server_metadata())
 
 
-@router.get("/health/live")
-async def live() -> dict[str, bool]:
-    return {"live": True}
+async def live(request: Request) -> Response:
+    """`{"live": true}` while the process answers."""
+    return JSONResponse({"live": True})
 
 
-@router.get("/health/ready", responses={503: {"description": "not ready or draining"}})
 async def ready(request: Request) -> Response:
     """200 with `{"ready": true}` once every model is warmed up; 503 before that and while draining."""
-    state = service(request)
-    ok = state.ready and not state.draining
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
-
-def _model(request: Request, name: str, version: str | None) -> ServedModel:
-    state = service(request)
-    state.check_ready()
-    return state.registry.get(name, version)
-
-
-async def _metadata(request: Request, name: str, version: str | None) -> Response:
     try:
-        return JSONResponse(oip.model_metadata(_model(request, name, version)))
-    except Exception as exc:
-        return error(exc)
+        plane(request).check_ready()
+    except ServiceError:
+        return JSONResponse({"ready": False}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
-async def _ready(request: Request, name: str, version: str | None) -> Response:
-    try:
-        model = _model(request, name, version)
-        return JSONResponse({"name": model.name, "ready": model.engine.alive})
-    except Exception as exc:
-        return error(exc)
+def _model(request: Request) -> ServedModel:
+    return plane(request).model(request.path_params["name"], request.path_params.get("version"))
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=_errors(404, 503))
-async def metadata(request: Request, name: str) -> Response:
+async def metadata(request: Request) -> Response:
     """Model metadata: platform, versions, inputs and outputs with datatype and shape (-1: variable)."""
-    return await _metadata(request, name, None)
+    return JSONResponse(v2.model_metadata(_model(request)))
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_errors(404, 503))
-async def metadata_version(request: Request, name: str, version: str) -> Response:
-    """Metadata of version `version` of `name` (404 unless it is the one serving)."""
-    return await _metadata(request, name, version)
+async def model_ready(request: Request) -> Response:
+    """200 when the model (version) is served and ready; 404 when it is not served."""
+    model = _model(request)
+    return JSONResponse({"name": model.name, "ready": model.engine.alive})
 
 
-@router.get("/models/{name}/ready", responses=_errors(404, 503))
-async def model_ready(request: Request, name: str) -> Response:
-    """200 when the model is served and ready; 404 when it is not served."""
-    return await _ready(request, name, None)
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ProtocolError} for s in statuses}
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses=_errors(404, 503))
-async def model_version_ready(request: Request, name: str, version: str) -> Response:
-    """200 when version `version` of `name` is served and ready; 404 otherwise."""
-    return await _ready(request, name, version)
-
-
-# Served by the front door without FastAPI's layers; FastAPI documents them.
-HOT_ROUTES = [
-    (Route(path, infer, methods=["POST"]), PROTOCOL)
-    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+_TAGS = ["Open Inference Protocol"]
+_INFER_DOC: dict[str, Any] = {
+    "responses": {200: {"model": RestInferResponse}, **_errors(400, 404, 413, 500, 503, 504)},
+    "openapi_extra": {
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": RestInferRequest.model_json_schema()},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+    "tags": _TAGS,
+}
+_META = {"response_model": ModelMetadata, "responses": _errors(404, 503), "tags": _TAGS}
+_READY = {"responses": _errors(404, 503), "tags": _TAGS}
+ROUTES = [
+    Route("/v2/models/{name}/infer", infer, render, methods=("POST",), hot=True, doc=_INFER_DOC),
+    Route("/v2/models/{name}/versions/{version}/infer", infer, render, methods=("POST",), hot=True, doc=_INFER_DOC),
+    Route("/v2", server_metadata, render, doc={"response_model": ServerMetadata, "tags": _TAGS}),
+    Route("/v2/health/live", live, render, doc={"tags": _TAGS}),
+    Route("/v2/health/ready", ready, render, doc={"responses": {503: {"description": "not ready"}}, "tags": _TAGS}),
+    Route("/v2/models/{name}", metadata, render, doc=_META),
+    Route("/v2/models/{name}/versions/{version}", metadata, render, doc=_META),
+    Route("/v2/models/{name}/ready", model_ready, render, doc=_READY),
+    Route("/v2/models/{name}/versions/{version}/ready", model_ready, render, doc=_READY),
 ]

@@ -1,0 +1,169 @@
+"""The one data plane every protocol calls: readiness, the model lease, metering, the budget, inference.
+
+A protocol adapter (service/protocols/) parses its wire format into bytes or tensors and an
+`InferenceOptions` (built here from validated fields and budgets), calls `infer` inside `call`,
+and renders the answer or the `ServiceError` it gets. Everything between is written once here:
+503 before the models are warm or when an engine is not running, the request's lease on its
+model version, its count by protocol and final status, its latency, the deadline's outcome, and
+the answer at the deadline when the worker has not given one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from service.config import ServiceSettings
+from service.engine import Answer, DeadlineUnreachable, Job, QueueFull
+from service.errors import (
+    INVALID_OPTION,
+    NOT_READY,
+    SHUTTING_DOWN,
+    Kind,
+    ServiceError,
+    internal_error,
+    to_error,
+)
+from service.metrics import Metrics
+from service.options import InferenceOptions, OptionFields, inference_options
+from service.registry import ModelRegistry
+from service.served import ServedModel
+
+log = logging.getLogger("anytime.api")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol as the data plane sees it: its metric label and the status it answers each error kind with."""
+
+    name: str
+    status: Callable[[Kind], int]
+
+
+class DataPlane:
+    """Shared by every request of every protocol; built once by the app's lifespan."""
+
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, registry: ModelRegistry) -> None:
+        self.settings, self.metrics, self.registry = settings, metrics, registry
+        self.ready = False  # models loaded, warmed up, request paths warmed up
+        self.draining = False
+
+    # -- readiness ---------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """Readiness: 503 while starting or draining."""
+        if self.draining:
+            raise ServiceError("the server is shutting down", SHUTTING_DOWN)
+        self.check_serving()
+
+    def check_serving(self) -> None:
+        """503 until the models are warm. A draining server still answers what reaches it: only
+        readiness turns 503, so balancers stop sending before the listener closes (service/drain.py)."""
+        if not self.ready and not _warming():
+            raise ServiceError("the models are not loaded and warmed up yet", NOT_READY)
+
+    def model(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        """A served model for a metadata request (404 if not served; 503 while starting or draining)."""
+        self.check_ready()
+        return self.registry.get(name, version)
+
+    # -- one inference request ---------------------------------------------------------------
+    @asynccontextmanager
+    async def call(
+        self, protocol: Protocol, name: str | None = None, version: str | None = None
+    ) -> AsyncIterator[ServedModel]:
+        """The model a request is served by, held until the request ends; every request is counted by
+        `protocol` and its final status and timed, and every failure comes out as a ServiceError."""
+        start = time.monotonic()
+        served: ServedModel | None = None
+        status = 500
+        try:
+            self.check_serving()
+            async with self.registry.lease(name, version) as model:
+                if not model.engine.alive:
+                    raise ServiceError(f"model {model.name} is not running", NOT_READY)
+                served = model
+                yield model
+            status = 200
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client hung up: not a server error
+            raise
+        except Exception as exc:
+            error = to_error(exc)
+            if error is None:
+                log.exception("unhandled error")
+                error = internal_error()
+            status = protocol.status(error.kind)
+            raise error from None
+        finally:
+            if not _warming():
+                self._meter(protocol, served, status, time.monotonic() - start)
+
+    def _meter(self, protocol: Protocol, served: ServedModel | None, status: int, seconds: float) -> None:
+        if served is not None:
+            served.metrics.request(protocol.name, status)
+            served.metrics.request_latency.observe(seconds)
+        else:
+            self.metrics.requests.labels("", "", protocol.name, str(status)).inc()
+            self.metrics.request_latency.labels("", "").observe(seconds)
+
+    def options(
+        self, received: float, fields: OptionFields, budgets: Sequence[float | None] = (), probabilities: bool = False
+    ) -> InferenceOptions:
+        """The request's options: its fields, and its deadline by the one budget rule (service/options.py)."""
+        s = self.settings
+        return inference_options(
+            received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
+        )
+
+    async def infer(self, model: ServedModel, x: torch.Tensor, options: InferenceOptions) -> Answer:
+        """Run one input through `model`'s engine and record its exit, latency and deadline outcome.
+
+        The worker answers by the deadline from the deepest exit it reached; if it has not when the
+        deadline comes (a stage ran longer than predicted), the answer comes from the exit the row
+        passed last, or 504 when it passed none."""
+        if options.max_exit is not None and options.max_exit > model.num_exits:
+            raise ServiceError(f"max_exit: the model has {model.num_exits} exits", INVALID_OPTION)
+        job = Job(x, options, shadow=not _warming())
+        metrics = model.metrics
+        try:
+            future = model.engine.submit(job)
+            try:
+                answer: Answer = await asyncio.wait_for(future, max(0.0, options.deadline - time.monotonic()))
+            except TimeoutError:
+                answer = model.engine.answer_now(job)
+        except (DeadlineUnreachable, QueueFull):
+            if options.client_deadline and not _warming():
+                metrics.deadline("rejected")
+            raise
+        now = time.monotonic()
+        if not _warming():
+            metrics.answered(answer.exit, answer.reason.value, now - options.received)
+            if options.client_deadline:
+                metrics.deadline("met" if now <= options.deadline else "missed")
+        return answer
+
+
+_WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)
+
+
+def _warming() -> bool:
+    return _WARMUP.get()
+
+
+@asynccontextmanager
+async def warming_up() -> AsyncIterator[None]:
+    """Requests made inside (in this task and the tasks it starts) are served before readiness and not
+    counted: the request-path warm-up."""
+    token = _WARMUP.set(True)
+    try:
+        yield
+    finally:
+        _WARMUP.reset(token)

@@ -1,0 +1,330 @@
+"""Stage-level scheduling: a queue per stage, earliest deadline first, merging, admission.
+
+New jobs wait in stage 1's queue; rows that go on past exit k wait in stage k+1's queue as a
+`Chunk` (their activations, and the probabilities of the exit they passed) and merge there with
+the rows other batches sent on, so deep stages run full batches instead of remnants (E3's
+constant batch size). Every row has a priority: its deadline, or, for a request without one,
+its arrival plus `aging_s` (so it cannot starve). `plan` picks what the worker runs next:
+
+1. stage 1, when one more run of anything else would make one of its jobs miss exit 1 (each job
+   finishes after the batches ahead of it in the queue): a job without an exit has no answer at
+   all, so it goes before any deeper row;
+2. else a deeper stage whose most urgent row would otherwise miss its next exit (earliest
+   deadline first among them);
+3. else the deepest stage with a full batch (a GPU stage costs about the same at any batch size);
+4. else new work (stage 1);
+5. else the deepest waiting stage (its rows are the oldest and nearest to an answer).
+
+A row that passed an exit is never at risk of going unanswered (it is answered from that exit
+at its deadline), so under overload deeper stages yield to first exits: accuracy degrades
+before availability even in the default `shed` mode.
+
+Before a run, rows that can no longer make their next stage by their deadline leave: answered
+from the exit they passed (reason `deadline`), or, in stage 1's queue, refused (504). Admission
+predicts when a new job would reach exit 1 from the work queued ahead of it and the measured
+stage times, and refuses at once what cannot make it.
+
+This module runs no model and starts no thread; the worker (service/engine/worker.py) holds
+its lock around every call.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.engine.jobs import Job
+from service.engine.timing import StageTimes
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Rows waiting for stage `stage`: their jobs, activations and what exit `stage - 1` gave them."""
+
+    stage: int
+    jobs: list[Job]
+    h: Tensor
+    p: Tensor
+    conf: np.ndarray
+    deadlines: np.ndarray
+    priorities: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def split(self, keep: np.ndarray) -> tuple[Chunk, Chunk | None]:
+        """(rows where `keep`, the rest or None)."""
+        if keep.all():
+            return self, None
+        return self._rows(np.flatnonzero(keep)), self._rows(np.flatnonzero(~keep))
+
+    def _rows(self, idx: np.ndarray) -> Chunk:
+        t = torch.from_numpy(idx).to(self.h.device)
+        jobs = [self.jobs[i] for i in idx.tolist()]
+        h, p = self.h.index_select(0, t), self.p.index_select(0, t)
+        return Chunk(self.stage, jobs, h, p, self.conf[idx], self.deadlines[idx], self.priorities[idx])
+
+
+@dataclass
+class Batch:
+    """What the worker runs next: stage `stage` for `jobs` (stage 1: their inputs; deeper: `chunks`)."""
+
+    stage: int
+    jobs: list[Job]
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """One step of the worker: a batch to run (or None), and rows to answer first."""
+
+    batch: Batch | None
+    late: list[Chunk]  # rows answered now from the exit they passed (reason deadline)
+    unreachable: list[Job]  # stage 1 rows that cannot reach exit 1 by their deadline (504)
+
+
+class Scheduler:
+    """The stage queues of one engine and the rules that pick, admit and expire."""
+
+    def __init__(
+        self,
+        num_stages: int,
+        max_batch: int,
+        times: StageTimes,
+        bucket: Callable[[int], int],
+        aging_s: float,
+        queue_size: int,
+        max_wait_s: float = 0.0,
+    ) -> None:
+        self.num_stages = num_stages
+        self.max_batch = max_batch
+        self.times, self.bucket = times, bucket
+        self.aging_s, self.queue_size, self.max_wait_s = aging_s, queue_size, max_wait_s
+        self._new: list[tuple[float, int, Job]] = []  # stage 1's queue, sorted by (priority, seq)
+        self._by_deadline: list[tuple[float, int, Job]] = []  # the same jobs as a heap by deadline (lazy)
+        self.waiting: list[list[Chunk]] = [[] for _ in range(num_stages)]  # index 0 unused
+        self.rows = [0] * num_stages
+        self.busy_until = 0.0  # predicted end of the run in progress
+        self.overhead_s = 0.0  # the worker's own time per run (planning, deciding, answering), smoothed
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Rows waiting in every stage queue (not the ones running)."""
+        return sum(self.rows)
+
+    def priority(self, job: Job) -> float:
+        return min(job.deadline, job.options.received + self.aging_s)
+
+    def cost(self, stage: int, rows: int) -> float:
+        """Predicted seconds to run `rows` rows through stage `stage` in full batches."""
+        if rows <= 0:
+            return 0.0
+        full, rest = divmod(rows, self.max_batch)
+        t = full * self.times.predict(stage, self.bucket(self.max_batch))
+        t += self.times.predict(stage, self.bucket(rest)) if rest else 0.0
+        return t + (full + (rest > 0)) * self.overhead_s
+
+    def observe_overhead(self, seconds: float) -> None:
+        """One run's time outside the stage itself (the worker's Python around it)."""
+        self.overhead_s += 0.2 * (max(0.0, seconds) - self.overhead_s)
+
+    # -- admission ---------------------------------------------------------------------------
+    def exit1_eta(self, priority: float, now: float) -> float:
+        """When a job of this priority, arriving now, is predicted to have passed exit 1: after the run
+        in progress, the new jobs that go before it (earliest priority first) and its own run, plus
+        one run of a deeper stage when rows wait there (stage 1 preempts them only between runs)."""
+        ahead = bisect.bisect_right(self._new, (priority, math.inf))
+        t = max(0.0, self.busy_until - now) + self.cost(0, ahead + 1)
+        deep = [k for k in range(1, self.num_stages) if self.rows[k]]
+        if deep:
+            t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in deep)
+        return now + t
+
+    def backlog_s(self, now: float) -> float:
+        """Predicted seconds to run everything queued (for Retry-After)."""
+        t = max(0.0, self.busy_until - now)
+        return t + sum(self.cost(k, self.rows[k]) for k in range(self.num_stages))
+
+    def add(self, job: Job) -> None:
+        """Queue a new job for stage 1 (admission already done)."""
+        job.priority = self.priority(job)
+        job.queued = True
+        bisect.insort(self._new, (job.priority, job.seq, job))
+        heapq.heappush(self._by_deadline, (job.deadline, job.seq, job))
+        self.rows[0] += 1
+        if len(self._by_deadline) > 2 * len(self._new) + 64:  # drop entries of jobs taken since
+            self._by_deadline = [(j.deadline, seq, j) for _, seq, j in self._new]
+            heapq.heapify(self._by_deadline)
+
+    # -- the worker's step ---------------------------------------------------------------------
+    def plan(self, now: float) -> Plan:
+        """Pick and take the next batch, and the rows that must be answered (or refused) before it."""
+        late: list[Chunk] = []
+        unreachable = self._unreachable(now, 0.0)
+        stage = self._pick(now)
+        if stage is None:
+            return Plan(None, late, unreachable)
+        if stage == 0 and self._wait_to_fill(now):
+            return Plan(None, late, unreachable)
+        batch = self._take(stage)
+        run_s = self.times.predict(stage, self.bucket(len(batch.jobs)))
+        # Rows in the batch that would finish past their deadline leave now, from the exit they passed.
+        if stage == 0:
+            keep = [j for j in batch.jobs if now + run_s <= j.deadline]
+            if len(keep) < len(batch.jobs):
+                unreachable += [j for j in batch.jobs if now + run_s > j.deadline]
+                batch.jobs = keep
+        else:
+            kept = []
+            for chunk in batch.chunks:
+                ok, gone = chunk.split(chunk.deadlines >= now + run_s)
+                if gone is not None:
+                    late.append(gone)
+                if ok is not None and len(ok):
+                    kept.append(ok)
+            batch.chunks = kept
+            batch.jobs = [j for c in kept for j in c.jobs]
+        # Rows left waiting that cannot make their stage after this run leave now too.
+        unreachable += self._unreachable(now, run_s)
+        late += self._expire(now + run_s)
+        return Plan(batch if batch.jobs else None, late, unreachable)
+
+    def put(self, chunk: Chunk) -> None:
+        """Rows that went on past an exit join the next stage's queue."""
+        self.waiting[chunk.stage].append(chunk)
+        self.rows[chunk.stage] += len(chunk)
+
+    def drain(self) -> tuple[list[Job], list[Chunk]]:
+        """Everything still queued (the engine is stopping)."""
+        jobs = [j for _, _, j in self._new]
+        chunks = [c for k in range(1, self.num_stages) for c in self.waiting[k]]
+        self._new.clear()
+        self._by_deadline.clear()
+        for k in range(self.num_stages):
+            self.rows[k] = 0
+            if k:
+                self.waiting[k] = []
+        return jobs, chunks
+
+    # -- rules ---------------------------------------------------------------------------------
+    def _head(self, k: int) -> float:
+        if k == 0:
+            return self._new[0][0]
+        return min(float(c.priorities.min()) for c in self.waiting[k])
+
+    def window(self) -> float:
+        """How long one run may delay anything else: the longest stage at a full batch."""
+        return max(self.times.predict(k, self.bucket(self.max_batch)) for k in range(self.num_stages))
+
+    def _slack(self, k: int, now: float) -> float:
+        run_s = self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch)))
+        return self._head(k) - now - run_s
+
+    def _new_slack(self, now: float, batches: int = 8) -> float:
+        """How long stage 1's queue can wait before one of its first `batches` batches, run back to back,
+        ends past a job's deadline."""
+        b = self.max_batch
+        t = self.times.predict(0, self.bucket(b)) + self.overhead_s
+        slack = math.inf
+        for j in range(min(batches, -(-self.rows[0] // b))):
+            due = min(job.deadline for _, _, job in self._new[j * b : (j + 1) * b])
+            slack = min(slack, due - now - (j + 1) * t)
+        return slack
+
+    def _pick(self, now: float) -> int | None:
+        stages = [k for k in range(self.num_stages) if self.rows[k]]
+        if not stages:
+            return None
+        window = self.window()
+        if self.rows[0] and self._new_slack(now) <= window:
+            return 0
+        deep = [k for k in stages if k > 0]
+        if deep:
+            urgent = min(deep, key=lambda k: (self._head(k), -k))
+            if self._slack(urgent, now) <= window:
+                return urgent
+        for k in range(self.num_stages - 1, 0, -1):
+            if self.rows[k] >= self.max_batch:
+                return k
+        if self.rows[0]:
+            return 0
+        return max(stages)
+
+    def _wait_to_fill(self, now: float) -> bool:
+        """Whether to wait for more new jobs before running stage 1 (ANYTIME_MAX_WAIT_MS)."""
+        if self.max_wait_s <= 0 or self.rows[0] >= self.max_batch:
+            return False
+        oldest = min(j.options.received for _, _, j in self._new)
+        return now - oldest < self.max_wait_s
+
+    def _take(self, k: int) -> Batch:
+        if k == 0:
+            taken = self._new[: self.max_batch]
+            del self._new[: self.max_batch]
+            self.rows[0] -= len(taken)
+            for _, _, job in taken:
+                job.queued = False
+            # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
+            return Batch(0, [j for _, _, j in taken if not j.settled])
+        chunks = sorted(self.waiting[k], key=lambda c: float(c.priorities.min()))
+        need, chosen, left = self.max_batch, [], []
+        for chunk in chunks:
+            if need == 0:
+                left.append(chunk)
+            elif len(chunk) <= need:
+                chosen.append(chunk)
+                need -= len(chunk)
+            else:
+                keep = np.zeros(len(chunk), dtype=bool)
+                keep[np.argsort(chunk.priorities, kind="stable")[:need]] = True
+                now_part, later = chunk.split(keep)
+                chosen.append(now_part)
+                assert later is not None
+                left.append(later)
+                need = 0
+        self.waiting[k] = left
+        self.rows[k] = sum(len(c) for c in left)
+        return Batch(k, [j for c in chosen for j in c.jobs], chosen)
+
+    def _unreachable(self, now: float, after_s: float) -> list[Job]:
+        """Stage 1 jobs that cannot pass exit 1 by their deadline if their stage starts `after_s` from
+        now; they leave the queue (the worker answers them 504)."""
+        limit = now + after_s + self.times.predict(0, self.bucket(1))
+        out: list[Job] = []
+        while self._by_deadline and self._by_deadline[0][0] < limit:
+            _, seq, job = heapq.heappop(self._by_deadline)
+            if not job.queued:
+                continue  # taken into a batch since
+            i = bisect.bisect_left(self._new, (job.priority, seq))
+            del self._new[i]
+            job.queued = False
+            self.rows[0] -= 1
+            if not job.settled:
+                out.append(job)
+        return out
+
+    def _expire(self, at: float) -> list[Chunk]:
+        """Rows in deeper queues that cannot finish their stage by their deadline if it starts at `at`."""
+        late: list[Chunk] = []
+        for k in range(1, self.num_stages):
+            if not self.waiting[k]:
+                continue
+            need = at + self.times.predict(k, self.bucket(1))
+            kept = []
+            for chunk in self.waiting[k]:
+                ok, gone = chunk.split(chunk.deadlines >= need)
+                if gone is not None:
+                    late.append(gone)
+                if ok is not None and len(ok):
+                    kept.append(ok)
+            self.waiting[k] = kept
+            self.rows[k] = sum(len(c) for c in kept)
+        return late

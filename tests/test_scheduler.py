@@ -1,0 +1,128 @@
+"""The stage scheduler on its own: earliest deadline first, aging, merging, admission, expiry.
+
+Stage times are set by hand and the clock is a number the test moves, so every decision is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.jobs import Job
+from service.engine.scheduler import Chunk, Scheduler
+from service.engine.timing import StageTimes
+from service.options import InferenceOptions
+
+STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
+
+
+def _scheduler(max_batch: int = 4, aging_s: float = 0.5, stages: int = 3) -> Scheduler:
+    times = StageTimes(stages)
+    for k in range(stages):
+        times.set(k, 1, STAGE_S[k])
+        times.set(k, max_batch, STAGE_S[k])
+    return Scheduler(stages, max_batch, times, lambda n: n, aging_s, queue_size=100)
+
+
+def _job(received: float, budget_s: float | None = None, cap_s: float = 30.0) -> Job:
+    deadline = received + (budget_s if budget_s is not None else cap_s)
+    options = InferenceOptions(received=received, deadline=deadline, client_deadline=budget_s is not None)
+    return Job(torch.zeros(1), options)
+
+
+def _chunk(stage: int, jobs: list[Job]) -> Chunk:
+    n = len(jobs)
+    return Chunk(
+        stage, jobs, torch.zeros(n, 2), torch.full((n, 3), 1 / 3), np.full(n, 0.5),
+        np.array([j.deadline for j in jobs]), np.array([min(j.deadline, j.options.received + 0.5) for j in jobs]),
+    )  # fmt: skip
+
+
+def test_new_jobs_are_taken_earliest_deadline_first() -> None:
+    s = _scheduler(max_batch=2)
+    late, soon, no_deadline = _job(0.0, 0.300), _job(0.0, 0.050), _job(0.0)
+    for job in (no_deadline, late, soon):
+        s.add(job)
+    first = s.plan(0.0).batch
+    assert first is not None and first.stage == 0 and first.jobs == [soon, late]
+    second = s.plan(0.01).batch
+    assert second is not None and second.jobs == [no_deadline]
+
+
+def test_a_job_without_deadline_is_aged_and_cannot_starve() -> None:
+    """Arrived at 0 with aging 0.5 s, it goes before deadline jobs that arrive later with later deadlines."""
+    s = _scheduler(max_batch=1, aging_s=0.5)
+    old = _job(0.0)
+    s.add(old)
+    s.add(_job(0.2, 0.1))  # due at 0.3: goes first
+    assert s.plan(0.2).batch.jobs != [old]
+    for t in (0.3, 0.4):
+        s.add(_job(t, 0.35))  # due at 0.65 and 0.75: after the old job's 0.5
+    batch = s.plan(0.45).batch
+    assert batch is not None and batch.jobs == [old]
+
+
+def test_rows_that_go_on_merge_into_full_batches_at_deeper_stages() -> None:
+    s = _scheduler(max_batch=4)
+    jobs = [_job(0.0) for _ in range(8)]
+    s.put(_chunk(1, jobs[:2]))
+    s.put(_chunk(1, jobs[2:5]))
+    s.put(_chunk(1, jobs[5:]))
+    assert s.rows[1] == 8
+    batch = s.plan(0.0).batch
+    assert batch is not None and batch.stage == 1 and len(batch.jobs) == 4  # one full batch from three chunks
+    assert s.rows[1] == 4
+    assert sum(c.h.shape[0] for c in batch.chunks) == 4
+
+
+def test_the_deepest_full_stage_runs_before_new_work() -> None:
+    s = _scheduler(max_batch=2)
+    s.add(_job(0.0))
+    s.put(_chunk(2, [_job(0.0), _job(0.0)]))
+    s.put(_chunk(1, [_job(0.0)]))
+    order = []
+    for t in (0.0, 0.01, 0.02):
+        batch = s.plan(t).batch
+        assert batch is not None
+        order.append(batch.stage)
+    assert order == [2, 0, 1]  # full stage 3, then new work, then what is left
+
+
+@pytest.mark.parametrize(("due", "stage"), [(0.018, 1), (0.040, 0)])
+def test_a_row_that_would_be_late_after_one_more_run_goes_first(due: float, stage: int) -> None:
+    """Stage 2 takes 10 ms; a row due at 18 ms cannot wait for a 10 ms run of new work, one due at 40 ms can."""
+    s = _scheduler(max_batch=2)
+    s.add(_job(0.0))
+    s.add(_job(0.0))
+    s.put(_chunk(1, [_job(0.0, due)]))
+    batch = s.plan(0.0).batch
+    assert batch is not None and batch.stage == stage
+
+
+def test_admission_predicts_exit_1_from_the_queue_ahead() -> None:
+    s = _scheduler(max_batch=2, aging_s=5.0)
+    for _ in range(4):
+        s.add(_job(0.0, 1.0))
+    # Two full stage-1 batches ahead of a job due at 1.0, then its own: 30 ms.
+    assert s.exit1_eta(1.0, 0.0) == pytest.approx(0.030)
+    # A job due sooner goes before all of them: only its own run.
+    assert s.exit1_eta(0.5, 0.0) == pytest.approx(0.010)
+    s.busy_until = 0.008
+    assert s.exit1_eta(0.5, 0.0) == pytest.approx(0.018)
+
+
+def test_unreachable_new_jobs_leave_and_late_rows_are_answered_from_their_exit() -> None:
+    s = _scheduler(max_batch=4)
+    doomed, fine = _job(0.0, 0.005), _job(0.0, 1.0)
+    s.add(doomed)
+    s.add(fine)
+    plan = s.plan(0.0)
+    assert plan.unreachable == [doomed]  # exit 1 takes 10 ms, its deadline is at 5 ms
+    assert plan.batch is not None and plan.batch.jobs == [fine]
+    first, second = _job(0.0, 0.011), _job(0.0, 0.012)
+    s.put(_chunk(1, [first]))
+    s.put(_chunk(2, [second]))
+    plan = s.plan(0.0)  # the earlier deadline runs; after its 10 ms the other cannot finish by 12 ms
+    assert plan.batch is not None and plan.batch.jobs == [first]
+    assert [j for c in plan.late for j in c.jobs] == [second] and s.queued == 0
