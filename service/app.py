@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -38,6 +39,16 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("ANYTIME_DEVICE=cuda but no CUDA GPU is available")
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def resolve_workers(settings: ServiceSettings) -> int:
+    """ANYTIME_WORKERS, or by default one request process on CPU (the engine needs the other core) and half
+    the cores, from 2 to 8, in front of a GPU (README "Process model")."""
+    if settings.workers:
+        return settings.workers
+    if resolve_device(settings.device).type != "cuda":
+        return 1
+    return min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
 def start_registry(settings: ServiceSettings, metrics: Metrics) -> ModelRegistry:
@@ -79,21 +90,20 @@ def build(
         reg = registry or start_registry(settings, Metrics())
         plane = DataPlane(settings, reg.metrics, reg)
         app.state.plane = plane
-        watcher = None
-        if settings.model_poll_s > 0:
-            watcher = asyncio.create_task(reg.watch(settings.model_poll_s, lambda: plane.draining))
+        background = asyncio.create_task(reg.background(lambda: plane.draining))
+        await reg.wait_connected()
         grpc_server = await v2_grpc.start(plane, settings) if settings.grpc_port else None
         if settings.warmup:
             assert stack is not None
             await warm_request_paths(stack, plane)
         plane.ready = True
+        reg.report_ready()
         log.info("serving %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in reg.served()))
         try:
             yield
         finally:
             plane.draining = True
-            if watcher is not None:
-                watcher.cancel()
+            background.cancel()
             if grpc_server is not None:  # new calls get UNAVAILABLE; those in flight finish
                 await grpc_server.stop(grace=settings.drain_timeout_s)
             await reg.stop()
@@ -124,6 +134,15 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(settings.torch_threads)
+    try:
+        workers = resolve_workers(settings)
+    except RuntimeError as exc:
+        sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
+        return 2
+    if workers > 1:
+        from service.workers.supervisor import Supervisor
+
+        return Supervisor(settings, workers).run()
     try:
         registry = start_registry(settings, Metrics())
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:

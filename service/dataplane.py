@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,7 +35,10 @@ from service.errors import (
 from service.metrics import Metrics
 from service.options import InferenceOptions, OptionFields, inference_options
 from service.registry import ModelRegistry
-from service.served import ServedModel
+
+if TYPE_CHECKING:
+    from service.workers.remote import RemoteRegistry
+from service.served import Served
 
 log = logging.getLogger("anytime.api")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
@@ -51,10 +55,12 @@ class Protocol:
 class DataPlane:
     """Shared by every request of every protocol; built once by the app's lifespan."""
 
-    def __init__(self, settings: ServiceSettings, metrics: Metrics, registry: ModelRegistry) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, registry: ModelRegistry | RemoteRegistry) -> None:
         self.settings, self.metrics, self.registry = settings, metrics, registry
         self.ready = False  # models loaded, warmed up, request paths warmed up
         self.draining = False
+        worker = registry.worker
+        self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
     # -- readiness ---------------------------------------------------------------------------
     def check_ready(self) -> None:
@@ -66,10 +72,14 @@ class DataPlane:
     def check_serving(self) -> None:
         """503 until the models are warm. A draining server still answers what reaches it: only
         readiness turns 503, so balancers stop sending before the listener closes (service/drain.py)."""
-        if not self.ready and not _warming():
+        if _warming():
+            return
+        if not self.ready:
             raise ServiceError("the models are not loaded and warmed up yet", NOT_READY)
+        if not self.registry.available:
+            raise ServiceError("the engine process is not ready (starting or restarting)", NOT_READY)
 
-    def model(self, name: str | None = None, version: str | None = None) -> ServedModel:
+    def model(self, name: str | None = None, version: str | None = None) -> Served:
         """A served model for a metadata request (404 if not served; 503 while starting or draining)."""
         self.check_ready()
         return self.registry.get(name, version)
@@ -78,11 +88,11 @@ class DataPlane:
     @asynccontextmanager
     async def call(
         self, protocol: Protocol, name: str | None = None, version: str | None = None
-    ) -> AsyncIterator[ServedModel]:
+    ) -> AsyncIterator[Served]:
         """The model a request is served by, held until the request ends; every request is counted by
         `protocol` and its final status and timed, and every failure comes out as a ServiceError."""
         start = time.monotonic()
-        served: ServedModel | None = None
+        served: Served | None = None
         status = 500
         try:
             self.check_serving()
@@ -106,7 +116,9 @@ class DataPlane:
             if not _warming():
                 self._meter(protocol, served, status, time.monotonic() - start)
 
-    def _meter(self, protocol: Protocol, served: ServedModel | None, status: int, seconds: float) -> None:
+    def _meter(self, protocol: Protocol, served: Served | None, status: int, seconds: float) -> None:
+        if self._worker_requests is not None:
+            self._worker_requests.inc()
         if served is not None:
             served.metrics.request(protocol.name, status)
             served.metrics.request_latency.observe(seconds)
@@ -123,7 +135,7 @@ class DataPlane:
             received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
         )
 
-    async def infer(self, model: ServedModel, x: torch.Tensor, options: InferenceOptions) -> Answer:
+    async def infer(self, model: Served, x: torch.Tensor, options: InferenceOptions) -> Answer:
         """Run one input through `model`'s engine and record its exit, latency and deadline outcome.
 
         The worker answers by the deadline from the deepest exit it reached; if it has not when the
@@ -136,7 +148,8 @@ class DataPlane:
         try:
             future = model.engine.submit(job)
             try:
-                answer: Answer = await asyncio.wait_for(future, max(0.0, options.deadline - time.monotonic()))
+                wait = max(0.0, options.deadline - time.monotonic()) + model.engine.deadline_grace_s
+                answer: Answer = await asyncio.wait_for(future, wait)
             except TimeoutError:
                 answer = model.engine.answer_now(job)
         except (DeadlineUnreachable, QueueFull):

@@ -11,6 +11,7 @@ models. A second signal skips what is left of the grace period; a third Ctrl-C s
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from types import FrameType
 
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("anytime.serve")
+DRAIN_SIGNAL = signal.SIGUSR1  # supervisor → request process: drain as on SIGTERM
 
 
 def _draining(app: FastAPI) -> bool:
@@ -49,12 +51,21 @@ class CloseWhenDraining:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a grace period between the first signal and closing the listener."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float, supervised: bool = False) -> None:
         super().__init__(config)
         self.app, self.grace_s = app, grace_s
+        # A request process drains when its supervisor sends DRAIN_SIGNAL, and ignores SIGTERM and SIGINT:
+        # sent to the whole process group (Ctrl-C, `kill -- -PGID`), they reach the supervisor too.
+        self.supervised = supervised
+        if supervised:
+            signal.signal(DRAIN_SIGNAL, self.handle_exit)
         self.grace_ends: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.supervised:  # signals to the whole process group are the supervisor's to act on
+            if sig != DRAIN_SIGNAL:
+                return
+            sig = signal.SIGTERM
         plane = getattr(self.app.state, "plane", None)
         if plane is not None:
             plane.draining = True

@@ -141,6 +141,12 @@ class Metrics:
             multiprocess_mode=RECENT,
         )
 
+        self.worker_requests = Counter(
+            "anytime_worker_requests",
+            "Inference requests by the request process that answered them (several request processes only)",
+            ["worker"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "anytime_worker_restarts", "Processes of this server restarted after they died", ["role"], registry=r
         )

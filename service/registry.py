@@ -87,6 +87,9 @@ class ModelRegistry:
         self.default = settings.model_name
         self.slots: dict[str, Slot] = {}
         self._retiring: set[asyncio.Task] = set()
+        self.on_change: Callable[[], object] | None = (
+            None  # called after every swap (the engine process tells its request processes)
+        )
         self._refresh_lock = asyncio.Lock()
 
     # -- what to serve -------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class ModelRegistry:
         """Swap `served` in (one assignment on the event loop) and retire what it replaces."""
         old, slot.serving, slot.bytes = slot.serving, served, served.bytes
         log.info("serving %s version %s%s", slot.name, served.version, f" (was {old.version})" if old else "")
+        if self.on_change is not None:
+            self.on_change()
         if old is not None:
             task = asyncio.get_running_loop().create_task(self._retire(old))
             self._retiring.add(task)
@@ -204,6 +209,21 @@ class ModelRegistry:
                     continue
                 slot.failed.pop(version, None)
                 self._install(slot, served)
+
+    # -- what the app's lifespan asks of a registry (service/workers/remote.py has the other kind) --
+    available = True  # the models are here, in this process
+    worker: str | None = None  # the request process's label (several request processes only)
+
+    async def background(self, stop: Callable[[], bool]) -> None:
+        """Watch the store (every ANYTIME_MODEL_POLL_S seconds; never when 0) until `stop()`."""
+        if self.settings.model_poll_s > 0:
+            await self.watch(self.settings.model_poll_s, stop)
+
+    async def wait_connected(self) -> None:
+        """The models are loaded before the app starts: nothing to wait for."""
+
+    def report_ready(self) -> None:
+        """Nobody else needs to know."""
 
     async def watch(self, interval_s: float, stop: Callable[[], bool]) -> None:
         """Refresh every `interval_s` seconds until `stop()` is true; errors are logged, never fatal."""

@@ -45,6 +45,7 @@ class EngineLike(Protocol):
     """What the data plane asks of an engine, local or in the engine process."""
 
     num_exits: int
+    deadline_grace_s: float  # how long after a deadline its own answer may still arrive
 
     @property
     def alive(self) -> bool: ...

@@ -87,6 +87,8 @@ def _column(values: list[float | int | None], missing: float) -> np.ndarray | No
 class Engine:
     """Runs an artifact's network stage by stage for the rows of every queued job."""
 
+    deadline_grace_s = 0.0  # the event loop answers at the deadline itself (`answer_now`)
+
     def __init__(
         self, artifact: Artifact, device: torch.device, metrics: ModelMetrics, config: EngineConfig | None = None
     ) -> None:

@@ -1,0 +1,272 @@
+"""A request process's side: the engine process's registry and engines, as the data plane sees them.
+
+`RemoteRegistry` keeps a link to the engine process (reconnecting when it restarts), mirrors the
+models it serves (reading each version's manifest for classes, input spec and preprocessing; no
+weights are loaded here), and sends jobs: each input is copied into a slot of this process's
+shared-memory arena and described in a small message; the jobs submitted within one turn of the
+event loop go in one message. Answers come back one message per engine stage and complete the
+futures on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from multiprocessing.connection import Client
+from pathlib import Path
+from typing import Any
+
+from models.artifact import read_manifest
+from service.config import ServiceSettings
+from service.engine import Answer, DeadlineUnreachable, Job
+from service.errors import NOT_READY, ServiceError
+from service.metrics import Metrics
+from service.registry import ModelNotFound
+from service.schemas import ModelView
+from service.served import Served
+from service.workers.ipc import KINDS, Arena, Link
+
+log = logging.getLogger("anytime.worker")
+SLOTS = 128  # inputs in flight per request process before they travel inline instead
+
+
+class RemoteEngine:
+    """The data plane's engine for a model whose engine runs in the engine process."""
+
+    # The engine process answers at the deadline itself (from the last exit passed, or 504): its
+    # message needs a moment to arrive.
+    deadline_grace_s = 0.002
+
+    def __init__(self, registry: RemoteRegistry, name: str, version: str, num_exits: int) -> None:
+        self.registry, self.name, self.version, self.num_exits = registry, name, version, num_exits
+
+    @property
+    def alive(self) -> bool:
+        return self.registry.connected
+
+    def submit(self, job: Job) -> asyncio.Future:
+        return self.registry.submit(job, self.name, self.version)
+
+    def answer_now(self, job: Job) -> Answer:
+        """The engine process answers from a passed exit at the deadline itself; reaching here means it did not."""
+        raise DeadlineUnreachable("no exit was reached by the deadline (the engine process did not answer in time)")
+
+
+class RemoteServedModel(Served):
+    """A served version whose engine is in the engine process."""
+
+    def __init__(self, registry: RemoteRegistry, path: Path, device: str) -> None:
+        manifest = read_manifest(path)
+        metrics = registry.metrics.for_model(manifest.name, manifest.version, device)
+        super().__init__(manifest, registry.settings, metrics)
+        self.path = path
+        self.engine = RemoteEngine(registry, manifest.name, manifest.version, len(manifest.exits))
+        self._registry = registry
+
+    async def view(self) -> ModelView:
+        return await self._registry.view(self.name, self.version)
+
+
+class RemoteRegistry:
+    """The request process's view of the engine process: models, readiness, and the link jobs travel on."""
+
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, address: str, authkey: bytes, index: int) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.address, self.authkey, self.index = address, authkey, index
+        self.worker = str(index)  # the label of anytime_worker_requests_total
+        self.store = Path(settings.model_store)
+        self.default = settings.model_name
+        self.slots: dict[str, RemoteServedModel] = {}
+        self.connected = False
+        self.host_ready = False  # every request process has warmed up once
+        self.warmed = False
+        self._link: Link | None = None
+        self._arena: Arena | None = None
+        self._pending: dict[int, tuple[asyncio.Future, int | None]] = {}
+        self._outbox: list[tuple[Any, ...]] = []
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = asyncio.Event()
+
+    # -- what the data plane asks ----------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.connected and self.host_ready
+
+    def served(self) -> list[RemoteServedModel]:
+        return list(self.slots.values())
+
+    def get(self, name: str | None = None, version: str | None = None) -> RemoteServedModel:
+        model = self.slots.get(name or self.default)
+        if model is None:
+            raise ModelNotFound(f"no model named {name!r} is served" if name else "the default model is not loaded")
+        if version is not None and version != model.version:
+            raise ModelNotFound(f"model {model.name} serves version {model.version}, not {version!r}")
+        return model
+
+    @asynccontextmanager
+    async def lease(self, name: str | None = None, version: str | None = None) -> AsyncIterator[RemoteServedModel]:
+        model = self.get(name, version)
+        model.acquire()
+        self.metrics.inflight.inc()
+        try:
+            yield model
+        finally:
+            self.metrics.inflight.dec()
+            model.release()
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def submit(self, job: Job, name: str, version: str) -> asyncio.Future:
+        """Send `job` to the engine process; its future completes when the answer comes back."""
+        link = self._link
+        if link is None or not self.connected:
+            raise ServiceError("the engine process is not reachable; retry shortly", NOT_READY)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job_id = next(self._ids)
+        x = job.x.contiguous().float()
+        slot = self._arena.put(x) if self._arena is not None else None
+        inline = None if slot is not None else x.numpy().tobytes()
+        self._pending[job_id] = (future, slot)
+        self._outbox.append((job_id, name, version, slot, tuple(x.shape), inline, job.options))
+        if len(self._outbox) == 1:  # one message for every job of this turn of the event loop
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if batch and (self._link is None or not self._link.send(("infer", batch))):
+            self._lost_jobs([item[0] for item in batch])
+
+    def _answers(self, items: list[tuple[Any, ...]]) -> None:
+        """On the event loop: complete the futures of answered jobs and free their slots."""
+        for job_id, answer, code, message, retry_after in items:
+            pending = self._pending.pop(job_id, None)
+            if pending is None:
+                continue
+            future, slot = pending
+            if slot is not None and self._arena is not None:
+                self._arena.free(slot)
+            if future.done():
+                continue
+            if answer is not None:
+                future.set_result(answer)
+            else:
+                future.set_exception(ServiceError(message, KINDS.get(code, NOT_READY), retry_after_s=retry_after))
+
+    def _lost_jobs(self, ids: list[int]) -> None:
+        for job_id in ids:
+            pending = self._pending.pop(job_id, None)
+            if pending is None:
+                continue
+            future, slot = pending
+            if slot is not None and self._arena is not None:
+                self._arena.free(slot)
+            if not future.done():
+                future.set_exception(ServiceError("the engine process went away; retry shortly", NOT_READY))
+
+    async def view(self, name: str, version: str) -> ModelView:
+        """The engine process's description of a served version (live stage times, thresholds, brownout)."""
+        if self._link is None or not self.connected:
+            raise ServiceError("the engine process is not reachable; retry shortly", NOT_READY)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        call_id = -next(self._ids) - 1  # negative: never a job id
+        self._pending[call_id] = (future, None)
+        self._link.send(("view", call_id, name, version))
+        body = await asyncio.wait_for(future, 10)
+        return ModelView.model_validate(body)
+
+    # -- the link ----------------------------------------------------------------------------------
+    async def background(self, stop: Callable[[], bool]) -> None:
+        """Keep the link up: connect, serve until it drops, fail what was in flight, reconnect."""
+        self._loop = asyncio.get_running_loop()
+        while not stop():
+            try:
+                conn = await asyncio.to_thread(Client, self.address, "AF_UNIX", authkey=self.authkey)
+            except (OSError, EOFError):
+                await asyncio.sleep(0.2)
+                continue
+            link = Link(conn)
+            dropped = asyncio.Event()
+            threading.Thread(target=self._read, args=(link, dropped), name="anytime-link", daemon=True).start()
+            await dropped.wait()
+            self.connected = self.host_ready = False
+            self._link = None
+            self._lost_jobs(list(self._pending))
+            if not stop():
+                log.warning("lost the engine process; reconnecting")
+                await asyncio.sleep(0.1)
+
+    def _read(self, link: Link, dropped: asyncio.Event) -> None:
+        """Reader thread: every message from the engine process, handed to the event loop."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            message = link.recv()
+            if message is None:
+                break
+            kind = message[0]
+            if kind == "answers":
+                loop.call_soon_threadsafe(self._answers, message[1])
+            elif kind == "state":
+                loop.call_soon_threadsafe(self._on_state, link, *message[1:])
+            elif kind == "view":
+                _, call_id, body, error = message
+                loop.call_soon_threadsafe(self._on_view, call_id, body, error)
+        link.close()
+        loop.call_soon_threadsafe(dropped.set)
+
+    def _on_view(self, call_id: int, body: dict[str, Any] | None, error: str | None) -> None:
+        pending = self._pending.pop(call_id, None)
+        if pending is None or pending[0].done():
+            return
+        if body is None:
+            pending[0].set_exception(ModelNotFound(error or "not served"))
+        else:
+            pending[0].set_result(body)
+
+    def _on_state(self, link: Link, ready: bool, models: list[tuple[str, str, str, str]], default: str) -> None:
+        """The engine process's models and readiness; the first state of a link also sends our hello."""
+        self.default = default
+        kept: dict[str, RemoteServedModel] = {}
+        for name, version, path, device in models:
+            current = self.slots.get(name)
+            same = current is not None and current.version == version
+            kept[name] = current if same and current else RemoteServedModel(self, Path(path), device)
+        self.slots = kept
+        if self._link is not link:
+            if self._arena is None:
+                largest = max((m.input.channels * m.input.size**2 * 4 for m in kept.values()), default=4)
+                self._arena = Arena(largest, SLOTS)
+            link.send(("hello", self.index, os.getpid(), self._arena.name, self._arena.slot_bytes))
+            if self.warmed:
+                link.send(("ready",))
+            self._link = link
+            self.connected = True
+        self.host_ready = ready
+        self._state.set()
+
+    async def wait_connected(self) -> None:
+        """Until the engine process has told us its models."""
+        while not (self.connected and self.slots):
+            self._state.clear()
+            await self._state.wait()
+
+    def report_ready(self) -> None:
+        """This process has warmed its request path: tell the engine process (and again after a reconnect)."""
+        self.warmed = True
+        if self._link is not None:
+            self._link.send(("ready",))
+
+    async def stop(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        if self._arena is not None:
+            await asyncio.sleep(0)
+            self._arena.close()
