@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus and HAProxy, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose haproxy
 
-.PHONY: serve test lint venv debs install-debs reproduce default-model bench cluster docker-smoke
+.PHONY: serve test lint venv debs install-debs reproduce default-model bench bench-gpu cluster docker-smoke
 
 venv: $(STAMP)
 
@@ -82,3 +82,9 @@ bench: venv debs
 	@$(MAKE) --no-print-directory install-debs DEBS="wrk"
 	$(BIN)/python -m pip install -q 'torchserve>=0.12,<0.13' 'torch-model-archiver>=0.12,<0.13'
 	$(BIN)/python -m bench.run
+
+# The GPU benchmark (docs/benchmarks.md, "GPU"): in-process engine, ceilings, compute-bound mixes, HTTP rows.
+# On a machine without CUDA it runs the same code at small sizes.
+bench-gpu: venv debs
+	@$(MAKE) --no-print-directory install-debs DEBS="wrk"
+	$(BIN)/python -m bench.gpu --http
