@@ -12,8 +12,10 @@ which the machine's drift disturbs least.
    per request, with the artifact's thresholds and with `threshold=1`.
 3. Realized efficiency on compute-bound networks (resnet18 3x32x32, resnet50 3x224x224, random
    weights): exits forced by `max_exit` drawn from an exit mix; CPU saved over FLOPs saved.
-4. Deadlines: Poisson arrivals at 80 % of the measured saturation rate, deadlines 2/5/10/20 ms,
-   attainment as the client saw it and as the server did.
+4. Deadlines under load (bench/deadlines.py): offered load of 50, 80, 100, 120 and 150 % of the
+   measured saturation, deadlines 2/5/10/20 ms, ANYTIME_OVERLOAD shed and degrade: attainment as
+   the client saw it and as the server did, goodput, refusals and how fast they came, accuracy;
+   `deadlines.png`.
 5. Peers at full depth (a plain FastAPI endpoint, TorchServe), for context.
 
 Results: `bench/results/summary.json` (with a `headline` object) and `summary.md`, and the table
@@ -38,6 +40,9 @@ from typing import Any
 
 import httpx
 
+from bench.deadlines import plot as plot_deadlines
+from bench.deadlines import sweep
+from bench.deadlines import table as deadline_table
 from bench.workloads import (
     MIXES,
     NETWORKS,
@@ -55,7 +60,6 @@ from tools.processes import ROOT, LocalProcess, ServerProcess, free_port
 
 OUT = ROOT / "bench" / "results"
 SERVER_CPU, LOAD_CPU = "0", 1
-DEADLINES_MS = (2, 5, 10, 20)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -138,12 +142,6 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
                 )
         saturation = statistics.median(r.throughput for r, _ in runs["anytime"])
         protocols = _protocols(server, images, image_dir.parent / "oip", reps, seconds)
-        deadlines: dict[str, list[WrkResult]] = {str(d): [] for d in DEADLINES_MS}
-        for _ in range(reps):
-            for d in DEADLINES_MS:
-                deadlines[str(d)].append(
-                    run_wrk(url, images, seconds, 64, rate=0.8 * saturation, deadline_ms=d, cpu=LOAD_CPU)
-                )
     finally:
         server.stop()
     exits: dict[str, int] = {}
@@ -173,20 +171,7 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
         "exit_shares": {e: c / taken for e, c in sorted(exits.items())},
         "protocols": protocols,
         "ideal_speedup": 1 / mean_taken,
-        "deadlines": {
-            "rate_rps": 0.8 * saturation,
-            "by_deadline_ms": {
-                d: {
-                    "client_attainment": spread([r.client_attainment() for r in rs]),
-                    "server_attainment": spread([r.server_attainment() for r in rs]),
-                    "achieved_rps": spread([r.requests / r.seconds for r in rs]),
-                    "rejected_504": spread([r.status.get("504", 0) / max(r.requests, 1) for r in rs]),
-                    "early_by_deadline": spread([r.early_by_deadline / max(r.ok, 1) for r in rs]),
-                    "p99_ms": spread([r.p99_ms for r in rs]),
-                }
-                for d, rs in deadlines.items()
-            },
-        },
+        "saturation_rps": saturation,
     }
 
 
@@ -348,27 +333,34 @@ def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
     return results
 
 
-def headline(b: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
-    by_d = b["deadlines"]["by_deadline_ms"]
+def headline(b: dict[str, Any], r: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
+    shed, degrade = d["by_mode"]["shed"], d["by_mode"]["degrade"]
     return {
         "http_overhead_ratio": b["overhead"]["ratio"]["median"],
         "throughput_ratio_vs_full": b["throughput_ratio"]["median"],
         "cpu_per_request_ratio_vs_full": b["cpu_ratio"]["median"],
         "ideal_speedup": b["ideal_speedup"],
         "realized_efficiency": {k: v["efficiency"]["median"] for k, v in r.items()},
-        "deadline_attainment_client": {d: v["client_attainment"]["median"] for d, v in by_d.items()},
-        "deadline_attainment_server": {d: v["server_attainment"]["median"] for d, v in by_d.items()},
+        "deadline_attainment_server_at_80": {ms: v["server_attainment"] for ms, v in shed["0.8"].items()},
+        "deadline_attainment_client_at_80": {ms: v["client_attainment"] for ms, v in shed["0.8"].items()},
+        "goodput_over_saturation": {
+            load: {ms: v["goodput_rps"] / d["saturation_rps"] for ms, v in shed[load].items()}
+            for load in ("1.2", "1.5")
+        },
+        "refused_within_2ms": {
+            load: {ms: v["refused_within_2ms"] for ms, v in shed[load].items()} for load in ("1.2", "1.5")
+        },
+        "refused_shed_vs_degrade_at_150": {
+            ms: [shed["1.5"][ms]["refused"], degrade["1.5"][ms]["refused"]] for ms in shed["1.5"]
+        },
+        "accuracy_shed_vs_degrade_at_150": {
+            ms: [shed["1.5"][ms]["accuracy"], degrade["1.5"][ms]["accuracy"]] for ms in shed["1.5"]
+        },
         "spreads": {
             "http_overhead_ratio": [b["overhead"]["ratio"]["min"], b["overhead"]["ratio"]["max"]],
             "throughput_ratio_vs_full": [b["throughput_ratio"]["min"], b["throughput_ratio"]["max"]],
             "cpu_per_request_ratio_vs_full": [b["cpu_ratio"]["min"], b["cpu_ratio"]["max"]],
             "realized_efficiency": {k: [v["efficiency"]["min"], v["efficiency"]["max"]] for k, v in r.items()},
-            "deadline_attainment_client": {
-                d: [v["client_attainment"]["min"], v["client_attainment"]["max"]] for d, v in by_d.items()
-            },
-            "deadline_attainment_server": {
-                d: [v["server_attainment"]["min"], v["server_attainment"]["max"]] for d, v in by_d.items()
-            },
         },
     }
 
@@ -380,7 +372,6 @@ def _cell(s: dict[str, float], fmt: str = "{:.2f}") -> str:
 def format_table(results: dict[str, Any]) -> str:
     b, r, p = results["bundled"], results["realized"], results["peers"]
     sat, h = b["saturation"], results["headline"]
-    pct = "{:.1%}"
     lines = [
         f"Median of {b['overhead']['ratio']['n']} interleaved repetitions (min–max); server pinned to core "
         f"{SERVER_CPU} with 1 torch thread, wrk on core {LOAD_CPU}.",
@@ -424,19 +415,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"{_cell(sh['p99_ms']['0.01'])} ms at ANYTIME_SHADOW_RATE=0.01 (ratio {_cell(sh['p99_ratio'])}); "
         f"{sh['shadow_checks_run']['0.01']:.0f} checks ran.",
     ]
-    d = b["deadlines"]
-    lines += [
-        "",
-        f"| deadline (ms), Poisson at {d['rate_rps']:.0f} req/s | attained (client) | attained (server) | "
-        "504 | stopped early by deadline | p99 (ms) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for ms, v in d["by_deadline_ms"].items():
-        lines.append(
-            f"| {ms} | {_cell(v['client_attainment'], pct)} | {_cell(v['server_attainment'], pct)} | "
-            f"{v['rejected_504']['median']:.1%} | {v['early_by_deadline']['median']:.1%} | "
-            f"{v['p99_ms']['median']:.1f} |"
-        )
+    lines += ["", *deadline_table(results["deadlines"])]
     if p:
         lines += [
             "",
@@ -471,18 +450,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="anytime-bench-") as tmp:
         work = Path(tmp)
-        images, _ = fashion_images(work / "fmnist", args.images)
+        images, labels = fashion_images(work / "fmnist", args.images)
         evaluation = {
             "anytime": evaluate_in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", None),
             "full": evaluate_in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", 1.0),
         }
         results: dict[str, Any] = {"bundled": bundled(args.store, images, work / "fmnist", args.reps, args.seconds)}
         results["bundled"]["in_process_evaluation"] = evaluation
-        rate = results["bundled"]["deadlines"]["rate_rps"]
-        results["bundled"]["shadow"] = shadow_cost(args.store, images, args.reps, args.seconds, rate)
+        saturation = results["bundled"]["saturation_rps"]
+        results["bundled"]["shadow"] = shadow_cost(args.store, images, args.reps, args.seconds, 0.8 * saturation)
+        results["deadlines"] = sweep(
+            args.store, images, labels, saturation, max(1, args.reps // 2), args.seconds, SERVER_CPU, LOAD_CPU, OUT
+        )
+        plot_deadlines(results["deadlines"], OUT / "deadlines.png")
         results["realized"] = realized(work, args.reps, args.seconds)
         results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
-    results["headline"] = headline(results["bundled"], results["realized"])
+    results["headline"] = headline(results["bundled"], results["realized"], results["deadlines"])
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),

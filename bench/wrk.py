@@ -126,3 +126,110 @@ def run_wrk(
         share_under_deadline=raw["share_under_deadline"],
         socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
     )
+
+
+DEADLINES_SCRIPT = Path(__file__).resolve().parent / "lua" / "deadlines.lua"
+
+
+@dataclass(frozen=True)
+class DeadlineRun:
+    """One Poisson run with a deadline, every request timed on the client (bench/lua/deadlines.lua)."""
+
+    requests: int
+    seconds: float
+    ok: int
+    in_time: int  # 200 within the deadline, client side
+    server_in_time: int  # 200 whose server-side latency is within the deadline
+    correct: int  # 200 with the right label
+    refused: int  # 503 and 504
+    refused_fast: int  # refusals that came within 2 ms
+    late_504: int
+    other: int
+    early: int  # answers with reason "deadline"
+    socket_errors: int
+    refused_max_ms: float
+    answer_max_ms: float
+    exits: dict[str, int]
+
+    @property
+    def offered_rps(self) -> float:
+        return (self.requests + self.socket_errors) / self.seconds
+
+    @property
+    def client_attainment(self) -> float:
+        return self.in_time / max(self.requests + self.socket_errors, 1)
+
+    @property
+    def server_attainment(self) -> float:
+        return self.server_in_time / max(self.requests + self.socket_errors, 1)
+
+    @property
+    def goodput_rps(self) -> float:
+        """Answers within their deadline per second."""
+        return self.in_time / self.seconds
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.ok, 1)
+
+
+def run_deadlines(
+    url: str,
+    images: list[Path],
+    labels: list[int],
+    seconds: float,
+    rate: float,
+    deadline_ms: float,
+    cpu: int | None = None,
+) -> DeadlineRun:
+    """Poisson arrivals at `rate` with `deadline_ms`, one wrk thread per connection (enough connections that
+    each waits about 100 ms between its requests, so that slow answers barely slow the arrivals)."""
+    if not url.startswith(("http://127.", "http://localhost")):
+        raise ValueError(f"benchmarks stay on this machine; refusing {url}")
+    connections = max(16, min(512, round(rate * 0.1)))
+    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
+        (Path(tmp) / "images").write_text("\n".join(str(p) for p in images) + "\n")
+        (Path(tmp) / "labels").write_text("\n".join(str(y) for y in labels) + "\n")
+        env = {
+            **os.environ,
+            "BENCH_IMAGES": f"{tmp}/images",
+            "BENCH_LABELS": f"{tmp}/labels",
+            "BENCH_RATE": f"{rate:.3f}",
+            "BENCH_CONNECTIONS": str(connections),
+            "BENCH_DEADLINE_MS": f"{deadline_ms:g}",
+        }
+        argv = [
+            wrk_binary(),
+            f"-t{connections}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(DEADLINES_SCRIPT),
+            url,
+        ]
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
+    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    return DeadlineRun(
+        requests=raw["n"],
+        seconds=raw["duration_us"] / 1e6,
+        ok=raw["ok"],
+        in_time=raw["in_time"],
+        server_in_time=raw["server_in_time"],
+        correct=raw["correct"],
+        refused=raw["refused"],
+        refused_fast=raw["refused_fast"],
+        late_504=raw["late_504"],
+        other=raw["other"],
+        early=raw["early"],
+        socket_errors=raw["socket_errors"],
+        refused_max_ms=raw["refused_max_ms"],
+        answer_max_ms=raw["answer_max_ms"],
+        exits=raw["exits"],
+    )

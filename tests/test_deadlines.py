@@ -1,0 +1,70 @@
+"""Deadlines over HTTP: the first request after ready is warm, refusals come at once and say where the
+budget went, and no answer comes after its deadline (the anytime answer from the last exit passed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.helpers import ROOT, ServerProcess, make_artifact, png_bytes
+
+PNG = png_bytes(Image.new("L", (28, 28), 90))
+HEADERS = {"content-type": "image/png"}
+
+
+def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_path: Path) -> None:
+    """Warm-up runs the whole request path of every protocol before /readyz says ready."""
+    srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path).wait_ready()
+    try:
+        exit1_ms = httpx.get(f"{srv.url}/v1/model").json()["stage_ms_now"][0]["1"]
+        budget = max(4 * exit1_ms, 2.0)
+        first = httpx.post(f"{srv.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": f"{budget:.3f}"})
+        assert first.status_code == 200, (budget, first.text)
+        later = [httpx.post(f"{srv.url}/classify", content=PNG, headers=HEADERS).json()["latency_ms"] for _ in range(9)]
+        assert first.json()["latency_ms"] <= budget
+        print(f"exit 1 {exit1_ms:.2f} ms; first answer {first.json()['latency_ms']:.2f} ms, then {sorted(later)}")
+    finally:
+        assert srv.stop() == 0
+
+
+def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: Path) -> None:
+    """Stages sleep 60 ms but the manifest says 1 ms. Four full-depth requests occupy the engine; then a
+    request with 100 ms is refused at once (the queue ahead is known), and one with a deadline that its
+    exit 1 makes is answered from exit 1 at the deadline, while stage 2 still runs."""
+    make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[60] * 4)
+    make_artifact(
+        tmp_path, "liar", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[60] * 4, profile_ms=[1] * 4
+    )
+    honest = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false").wait_ready()
+    liar = ServerProcess(tmp_path, "liar", max_batch=1, warmup="false").wait_ready()
+    try:
+
+        async def scenario() -> tuple[httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=honest.url, timeout=30) as client:
+                busy = [asyncio.create_task(client.post("/classify", content=PNG, headers=HEADERS)) for _ in range(4)]
+                await asyncio.sleep(0.1)
+                t0 = time.perf_counter()
+                refused = await client.post("/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "100"})
+                took = time.perf_counter() - t0
+                await asyncio.gather(*busy)
+                return refused, took
+
+        refused, took = asyncio.run(scenario())
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded", refused.text
+        assert "exit 1 is predicted" in refused.json()["error"]["message"] and refused.headers["retry-after"]
+        assert took < 0.05  # refused at admission, not after waiting in line
+        too_short = httpx.post(f"{honest.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "20"})
+        message = too_short.json()["error"]["message"]
+        assert too_short.status_code == 504 and "of the 20.0 ms budget" in message and "exit 1 needs about" in message
+        t0 = time.perf_counter()
+        answered = httpx.post(f"{liar.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "90"})
+        took = time.perf_counter() - t0
+        body = answered.json()
+        assert answered.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
+        assert body["latency_ms"] <= 90 + 2 and took < 0.2  # at the deadline, not after stage 2 (at 120 ms)
+    finally:
+        assert honest.stop() == 0 and liar.stop() == 0
