@@ -39,8 +39,9 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
     # gloo on the loopback interface only: no test traffic leaves the machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     # Own process group: on a timeout the workers go too, not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -55,8 +56,11 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     r0, r1, one = (
         torch.load(tmp_path / f, weights_only=True) for f in ("world2-rank0.pt", "world2-rank1.pt", "world1-rank0.pt")
@@ -69,8 +73,21 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_trainer_cli_runs_under_torchrun(tmp_path: Path) -> None:
-    proc = _torchrun("-m", "training.cli", "--model", "test_tiny", "--dataset", "synthetic", "--epochs", "1",
-                     "--batch-size", "32", "--out-dir", str(tmp_path), "--no-progress")  # fmt: skip
+    proc = _torchrun(
+        "-m",
+        "training.cli",
+        "--model",
+        "test_tiny",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--out-dir",
+        str(tmp_path),
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "results.md").is_file()
 
@@ -159,8 +176,23 @@ def test_missing_data_names_every_way_to_get_it(tmp_path: Path, monkeypatch: pyt
 
 
 def test_cli_end_to_end_writes_checkpoint_log_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = train_cli(["--model", "test_tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
-                      "--max-steps", "3", "--out-dir", str(tmp_path), "--no-progress"])  # fmt: skip
+    code = train_cli(
+        [
+            "--model",
+            "test_tiny",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--max-steps",
+            "3",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert "| test |" in capsys.readouterr().out
     for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "results.md", "results.json"):
@@ -186,8 +218,24 @@ def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> No
     from training.export import main as export_cli
 
     run = tmp_path / "run"
-    assert train_cli(["--model", "test_tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
-                      "--out-dir", str(run), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        train_cli(
+            [
+                "--model",
+                "test_tiny",
+                "--dataset",
+                "synthetic",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "32",
+                "--out-dir",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "tiny"]) == 0
     artifact = load_artifact(tmp_path / "store" / "tiny" / "1")
     m = artifact.manifest
@@ -202,3 +250,83 @@ def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> No
     assert (
         export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "tiny", "--version", "1"]) == 2
     )
+
+
+def test_the_tensor_path_augments_like_the_dataloader_path() -> None:
+    """Crop (pad 2 + random translation) and flip as batched tensor ops: the same statistics as torchvision's
+    per-image transforms, over 20,000 draws of one image."""
+    from training.data import _tensor_transforms, load_data
+    from training.device_data import device_data
+
+    bundle = load_data("fashion-mnist", allow_download=False)
+    data = device_data(bundle.train, torch.device("cpu"), bundle.mean, bundle.std, "standard")
+    image = data.images[:1]
+    tensor_path = data.augment(image.repeat(20_000, 1, 1, 1), torch.Generator().manual_seed(0))
+    transform = _tensor_transforms(True, 28, bundle.mean, bundle.std, "standard")
+    loader_path = torch.stack([transform(image[0]) for _ in range(20_000)])
+    assert abs(tensor_path.mean() - loader_path.mean()) < 0.005 and abs(tensor_path.std() - loader_path.std()) < 0.005
+    assert (tensor_path.mean(0) - loader_path.mean(0)).abs().max() < 0.08  # per pixel: shifts and flips alike
+    plain = data.normalise(image.float() / 255)
+    unchanged = (tensor_path == plain).flatten(1).all(1).float().mean()
+    assert 0.02 < unchanged < 0.06  # no shift and no flip: 1/25 × 1/2 (a symmetric image would differ)
+    erased = device_data(bundle.train, torch.device("cpu"), bundle.mean, bundle.std, "erasing")
+    out = erased.augment(image.repeat(4000, 1, 1, 1), torch.Generator().manual_seed(1))
+    zeros = (out == 0).flatten(1).float().mean(1)
+    assert 0.4 < (zeros > 0.015).float().mean() < 0.6  # half the images get a rectangle
+
+
+def test_the_tensor_path_is_reproducible_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = {"data_path": "tensor", "augment": "standard"}
+    Trainer(_cfg(tmp_path / "a", **cfg)).fit()
+    Trainer(_cfg(tmp_path / "b", **cfg)).fit()
+    Trainer(_cfg(tmp_path / "c", stop_after=1, **cfg)).fit()
+    Trainer(_cfg(tmp_path / "c", resume=True, **cfg)).fit()
+    states = [torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in "abc"]
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+        torch.testing.assert_close(states[0][key], states[2][key], rtol=0, atol=0)
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["images_per_s"] > 0 for r in log)
+
+
+def test_larger_batches_scale_the_learning_rate_and_warm_up() -> None:
+    """Linear scaling from batch 128 and, above it, a warm-up of min(5, epochs / 10) epochs."""
+    trainer = Trainer(_cfg(Path("unused"), batch_size=512, epochs=20, schedule="cosine"))
+    assert trainer.base_lr() == pytest.approx(0.4) and trainer.warmup_epochs() == 2
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(0.4) and lrs[3] < lrs[2]
+    default = Trainer(_cfg(Path("unused"), batch_size=16))
+    assert default.base_lr() == pytest.approx(0.1 * 16 / 128) and default.warmup_epochs() == 0
+
+
+def test_the_study_trains_runs_in_parallel_processes(tmp_path: Path) -> None:
+    from training.reproduce import main as reproduce
+
+    argv = [
+        "--model",
+        "test_tiny",
+        "--methods",
+        "standard",
+        "dsn",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--parallel",
+        "2",
+        "--data-path",
+        "tensor",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--report",
+        str(tmp_path / "study.md"),
+        "--no-progress",
+    ]
+    assert reproduce(argv) == 0
+    assert all((tmp_path / "runs" / f"{m}-seed0" / "results.json").is_file() for m in ("standard", "dsn"))
+    assert "| dsn |" in (tmp_path / "study.md").read_text()

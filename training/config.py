@@ -62,7 +62,13 @@ class TrainConfig(BaseSettings):
     # Optimisation.
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0, description="global batch size (split across DDP ranks)")
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, description="learning rate at batch 128 (scaled with --lr-scaling linear)")
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: lr × batch_size / 128 (Goyal et al.); none: lr as given"
+    )
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="linear lr warm-up; default: none at batch 128 or less, else min(5, epochs / 10)"
+    )
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["multistep", "cosine"] = "multistep"
@@ -77,6 +83,11 @@ class TrainConfig(BaseSettings):
     compile: bool = Field(False, description="torch.compile the model")
     threads: int | None = Field(None, description="CPU: torch.set_num_threads")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    data_path: Literal["auto", "tensor", "loader"] = Field(
+        "auto",
+        description="tensor: data set on the device, batched augmentation; loader: DataLoader; "
+        "auto: tensor on CUDA for in-memory data sets",
+    )
     # Output.
     out_dir: str = Field("runs/run", description="run directory: checkpoints, logs, config, results")
     resume: bool = Field(False, description="continue from out_dir/last.pt")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from models.multi_exit import MultiExitNet
 
@@ -21,7 +21,7 @@ def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
 @torch.inference_mode()
 def collect_logits(
     model: MultiExitNet,
-    loader: DataLoader,
+    loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -35,11 +35,11 @@ def collect_logits(
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        with autocast_for(device, amp_dtype):
+        with torch.no_grad(), autocast_for(device, amp_dtype):
             out = model(x)
         for k, z in enumerate(out.logits):
             per_exit[k].append(z.float().cpu())
-        targets.append(y)
+        targets.append(y.cpu())
     model.train(was_training)
     return [torch.cat(z) for z in per_exit], torch.cat(targets)
 

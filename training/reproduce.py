@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,10 @@ def _config(args: argparse.Namespace, variant: str, seed: int, out: Path) -> Tra
         out_dir=str(out),
         resume=(out / "last.pt").is_file(),
         progress=not args.no_progress,
-        threads=args.threads,
+        threads=args.threads or (max(1, (os.cpu_count() or 1) // args.parallel) if args.parallel > 1 else None),
         max_steps=args.max_steps,
+        data_path=args.data_path,
+        device=args.device,
     )
 
 
@@ -80,6 +85,25 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]
         trainer.model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
         front.write_text(json.dumps(as_dicts(frontier(trainer.model, trainer.bundle)), indent=1))
     return {"results": json.loads(done.read_text()), "frontier": from_dicts(json.loads(front.read_text()))}
+
+
+def _train_only(args: argparse.Namespace, variant: str, seed: int) -> str:
+    run_one(args, variant, seed)
+    return f"{variant}-seed{seed}"
+
+
+def train_in_parallel(args: argparse.Namespace) -> None:
+    """Train every run, `--parallel` at a time as separate processes on the same device (a GPU fills up only
+    with several small runs at once); the `ramps` runs go in a second wave, after the standard runs."""
+    waves = [[m for m in args.methods if m != "ramps"], [m for m in args.methods if m == "ramps"]]
+    context = multiprocessing.get_context("spawn")
+    for methods in waves:
+        jobs = [(m, seed) for seed in args.seeds for m in methods]
+        if not jobs:
+            continue
+        with ProcessPoolExecutor(max_workers=args.parallel, mp_context=context) as pool:
+            for name in pool.map(_train_only, [args] * len(jobs), *zip(*jobs, strict=True)):
+                sys.stdout.write(f"{name} done\n")
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -185,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default="results/fashion_mnist.md")
     parser.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, as processes (one device)")
+    parser.add_argument("--data-path", choices=["auto", "tensor", "loader"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
     if "ramps" in args.methods and "standard" not in args.methods:
         parser.error("ramps trains exits on the standard runs: list 'standard' too")
+    if args.parallel > 1:
+        train_in_parallel(args)
     order = sorted(args.methods, key=lambda m: m == "ramps")  # ramps after the standard runs it builds on
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for seed in args.seeds:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from models.seed import seed_everything
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.data import DataBundle, load_data
+from training.device_data import DeviceData, device_data
 from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
 from training.losses import accuracy_counts, compute_loss, hinted_exits
 from training.wrapper import TrainNet
@@ -136,7 +138,8 @@ def train_step(
     teacher: MultiExitNet | None = None,
     alpha: float | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """One optimisation step; returns the loss terms and per-exit correct counts.
+    """One optimisation step; returns the loss terms and per-exit correct counts, as tensors on the device
+    (reading them would make the host wait for the device at every step).
 
     `alpha` overrides the config's KD weight (the KD warm-up).
     """
@@ -158,7 +161,7 @@ def train_step(
     else:
         terms["loss"].backward()
         optimizer.step()
-    return {k: float(v.detach()) for k, v in terms.items()}, accuracy_counts(logits, y).cpu()
+    return {k: v.detach() for k, v in terms.items()}, accuracy_counts(logits, y)
 
 
 class Trainer:
@@ -177,13 +180,19 @@ class Trainer:
         self.bundle = load_data(
             cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.augment, cfg.allow_download
         )
+        self.device_data = self._device_data()
+        self._eval_data: dict[str, DeviceData] = {}
         self.model, self.spec = self._network()
         self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_net = self._train_net()
         self.optimizer = torch.optim.SGD(
-            self.train_net.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            self.train_net.trainable_parameters(),
+            lr=self.base_lr(),
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda",
         )
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -235,16 +244,50 @@ class Trainer:
         frozen = cfg.method == "ramps" and cfg.freeze_backbone
         return TrainNet(self.model, adapted, dim, frozen).to(self.device)
 
+    def _device_data(self) -> DeviceData | None:
+        """The tensor data path (training/device_data.py) when the config asks for it, or `auto` on CUDA."""
+        cfg, b = self.cfg, self.bundle
+        wanted = cfg.data_path == "tensor" or (cfg.data_path == "auto" and self.device.type == "cuda")
+        if not wanted or self.ctx.world_size > 1:
+            return None
+        try:
+            return device_data(b.train, self.device, b.mean, b.std, cfg.augment)
+        except ValueError as exc:
+            if cfg.data_path == "tensor":
+                raise
+            log.info("DataLoader path: %s", exc)
+            return None
+
+    def base_lr(self) -> float:
+        """The learning rate after scaling for the batch size (--lr-scaling linear: lr × batch / 128)."""
+        cfg = self.cfg
+        return cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
+
+    def warmup_epochs(self) -> int:
+        """--warmup-epochs, or by default none at batch 128 or less and min(5, epochs / 10) above."""
+        cfg = self.cfg
+        if cfg.warmup_epochs is not None:
+            return min(cfg.warmup_epochs, cfg.epochs - 1)
+        return 0 if cfg.batch_size <= 128 else min(5, max(1, cfg.epochs // 10), cfg.epochs - 1)
+
     def _alpha(self, epoch: int) -> float:
         """The KD weight of `epoch`: ramped up linearly over `kd_warmup_epochs`."""
         warmup = self.cfg.kd_warmup_epochs
         return self.cfg.alpha * min(1.0, (epoch + 1) / warmup) if warmup else self.cfg.alpha
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        sched = torch.optim.lr_scheduler
+        warm = self.warmup_epochs()
+        main: sched.LRScheduler
         if self.cfg.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
-        milestones = sorted({max(1, round(f * self.cfg.epochs)) for f in self.cfg.milestones})
-        return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=self.cfg.gamma)
+            main = sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs - warm)
+        else:
+            milestones = sorted({max(1, round(f * self.cfg.epochs) - warm) for f in self.cfg.milestones})
+            main = sched.MultiStepLR(self.optimizer, milestones, gamma=self.cfg.gamma)
+        if not warm:
+            return main
+        ramp = sched.LinearLR(self.optimizer, start_factor=1 / (warm + 1), total_iters=warm)
+        return sched.SequentialLR(self.optimizer, [ramp, main], milestones=[warm])
 
     def _loader(self, dataset: Any, epoch: int | None) -> DataLoader:
         cfg, ctx = self.cfg, self.ctx
@@ -266,14 +309,23 @@ class Trainer:
             generator=generator,
         )
 
+    def _batches(self, epoch: int) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This epoch's training batches and how many there are."""
+        cfg = self.cfg
+        if self.device_data is not None:
+            steps = self.device_data.size // cfg.batch_size
+            return self.device_data.batches(cfg.batch_size, cfg.seed, epoch), steps
+        loader = self._loader(self.bundle.train, epoch)
+        return loader, len(loader)
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
-        loader = self._loader(self.bundle.train, epoch)
-        sums = torch.zeros(4 + self.model.num_exits + 1 + 1, dtype=torch.float64)  # terms, correct, count
+        batches, steps = self._batches(epoch)
+        sums = torch.zeros(4 + self.model.num_exits + 1 + 1, dtype=torch.float64, device=self.device)
+        names = ("loss", "ce", "kd", "feature")
         start = time.perf_counter()
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not (self.ctx.is_main and self.cfg.progress)
-        )
+        show = self.ctx.is_main and self.cfg.progress
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not show)
         for step, (x, y) in enumerate(bar):
             if self.cfg.max_steps is not None and step >= self.cfg.max_steps:
                 break
@@ -284,26 +336,32 @@ class Trainer:
                 self.net, x, y, self.optimizer, self.scaler, self.cfg, self.amp_dtype, self.teacher, self._alpha(epoch)
             )
             n = len(y)
-            sums[:4] += torch.tensor([terms[k] * n for k in ("loss", "ce", "kd", "feature")], dtype=torch.float64)
+            sums[:4] += torch.stack([terms[k].double() * n for k in names])
             sums[4:-1] += correct.double()
             sums[-1] += n
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", acc=f"{100 * float(correct[-2]) / n:.1f}")
+            if show and step % 50 == 0:  # reading a value waits for the device: now and then only
+                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{100 * float(correct[-2]) / n:.1f}")
         if self.ctx.world_size > 1:
             dist.all_reduce(sums)  # gloo and nccl both sum float64 on the process's device
+        totals = sums.cpu()  # the one read of the epoch
         seconds = time.perf_counter() - start
-        count = max(float(sums[-1]), 1.0)
-        metrics = {k: float(sums[i]) / count for i, k in enumerate(("loss", "ce", "kd", "feature"))}
-        names = [f"exit{k + 1}" for k in range(self.model.num_exits)] + ["ensemble"]
-        metrics |= {f"train_acc_{n}": 100 * float(sums[4 + i]) / count for i, n in enumerate(names)}
+        count = max(float(totals[-1]), 1.0)
+        metrics = {k: float(totals[i]) / count for i, k in enumerate(names)}
+        exits = [f"exit{k + 1}" for k in range(self.model.num_exits)] + ["ensemble"]
+        metrics |= {f"train_acc_{n}": 100 * float(totals[4 + i]) / count for i, n in enumerate(exits)}
         metrics["images_per_s"] = count / seconds
         return metrics
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Per-exit and ensemble accuracy (%) on `val` or `test`."""
         dataset = self.bundle.val if split == "val" else self.bundle.test
-        logits, targets = collect_logits(
-            self.model, self._loader(dataset, None), self.device, self.amp_dtype, self.channels_last
-        )
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = self._loader(dataset, None)
+        if self.device_data is not None:  # the split on the device too, once
+            if split not in self._eval_data:
+                b = self.bundle
+                self._eval_data[split] = device_data(dataset, self.device, b.mean, b.std, "none")
+            batches = self._eval_data[split].in_order(512)
+        logits, targets = collect_logits(self.model, batches, self.device, self.amp_dtype, self.channels_last)
         return accuracies(logits, targets)
 
     def _state(self, epoch: int) -> dict[str, Any]:
@@ -355,7 +413,13 @@ class Trainer:
                     self.best_val = final
                     save_checkpoint(self._state(epoch), self.out / "best.pt")
                 save_checkpoint(self._state(epoch), self.out / "last.pt")
-                log.info("epoch %d: loss %.4f, val %s", epoch + 1, metrics["loss"], val)
+                log.info(
+                    "epoch %d: %.0f images/s, loss %.4f, val %s",
+                    epoch + 1,
+                    metrics["images_per_s"],
+                    metrics["loss"],
+                    {k: round(v, 2) for k, v in val.items()},
+                )
             if self.ctx.world_size > 1:
                 dist.barrier()
         return self.report() if main and end == self.cfg.epochs else {}
