@@ -48,18 +48,18 @@ serve: venv
 	ANYTIME_HOST=$(HOST) ANYTIME_PORT=$(PORT) $(BIN)/anytime-serve
 
 # REPLICAS replicas of the bundled model behind HAProxy on 127.0.0.1:$(PORT), scraped by Prometheus
-# on 127.0.0.1:9090 (README: "Running more than one replica"); ANYTIME_CLUSTER_* override the rest.
+# on 127.0.0.1:9090 (docs/deployment.md); ANYTIME_CLUSTER_* override the rest.
 REPLICAS ?= 3
 cluster: venv
 	@$(MAKE) --no-print-directory install-debs DEBS="haproxy prometheus"
 	$(BIN)/python -m tools.cluster --replicas $(REPLICAS) --port $(PORT)
 
-# Builds the images and runs them with a real Docker engine (README: "Docker"); root, at most 30 min.
+# Builds the images and runs them with a real Docker engine (docs/deployment.md, "Docker"); root, at most 30 min.
 docker-smoke: venv
 	@$(MAKE) --no-print-directory install-debs DEBS="docker.io docker-compose debootstrap dataset-fashion-mnist"
 	timeout 1800 $(BIN)/python -m tools.docker_smoke
 
-# Training recipes (README: "Training" and "The bundled default model").
+# Training recipes (docs/training.md).
 # The study: standard, dsn, byot, byot-nohint and ramps, 3 seeds each, resumable. It took 70 min on
 # 2 cores as two processes (--methods split between them); this one process takes about twice that.
 STUDY_EPOCHS ?= 6
@@ -75,7 +75,7 @@ default-model: venv debs
 	$(BIN)/anytime-export runs/default-model/best.pt --store model_store --name fashion-mnist \
 	  --version $(DEFAULT_VERSION) --epsilon 0.5
 
-# Benchmarks (README: "Benchmarks"): servers and load on 127.0.0.1, each run bounded in time.
+# Benchmarks (docs/benchmarks.md): servers and load on 127.0.0.1, each run bounded in time.
 # TorchServe is a benchmark peer only: installed here, never by the product (it needs Java 17).
 # wrk (Debian) is the load generator; servers and wrk are pinned to different cores (needs 2).
 bench: venv debs

@@ -1,4 +1,4 @@
-"""`python -m bench.drift`: the drift guard on a real shift (README "Drift guard", results/drift.md).
+"""`python -m bench.drift`: the drift guard on a real shift (docs/monitoring.md, "Drift guard"; results/drift.md).
 
 The bundled model serves Fashion-MNIST test images over HTTP: first clean, then shifted by one
 corruption (Gaussian noise, blur, low contrast, inversion) at several severities. For each stream:

@@ -34,12 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
     d.add_argument("--latency", type=int, nargs="+", metavar="BATCH", help="measure per-exit CPU latency")
     d.add_argument("--threads", type=int, default=1, help="torch threads for --latency")
+    d.add_argument("--exits", type=int, nargs="+", help="ResNets: blocks to put an exit after (1-based)")
+    d.add_argument("--exit-style", choices=["conv", "sepconv", "light"], default="conv")
     args = parser.parse_args(argv)
     if args.command == "list":
         sys.stdout.write("\n".join(list_models()) + "\n")
         return 0
     try:
-        model = build_model(args.name, args.num_classes, in_channels=args.input[0], stem=args.stem)
+        extra = {"exits": args.exits} if args.exits else {}
+        model = build_model(
+            args.name, args.num_classes, in_channels=args.input[0], stem=args.stem, exit_style=args.exit_style, **extra
+        )
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -43,7 +43,7 @@ def resolve_device(setting: str) -> torch.device:
 
 def resolve_workers(settings: ServiceSettings) -> int:
     """ANYTIME_WORKERS, or by default one request process on CPU (the engine needs the other core) and half
-    the cores, from 2 to 8, in front of a GPU (README "Process model")."""
+    the cores, from 2 to 8, in front of a GPU (docs/server.md, "Process model")."""
     if settings.workers:
         return settings.workers
     if resolve_device(settings.device).type != "cuda":

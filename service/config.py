@@ -1,4 +1,4 @@
-"""The server's settings: one class, filled from ANYTIME_* environment variables (README lists them)."""
+"""The server's settings: one class, filled from ANYTIME_* environment variables (docs/server.md lists them)."""
 
 from __future__ import annotations
 

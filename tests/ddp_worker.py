@@ -3,7 +3,7 @@
 BatchNorm stays in eval mode so a half batch is normalised exactly as the full batch would be;
 what is under test is DDP's gradient averaging and that every rank ends with the same weights.
 The hint is the per-sample "l2" form: the reference code's batch L2 norm is a norm over the
-whole batch, so under DDP each rank takes the norm of its own slice (README, Training).
+whole batch, so under DDP each rank takes the norm of its own slice (docs/training.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and per batch-size bucket, one CUDA graph of stage k + exit k + softmax + confid
 during warm-up: rows are padded up to the bucket in a static input buffer, inputs of stage 1 are
 staged through pinned host memory, and the only device-to-host copy of a stage is its rows'
 confidences. Eager CUDA launches each of a stage's kernels from Python, so a stage cost as much
-at batch 1 as at 64 (README "GPU"); a replay launches them all at once.
+at batch 1 as at 64 (docs/server.md, "On a GPU"); a replay launches them all at once.
 """
 
 from __future__ import annotations
