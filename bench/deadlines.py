@@ -44,9 +44,16 @@ def summary(runs: list[DeadlineRun]) -> dict[str, Any]:
 
 
 def sweep(
-    store: Path, images: list[Path], labels: list[int], saturation: float, reps: int, seconds: float,
-    server_cpu: str, load_cpu: int, log_dir: Path,
-) -> dict[str, Any]:  # fmt: skip
+    store: Path,
+    images: list[Path],
+    labels: list[int],
+    saturation: float,
+    reps: int,
+    seconds: float,
+    server_cpu: str,
+    load_cpu: int,
+    log_dir: Path,
+) -> dict[str, Any]:
     """The whole grid: {mode: {load: {deadline: summary}}}."""
     servers = {
         mode: ServerProcess(store, "fashion-mnist", log_dir=log_dir, cpus=server_cpu, overload=mode) for mode in MODES
@@ -96,8 +103,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axes[0].plot(loads, [100 * c["server_attainment"] for c in series], label=f"{d} ms, {mode}", **kw)
             axes[1].plot(loads, [100 * c["client_attainment"] for c in series], **kw)
             axes[2].plot(loads, [100 * c["accuracy"] for c in series], **kw)
-    for ax, title in zip(axes, ("answered in time, server (%)", "answered in time, client (%)",
-                                "accuracy of the answers (%)"), strict=True):  # fmt: skip
+    for ax, title in zip(
+        axes,
+        ("answered in time, server (%)", "answered in time, client (%)", "accuracy of the answers (%)"),
+        strict=True,
+    ):
         ax.set_xlabel("offered load (% of saturation)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -43,6 +43,7 @@ class OptionFields(BaseModel):
     deadline_ms: Number | None = Field(None, gt=0, allow_inf_nan=False, description="latency budget (ms)")
     top_k: Integer = Field(1, ge=1, le=1000, description="how many classes to return (clamped to the class count)")
     max_exit: Integer | None = Field(None, ge=1, description="answer at this exit at the latest (1-based)")
+    probabilities: bool = Field(False, description="also return every class's calibrated probability")
 
 
 NO_OPTIONS = OptionFields()
@@ -139,5 +140,5 @@ def inference_options(
         threshold=fields.threshold,
         max_exit=fields.max_exit,
         top_k=fields.top_k,
-        probabilities=probabilities,
+        probabilities=probabilities or fields.probabilities,
     )

@@ -36,6 +36,9 @@ class Classification(BaseModel):
     queue_ms: float = Field(description="time spent waiting for the worker")
     model: str
     version: str
+    probabilities: list[float] | None = Field(
+        None, description="every class's calibrated probability at the exit that answered (option `probabilities`)"
+    )
 
 
 class BatchClassification(BaseModel):

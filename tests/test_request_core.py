@@ -72,8 +72,11 @@ def _v2_rest(server: ServerProcess, parameters: dict[str, Any], classification: 
     output: dict[str, Any] = {"name": "label"}
     if classification is not None:
         output["parameters"] = {"classification": classification}
-    body = {"parameters": parameters, "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}],
-            "outputs": [output]}  # fmt: skip
+    body = {
+        "parameters": parameters,
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+        "outputs": [output],
+    }
     r = httpx.post(f"{server.url}/v2/models/m/infer", content=json.dumps(body), timeout=30)
     return r.status_code, r.json()["code"] if r.status_code != 200 else "ok"
 
@@ -144,8 +147,10 @@ def test_top_k_and_classification_are_one_option(server: ServerProcess) -> None:
 
     r = httpx.post(f"{server.url}/classify", content=PNG, headers={"content-type": "image/png"}, params={"top_k": 50})
     assert r.status_code == 200 and len(r.json()["top_k"]) == 10
-    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}],
-            "outputs": [{"name": "label", "parameters": {"classification": 50}}]}  # fmt: skip
+    body = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+        "outputs": [{"name": "label", "parameters": {"classification": 50}}],
+    }
     out = httpx.post(f"{server.url}/v2/models/m/infer", json=body).json()["outputs"][0]
     assert out["shape"] == [1, 10] and len(out["data"]) == 10
 
@@ -204,7 +209,7 @@ def test_the_app_answers_alike_with_and_without_the_front_door(store: Path) -> N
         ("POST", "/v2/models/nope/infer", PNG, {"inference-header-content-length": "0"}, ""),
         ("GET", "/classify", b"", {}, ""),
         ("GET", "/v2/models/tiny", b"", {}, ""),
-    ]  # fmt: skip
+    ]
 
     async def answers(front_door: bool) -> list[tuple[int, Any]]:
         torch.manual_seed(0)
@@ -273,3 +278,23 @@ def test_docs_load_nothing_from_another_host(store: Path) -> None:
     hosts = re.findall(r"https?://[^\s\"'<>]+", html)
     assert hosts == [], hosts
     assert statuses and set(statuses) == {200}
+
+
+def test_probabilities_is_one_option_in_every_form_of_classify(server: ServerProcess) -> None:
+    """The option added last (options, the /classify renderer and its schema: three files): every class's
+    calibrated probability at the exit that answered, from the query or the JSON body."""
+    import httpx
+
+    r = httpx.post(
+        f"{server.url}/classify",
+        content=PNG,
+        headers={"content-type": "image/png"},
+        params={"probabilities": "true", "top_k": 2},
+    )
+    body = r.json()
+    assert r.status_code == 200 and len(body["probabilities"]) == 10
+    assert abs(sum(body["probabilities"]) - 1) < 1e-5
+    assert body["top_k"][0]["probability"] == max(body["probabilities"])
+    assert "probabilities" in httpx.post(f"{server.url}/classify", json={"image": B64, "probabilities": True}).json()
+    assert "probabilities" not in httpx.post(f"{server.url}/classify", json={"image": B64}).json()
+    assert _classify_query(server, probabilities="maybe") == (422, "invalid_option")

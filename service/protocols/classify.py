@@ -33,7 +33,7 @@ from service.errors import (
 from service.options import NO_OPTIONS, OptionFields, budget_ms, option_fields
 from service.protocols.routes import Route
 from service.schemas import BatchClassification, Classification, ClassifyJSON, ErrorBody
-from service.served import ServedModel
+from service.served import Served
 
 PROTOCOL = Protocol("http", lambda kind: kind.status)
 HEADER = "x-deadline-ms"
@@ -99,10 +99,10 @@ async def _read_image(request: Request) -> tuple[bytes, dict[str, Any] | None]:
     raise ServiceError(f"content type {ctype or 'none'!r} not accepted; send {accepted}", UNSUPPORTED_MEDIA_TYPE)
 
 
-def classification(model: ServedModel, answer: Answer, received: float) -> dict[str, Any]:
+def classification(model: Served, answer: Answer, received: float) -> dict[str, Any]:
     """One answer as the API's JSON object (schema: `Classification`)."""
     classes = model.classes
-    return {
+    body = {
         "label": classes[answer.index],
         "index": answer.index,
         "confidence": answer.confidence,
@@ -115,6 +115,9 @@ def classification(model: ServedModel, answer: Answer, received: float) -> dict[
         "model": model.name,
         "version": model.version,
     }
+    if answer.probabilities is not None:
+        body["probabilities"] = answer.probabilities
+    return body
 
 
 def _json(body: dict[str, Any]) -> Response:

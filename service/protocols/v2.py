@@ -30,7 +30,7 @@ from service.dataplane import DataPlane
 from service.engine import Answer
 from service.errors import INVALID_REQUEST, TOO_MANY_ITEMS, ServiceError
 from service.options import budget_ms, option_fields
-from service.served import ServedModel
+from service.served import Served
 
 SERVER_NAME = "anytime"
 EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
@@ -143,7 +143,7 @@ def fp32_array(name: str, shape: list[int], values: Any, raw: bytes | None = Non
     return array.reshape(shape)
 
 
-def check_input(tensor: InputTensor, model: ServedModel, max_items: int) -> int:
+def check_input(tensor: InputTensor, model: Served, max_items: int) -> int:
     """Validate the input's name, datatype and shape against the model; returns N."""
     spec = model.input
     if tensor.name == IMAGE_INPUT:
@@ -175,7 +175,7 @@ def budgets(params: Mapping[str, Any], header_ms: float | None, grpc_remaining_s
     ]
 
 
-def outputs_wanted(call: InferCall, model: ServedModel) -> list[RequestedOutput]:
+def outputs_wanted(call: InferCall, model: Served) -> list[RequestedOutput]:
     """The requested outputs (all of them when none are named); unknown names are a 400."""
     if not call.outputs:
         return [RequestedOutput(name) for name in OUTPUTS]
@@ -191,7 +191,7 @@ def outputs_wanted(call: InferCall, model: ServedModel) -> list[RequestedOutput]
 
 async def execute(
     call: InferCall,
-    model: ServedModel,
+    model: Served,
     plane: DataPlane,
     received: float,
     budgets_ms: Sequence[float | None],
@@ -222,7 +222,7 @@ async def execute(
     return [_output(out, answers, model, n) for out in outputs]
 
 
-def _output(out: RequestedOutput, answers: list[Answer], model: ServedModel, n: int) -> OutputTensor:
+def _output(out: RequestedOutput, answers: list[Answer], model: Served, n: int) -> OutputTensor:
     classes = model.classes
     if out.classification is not None:
         k = out.classification
@@ -244,7 +244,7 @@ def _output(out: RequestedOutput, answers: list[Answer], model: ServedModel, n: 
     return OutputTensor(out.name, datatype, [n], np.array(column, dtype=NUMPY[datatype]), out.binary)
 
 
-def model_metadata(model: ServedModel) -> dict[str, Any]:
+def model_metadata(model: Served) -> dict[str, Any]:
     """The protocol's model metadata: platform, versions, inputs and outputs (-1 for variable dims)."""
     spec = model.input
     classes = len(model.classes)

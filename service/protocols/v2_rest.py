@@ -26,7 +26,7 @@ from service.options import budget_ms
 from service.protocols import v2
 from service.protocols.routes import Route
 from service.protocols.v2 import InferCall, InputTensor, OutputTensor, RequestedOutput, bad_request
-from service.served import ServedModel
+from service.served import Served
 
 HEADER_LENGTH = "inference-header-content-length"
 PROTOCOL = Protocol("v2-rest", v2_status)  # the `protocol` label of anytime_requests_total
@@ -184,7 +184,7 @@ def _classification(out: RestOutput) -> Any:
     return out.parameters.get("classification")  # validated with the other options (v2.outputs_wanted)
 
 
-def encode(call: InferCall, model: ServedModel, outputs: list[OutputTensor]) -> Response:
+def encode(call: InferCall, model: Served, outputs: list[OutputTensor]) -> Response:
     """The response: JSON, or JSON then the binary outputs with Inference-Header-Content-Length."""
     entries, chunks = [], []
     for out in outputs:
@@ -239,7 +239,7 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"ready": True})
 
 
-def _model(request: Request) -> ServedModel:
+def _model(request: Request) -> Served:
     return plane(request).model(request.path_params["name"], request.path_params.get("version"))
 
 
