@@ -27,7 +27,7 @@ def test_bundled_model_matches_its_manifest_on_the_test_set() -> None:
         assert abs(acc[f"exit{e.exit}"] - e.test_accuracy) <= 0.05, (e.exit, acc, e.test_accuracy)
     conf = torch.stack([confidence(z, e.temperature) for z, e in zip(logits, m.exits, strict=True)]).numpy()
     correct = torch.stack([z.argmax(1) == y for z in logits]).numpy()
-    flops = np.array([e.flops_fraction for e in m.exits])
+    flops = np.array([e.served_flops_fraction or e.flops_fraction for e in m.exits])  # served cost when known
     policy = evaluate_policy(conf, correct, flops, np.array([e.threshold for e in m.exits[:-1]]))
     final = m.exits[-1].test_accuracy
     epsilon = m.policy.epsilon_pp

@@ -1,6 +1,7 @@
 """The accuracy–compute frontier of a trained multi-exit network.
 
-For a grid of mean-FLOPs budgets, thresholds are chosen on the validation split (the exit rule
+For a grid of mean-FLOPs budgets (served cost: an answer at exit k pays every head up to k), thresholds
+are chosen on the validation split (the exit rule
 of `models/exit_policy.py`, budget mode of `select_thresholds`, temperatures fitted on
 validation) and the test split reports what they give: one (mean FLOPs, test accuracy) point
 per budget. Averaging the points of several seeds budget by budget gives a method's curve.
@@ -55,7 +56,7 @@ def frontier(model: MultiExitNet, bundle: DataBundle, steps: int = 20) -> list[F
 
     (vc, vk), (tc, tk) = conf_correct(val_z, val_y), conf_correct(test_z, test_y)
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
-    flops = np.array([c.flops_fraction for c in exit_costs(model, shape)])
+    flops = np.array([c.served_flops_fraction for c in exit_costs(model, shape)])  # every passed head counted
     points = []
     for budget in budgets(float(flops[0]), steps):
         chosen = select_thresholds(vc, vk, flops, mode="budget", budget=budget + 1e-9, fine=101)
