@@ -37,9 +37,9 @@ class FrontierPoint:
     test_exit_rates: list[float]
 
 
-def budgets(first_exit_fraction: float, steps: int = 20) -> list[float]:
-    """An even grid from the cheapest exit's cost to the full network."""
-    return [round(float(b), 4) for b in np.linspace(first_exit_fraction, 1.0, steps)]
+def budgets(first_exit_fraction: float, steps: int = 20, last: float = 1.0) -> list[float]:
+    """An even grid from the cheapest exit's cost to `last` (the final exit's served cost)."""
+    return [round(float(b), 4) for b in np.linspace(first_exit_fraction, max(last, 1.0), steps)]
 
 
 def frontier(model: MultiExitNet, bundle: DataBundle, steps: int = 20) -> list[FrontierPoint]:
@@ -58,7 +58,7 @@ def frontier(model: MultiExitNet, bundle: DataBundle, steps: int = 20) -> list[F
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     flops = np.array([c.served_flops_fraction for c in exit_costs(model, shape)])  # every passed head counted
     points = []
-    for budget in budgets(float(flops[0]), steps):
+    for budget in budgets(float(flops[0]), steps, float(flops[-1])):
         chosen = select_thresholds(vc, vk, flops, mode="budget", budget=budget + 1e-9, fine=101)
         on_test = evaluate_policy(tc, tk, flops, np.array(chosen.thresholds))
         points.append(
