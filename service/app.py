@@ -51,10 +51,10 @@ def resolve_workers(settings: ServiceSettings) -> int:
     return min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
-def start_registry(settings: ServiceSettings, metrics: Metrics) -> ModelRegistry:
+def start_registry(settings: ServiceSettings, metrics: Metrics, engine_process: bool = False) -> ModelRegistry:
     """Every model the settings name, loaded and warmed up; raises ArtifactError if the default
     model cannot be served (other models that fail are logged and counted, not fatal)."""
-    registry = ModelRegistry(settings, metrics, resolve_device(settings.device))
+    registry = ModelRegistry(settings, metrics, resolve_device(settings.device), engine_process)
     registry.start_sync()
     return registry
 
@@ -96,9 +96,8 @@ def build(
         if settings.warmup:
             assert stack is not None
             await warm_request_paths(stack, plane)
-        plane.ready = True
-        reg.report_ready()
-        log.info("serving %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in reg.served()))
+        if not getattr(app.state, "ready_after_startup", False):  # no server to warm its socket (tests)
+            plane.become_ready()
         try:
             yield
         finally:

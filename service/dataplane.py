@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -63,6 +65,12 @@ class DataPlane:
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
     # -- readiness ---------------------------------------------------------------------------
+    def become_ready(self) -> None:
+        """Warm-up done: readiness turns on (and the engine process hears it, with several request processes)."""
+        self.ready = True
+        self.registry.report_ready()
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.registry.served()))
+
     def check_ready(self) -> None:
         """Readiness: 503 while starting or draining."""
         if self.draining:
@@ -135,6 +143,15 @@ class DataPlane:
             received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
         )
 
+    def precheck(self, model: Served, options: InferenceOptions) -> None:
+        """Refuse before decoding what the engine would refuse anyway (counted like a refusal at admission)."""
+        try:
+            model.engine.precheck(options)
+        except QueueFull:
+            if options.client_deadline:
+                model.metrics.deadline("rejected")
+            raise
+
     async def infer(self, model: Served, x: torch.Tensor, options: InferenceOptions) -> Answer:
         """Run one input through `model`'s engine and record its exit, latency and deadline outcome.
 
@@ -165,6 +182,9 @@ class DataPlane:
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)
+WARMUP_HEADER = "x-anytime-warmup"
+# One token per server (its request processes share the supervisor's): only its own warm-up carries it.
+WARMUP_TOKEN = os.environ.get("ANYTIME_INTERNAL_WARMUP_TOKEN") or secrets.token_hex(16)
 
 
 def _warming() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -54,6 +55,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float, supervised: bool = False) -> None:
         super().__init__(config)
         self.app, self.grace_s = app, grace_s
+        app.state.ready_after_startup = True  # readiness waits for the warm-up over the socket
         # A request process drains when its supervisor sends DRAIN_SIGNAL, and ignores SIGTERM and SIGINT:
         # sent to the whole process group (Ctrl-C, `kill -- -PGID`), they reach the supervisor too.
         self.supervised = supervised
@@ -74,6 +76,20 @@ class DrainingServer(uvicorn.Server):
             log.info("draining: /readyz answers 503; closing the listener in %.1f s", self.grace_s)
             return
         super().handle_exit(sig, frame)  # second signal: stop now (a third Ctrl-C: force)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (the app's lifespan, then the listeners), then the warm-up over the listening
+        socket, and only then readiness (service/warmup.py)."""
+        await super().startup(sockets=sockets)
+        plane = getattr(self.app.state, "plane", None)
+        if plane is None or self.should_exit:
+            return
+        if plane.settings.warmup and self.servers and self.servers[0].sockets:
+            from service.warmup import warm_over_socket
+
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            await warm_over_socket(host, port, plane)
+        plane.become_ready()
 
     async def on_tick(self, counter: int) -> bool:
         if self.grace_ends is not None and not self.should_exit and time.monotonic() >= self.grace_ends:

@@ -22,12 +22,15 @@ from service.config import ServiceSettings
 from service.engine import Answer, Engine, EngineConfig, Job
 from service.images import finish_image, open_image
 from service.metrics import Metrics, ModelMetrics
+from service.options import InferenceOptions
 from service.schemas import Brownout, ModelView
 
 
-def engine_config(settings: ServiceSettings) -> EngineConfig:
-    """The engine's part of the server's settings."""
+def engine_config(settings: ServiceSettings, engine_process: bool = False) -> EngineConfig:
+    """The engine's part of the server's settings. In a single process the worker thread yields the CPU to
+    the event loop (nice 10); in the engine process of several request processes it has the CPU to itself."""
     return EngineConfig(
+        worker_nice=0 if engine_process else WORKER_NICE,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
@@ -41,6 +44,9 @@ def engine_config(settings: ServiceSettings) -> EngineConfig:
     )
 
 
+WORKER_NICE = 10
+
+
 class EngineLike(Protocol):
     """What the data plane asks of an engine, local or in the engine process."""
 
@@ -51,6 +57,8 @@ class EngineLike(Protocol):
     def alive(self) -> bool: ...
 
     def submit(self, job: Job) -> asyncio.Future: ...
+
+    def precheck(self, options: InferenceOptions) -> None: ...
 
     def answer_now(self, job: Job) -> Answer: ...
 
@@ -137,12 +145,17 @@ class ServedModel(Served):
 
     @classmethod
     def start(
-        cls, artifact: Artifact, device: torch.device, metrics: Metrics, settings: ServiceSettings
+        cls,
+        artifact: Artifact,
+        device: torch.device,
+        metrics: Metrics,
+        settings: ServiceSettings,
+        engine_process: bool = False,
     ) -> ServedModel:
         """Build the engine, capture its graphs and warm it up (when the settings say so), start its worker."""
         m = artifact.manifest
         bound = metrics.for_model(m.name, m.version, str(device))
-        engine = Engine(artifact, device, bound, engine_config(settings))
+        engine = Engine(artifact, device, bound, engine_config(settings, engine_process))
         engine.start(warmup=settings.warmup)
         return cls(artifact, engine, settings, bound)
 

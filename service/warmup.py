@@ -2,10 +2,12 @@
 
 The engines' warm-up runs the stages; the first request over HTTP also paid for everything around
 them (the first decode of a PNG, validators, JSON, multipart and protobuf code paths, the first
-futures between threads): 8–12 ms instead of 2–4. Here each form of `/classify`, the Open
-Inference Protocol's JSON and binary REST forms and its gRPC `ModelInfer` run in process through
-the very ASGI stack and servicer that serve clients, with options and deadlines, uncounted in
-the metrics (service/dataplane.py `warming_up`).
+futures between threads, uvicorn's first POST on a connection): 8–12 ms instead of 2–4. So, before
+`/readyz` says ready, each form of `/classify`, the Open Inference Protocol's JSON and binary REST
+forms and its gRPC `ModelInfer` run in process through the very ASGI stack and servicer that serve
+clients (`warm_request_paths`), and then the same HTTP requests go over the server's own socket
+once it listens (`warm_over_socket`; they carry a per-server token in `X-Anytime-Warmup`). None of
+them is counted in the metrics (service/dataplane.py `warming_up`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from PIL import Image
 from starlette.types import ASGIApp, Message
 from tritonclient.grpc import service_pb2 as pb
 
-from service.dataplane import DataPlane, warming_up
+from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, DataPlane, warming_up
 from service.protocols import v2_grpc
-from service.served import ServedModel
+from service.served import Served
 
 log = logging.getLogger("anytime.serve")
 ROUNDS = 3
@@ -69,7 +71,7 @@ async def asgi_request(
     return status, b"".join(chunks)
 
 
-def _png(model: ServedModel) -> bytes:
+def _png(model: Served) -> bytes:
     spec = model.input
     mode = "L" if spec.channels == 1 else "RGB"
     buf = io.BytesIO()
@@ -90,7 +92,7 @@ def _multipart(png: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def _http_requests(model: ServedModel, default: bool) -> list[tuple[str, bytes, dict[str, str], str]]:
+def _http_requests(model: Served, default: bool) -> list[tuple[str, bytes, dict[str, str], str]]:
     """(path, body, headers, query) of every HTTP form, for one model."""
     png = _png(model)
     classify = "/classify" if default else f"/v1/models/{model.name}/classify"
@@ -155,3 +157,39 @@ async def warm_request_paths(app: ASGIApp, plane: DataPlane) -> None:
                     log.warning("%s", exc)
                 await asyncio.sleep(0)
                 log.debug("warm-up round %d of %s: %.1f ms", r + 1, model.name, (time.perf_counter() - start) * 1e3)
+
+
+async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes,
+                headers: dict[str, str], query: str) -> int:  # fmt: skip
+    """One keep-alive HTTP/1.1 POST on an open connection; its status (the body is read and dropped)."""
+    target = f"{path}?{query}" if query else path
+    head = {"host": "warmup", "content-length": str(len(body)), WARMUP_HEADER: WARMUP_TOKEN, **headers}
+    writer.write(f"POST {target} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+                 + b"\r\n" + body)  # fmt: skip
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def warm_over_socket(host: str, port: int, plane: DataPlane) -> None:
+    """The HTTP warm-up requests again, over the listening socket (what a client's first request takes)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+    except OSError as exc:
+        log.warning("socket warm-up skipped: %s", exc)
+        return
+    try:
+        for model in plane.registry.served():
+            for _ in range(ROUNDS):
+                for path, body, headers, query in _http_requests(model, model.name == plane.registry.default):
+                    await _http(reader, writer, path, body, headers, query)
+    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+        log.warning("socket warm-up stopped: %s", exc)
+    finally:
+        writer.close()

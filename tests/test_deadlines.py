@@ -17,15 +17,23 @@ HEADERS = {"content-type": "image/png"}
 
 
 def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_path: Path) -> None:
-    """Warm-up runs the whole request path of every protocol before /readyz says ready."""
+    """Warm-up runs the whole request path of every protocol, in process and over the server's own socket,
+    before /readyz says ready: the first request is as fast as the tenth. Each request comes after the same
+    pause (on this VM any request after an idle pause costs about 1 ms more than one in a busy stream; the
+    budget's 3 ms floor covers that)."""
     srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path).wait_ready()
     try:
         exit1_ms = httpx.get(f"{srv.url}/v1/model").json()["stage_ms_now"][0]["1"]
-        budget = max(4 * exit1_ms, 2.0)
-        first = httpx.post(f"{srv.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": f"{budget:.3f}"})
-        assert first.status_code == 200, (budget, first.text)
-        later = [httpx.post(f"{srv.url}/classify", content=PNG, headers=HEADERS).json()["latency_ms"] for _ in range(9)]
-        print(f"exit 1 {exit1_ms:.2f} ms; first answer {first.json()['latency_ms']:.2f} ms, then {sorted(later)}")
+        budget = max(4 * exit1_ms, 3.0)
+        latencies = []
+        for i in range(10):
+            time.sleep(0.2)
+            headers = {**HEADERS, "x-deadline-ms": f"{budget:.3f}"} if i == 0 else HEADERS
+            r = httpx.post(f"{srv.url}/classify", content=PNG, headers=headers)
+            assert r.status_code == 200, (i, budget, r.text)
+            latencies.append(r.json()["latency_ms"])
+        print(f"exit 1 {exit1_ms:.2f} ms; latency of requests 1-10 after 200 ms pauses: {latencies}")
+        assert latencies[0] <= 1.5 * sorted(latencies[1:])[4] + 0.5  # the first as fast as the others
     finally:
         assert srv.stop() == 0
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from models.artifact import ExitInfo
 
+OUTLIER = 2.0  # one measurement moves an estimate by at most this factor
+
 
 class StageTimes:
     """Predicts and learns per-stage seconds as a function of batch size."""
@@ -34,14 +36,17 @@ class StageTimes:
         return times
 
     def observe(self, stage: int, batch: int, seconds: float) -> None:
-        """Fold one measurement into the estimate for (stage, batch)."""
+        """Fold one measurement into the estimate for (stage, batch). One measurement moves an estimate by
+        at most a factor of two (`OUTLIER`): a pause of the whole process (a page fault storm, the thread
+        descheduled) must not make every later prediction refuse work."""
         with self._lock:
             table = self._table[stage]
-            if batch in table:
-                table[batch] += self.smoothing * (seconds - table[batch])
+            prior = table.get(batch) or self._predict(stage, batch)
+            if prior > 0:
+                seconds = min(max(seconds, prior / OUTLIER), prior * OUTLIER)
+                table[batch] = prior + self.smoothing * (seconds - prior)
             else:
-                prior = self._predict(stage, batch)
-                table[batch] = seconds if prior == 0 else prior + self.smoothing * (seconds - prior)
+                table[batch] = seconds
 
     def set(self, stage: int, batch: int, seconds: float) -> None:
         """Replace the estimate for (stage, batch) with a measurement (warm-up on this machine)."""
@@ -59,18 +64,20 @@ class StageTimes:
         table = self._table[stage]
         if not table:
             return 0.0
-        if batch in table:
-            return table[batch]
         sizes = sorted(table)
+        # A stage costs no more for fewer rows: never predict above a larger batch's estimate.
+        larger = [table[s] for s in sizes if s >= batch]
+        if batch in table:
+            return min(larger)
         i = bisect.bisect_left(sizes, batch)
         if i == 0:
-            return table[sizes[0]]  # fewer samples than the smallest measured batch: no cheaper than it
+            return min(larger)  # fewer samples than the smallest measured batch: no cheaper than it
         if i == len(sizes):
             top = sizes[-1]
             return table[top] * batch / top
         lo, hi = sizes[i - 1], sizes[i]
         w = (batch - lo) / (hi - lo)
-        return table[lo] * (1 - w) + table[hi] * w
+        return min(table[lo] * (1 - w) + table[hi] * w, min(larger))
 
     def snapshot(self) -> list[dict[int, float]]:
         """A copy of the current estimates (for /v1/model and tests)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from service.engine.scheduler import Batch, Chunk, Scheduler
 from service.engine.shadow import ShadowChecks
 from service.engine.timing import StageTimes
 from service.metrics import ModelMetrics
+from service.options import InferenceOptions
 
 log = logging.getLogger("anytime.engine")
 
@@ -62,6 +64,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     overload: Literal["shed", "degrade"] = "shed"
     brownout_floor_pp: float = 2.0
+    worker_nice: int = 0  # CPU: the worker thread's nice value (it shares the cores with the event loop)
 
 
 @dataclass
@@ -214,6 +217,30 @@ class Engine:
         job.sink = sink
         self._admit(job)
 
+    def precheck(self, options: InferenceOptions) -> None:
+        """Refuse now what admission would refuse, before the caller spends time decoding the input: the
+        cheapest refusal under overload. Raises like `submit`; admits nothing (a brownout may still take
+        a request that this lets through)."""
+        now = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            s = self.scheduler
+            if s.queued >= self.config.queue_size:
+                raise QueueFull("the server is at capacity; retry shortly", retry_after_s=s.backlog_s(now))
+            if not options.client_deadline or self.brownout.enabled:
+                return
+            if options.deadline <= now or now + s.cost(0, 1) > options.deadline:
+                return  # submit says so, with the whole message
+            priority = min(options.deadline, options.received + s.aging_s)
+            eta = s.exit1_eta(priority, now)
+            if eta > options.deadline:
+                raise QueueFull(
+                    f"exit 1 is predicted {(eta - now) * 1e3:.1f} ms from now (the queue ahead of this request); "
+                    f"the deadline is in {(options.deadline - now) * 1e3:.1f} ms",
+                    retry_after_s=s.backlog_s(now),
+                )
+
     def _admit(self, job: Job) -> None:
         now = time.monotonic()
         with self._cond:
@@ -303,6 +330,10 @@ class Engine:
     # -- worker side -------------------------------------------------------------------------
     def _work(self) -> None:
         torch.set_grad_enabled(False)
+        if self.device.type == "cpu" and self.config.worker_nice:
+            # The event loop parses, decodes, admits and answers; when both want one core, it goes first,
+            # so answers and refusals are not held behind a stage (docs/server.md, "Deadlines").
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.worker_nice)
         while not self._stop.is_set():
             try:
                 if self._step(settle):
@@ -320,7 +351,6 @@ class Engine:
 
     def _step(self, deliver: Deliver) -> bool:
         """Plan and run one stage for one batch; False when there was nothing to do."""
-        entered = time.monotonic()
         with self._cond:
             now = time.monotonic()
             plan = self.scheduler.plan(now)
@@ -330,6 +360,7 @@ class Engine:
                 run_s = self.times.predict(batch.stage, self.runner.bucket(len(batch.jobs)))
                 self.scheduler.busy_until = now + run_s
             self.metrics.queue_depth.set(self.scheduler.queued)
+        planned = time.monotonic() - now  # the worker's own time before the run (not waiting for the lock)
         if plan.unreachable:
             late = "exit 1 cannot be reached by the deadline"
             deliver([(j, DeadlineUnreachable(self._unreached_message(j, late))) for j in plan.unreachable])
@@ -337,9 +368,9 @@ class Engine:
             deliver(self._answer_passed(chunk, DEADLINE, now))
         if batch is None:
             return bool(plan.unreachable or plan.late) or self._waiting_to_fill()
-        run_s = 0.0
+        own_s = None
         try:
-            run_s = self._run(batch, deliver)
+            own_s = planned + self._run(batch, deliver)
         except Exception as exc:  # one bad batch must not take the worker down
             log.exception("stage %d of a batch of %d failed", batch.stage + 1, len(batch.jobs))
             failure = EngineFailure(f"inference failed: {type(exc).__name__}")
@@ -348,8 +379,8 @@ class Engine:
             with self._cond:
                 self._busy = False
                 self.scheduler.busy_until = 0.0
-                if run_s:
-                    self.scheduler.observe_overhead(time.monotonic() - entered - run_s)
+                if own_s is not None:
+                    self.scheduler.observe_overhead(own_s)
         return True
 
     def _waiting_to_fill(self) -> bool:
@@ -385,8 +416,10 @@ class Engine:
         )
 
     def _run(self, batch: Batch, deliver: Deliver) -> float:
-        """Run the batch's stage and settle its rows; returns the stage's own seconds."""
+        """Run the batch's stage and settle its rows; returns the seconds spent around the stage itself
+        (gathering rows, deciding, answering, queueing the rest)."""
         k = batch.stage
+        begin = time.monotonic()
         rows = self._rows(batch)
         n = len(rows.jobs)
         t0 = time.monotonic()
@@ -415,7 +448,7 @@ class Engine:
             deliver(self._answer_stopping(rows, out, stop, codes, k, now))
         if not stop.all():
             self._go_on(rows, out, ~stop, k)
-        return now - t0
+        return (t0 - begin) + (time.monotonic() - now)
 
     def _answer_stopping(
         self, rows: _Rows, out: StageOutput, stop: np.ndarray, codes: np.ndarray, k: int, now: float

@@ -134,8 +134,10 @@ async def classify(request: Request) -> Response:
     async with dp.call(PROTOCOL, name, version) as model:
         data, body = await _read_image(request)
         fields, budgets = options_of(request, body)
+        options = dp.options(received, fields, budgets)
+        dp.precheck(model, options)  # under overload, refusing before decoding is what keeps up
         x = await model.prepare(data)
-        answer = await dp.infer(model, x, dp.options(received, fields, budgets))
+        answer = await dp.infer(model, x, options)
         return _json(classification(model, answer, received))
 
 

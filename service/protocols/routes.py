@@ -21,6 +21,7 @@ from starlette.routing import Match
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, warming_up
 from service.errors import BODY_TOO_LARGE, ServiceError, internal_error, to_error
 
 log = logging.getLogger("anytime.api")
@@ -44,6 +45,13 @@ class Route:
 
 async def respond(route: Route, request: Request) -> Response:
     """The route's answer, or its protocol's error body; no stack trace ever leaves."""
+    if request.headers.get(WARMUP_HEADER) == WARMUP_TOKEN:  # the server's own warm-up (service/warmup.py)
+        async with warming_up():
+            return await _respond(route, request)
+    return await _respond(route, request)
+
+
+async def _respond(route: Route, request: Request) -> Response:
     try:
         return await route.endpoint(request)
     except Exception as exc:

@@ -252,7 +252,7 @@ def host_main(settings_json: str, address: str, authkey: bytes, expected: int, r
     if restarted:
         metrics.worker_restarts.labels("engine").inc()
     try:
-        registry = start_registry(settings, metrics)
+        registry = start_registry(settings, metrics, engine_process=True)
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
         sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
         raise SystemExit(2) from exc

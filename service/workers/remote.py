@@ -26,6 +26,7 @@ from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Job
 from service.errors import NOT_READY, ServiceError
 from service.metrics import Metrics
+from service.options import InferenceOptions
 from service.registry import ModelNotFound
 from service.schemas import ModelView
 from service.served import Served
@@ -51,6 +52,9 @@ class RemoteEngine:
 
     def submit(self, job: Job) -> asyncio.Future:
         return self.registry.submit(job, self.name, self.version)
+
+    def precheck(self, options: InferenceOptions) -> None:
+        """The queue is in the engine process: it refuses there."""
 
     def answer_now(self, job: Job) -> Answer:
         """The engine process answers from a passed exit at the deadline itself; reaching here means it did not."""

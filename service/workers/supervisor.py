@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -115,6 +116,7 @@ class Supervisor:
         self.private = Path(tempfile.mkdtemp(prefix="anytime-serve-"))  # 0700: socket and metrics files
         (self.private / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.private / "metrics")
+        os.environ["ANYTIME_INTERNAL_WARMUP_TOKEN"] = secrets.token_hex(16)  # one for the whole server
         self.address = str(self.private / "engine.sock")
         self.authkey = os.urandom(16)
         self.sock = bind(settings.host, settings.port)
