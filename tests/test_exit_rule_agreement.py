@@ -54,7 +54,7 @@ def _predicted(artifact_dir: Path, images: list[tuple[bytes, int]], thresholds: 
     return {"exits": exits.tolist(), "labels": labels, "accuracy": policy.accuracy, "rates": policy.exit_rates}
 
 
-def _served(url: str, images: list[tuple[bytes, int]], **params: float) -> dict:
+def _served(url: str, images: list[tuple[bytes, int]], num_exits: int, **params: float) -> dict:
     exits, labels = [], []
     with httpx.Client(base_url=url, timeout=30) as client:
         for png, _ in images:
@@ -63,7 +63,7 @@ def _served(url: str, images: list[tuple[bytes, int]], **params: float) -> dict:
             exits.append(r.json()["exit"] - 1)
             labels.append(r.json()["index"])
     truth = [label for _, label in images]
-    rates = np.bincount(exits, minlength=4) / len(exits)
+    rates = np.bincount(exits, minlength=num_exits) / len(exits)
     accuracy = sum(a == b for a, b in zip(labels, truth, strict=True)) / len(truth)
     return {"exits": exits, "labels": labels, "accuracy": accuracy, "rates": rates.tolist()}
 
@@ -79,11 +79,12 @@ def _assert_agree(predicted: dict, served: dict) -> None:
 def test_bundled_thresholds_and_per_request_0_and_1(images: list[tuple[bytes, int]], tmp_path: Path) -> None:
     path = resolve_artifact(ROOT / "model_store", "fashion-mnist")
     own = [e.threshold for e in load_artifact(path).manifest.exits]
+    n = len(own)
     server = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path).wait_ready()
     try:
-        for params, thresholds in (({}, own), ({"threshold": 0}, [0.0] * 4), ({"threshold": 1}, [1.0] * 4)):
+        for params, thresholds in (({}, own), ({"threshold": 0}, [0.0] * n), ({"threshold": 1}, [1.0] * n)):
             predicted = _predicted(path, images, thresholds)
-            _assert_agree(predicted, _served(server.url, images, **params))
+            _assert_agree(predicted, _served(server.url, images, n, **params))
     finally:
         assert server.stop() == 0
     assert len(set(_predicted(path, images, own)["exits"])) >= 2  # the bundled thresholds really spread exits
@@ -92,14 +93,14 @@ def test_bundled_thresholds_and_per_request_0_and_1(images: list[tuple[bytes, in
 @pytest.mark.slow
 def test_an_artifact_with_thresholds_1_and_0_mixed(images: list[tuple[bytes, int]], tmp_path: Path) -> None:
     bundled = load_artifact(resolve_artifact(ROOT / "model_store", "fashion-mnist"))
-    thresholds = [1.0, 0.8, 0.0, 0.0]
+    thresholds = [1.0, 0.8] + [0.0] * (len(bundled.manifest.exits) - 2)
     raw = bundled.manifest.model_dump()
     raw["exits"] = [{**e, "threshold": t} for e, t in zip(raw["exits"], thresholds, strict=True)]
     path = save_artifact(bundled.model, ManifestBody.model_validate(raw), tmp_path, "mixed", "1")
     server = ServerProcess(tmp_path, "mixed").wait_ready()
     try:
         predicted = _predicted(path, images, thresholds)
-        _assert_agree(predicted, _served(server.url, images))
+        _assert_agree(predicted, _served(server.url, images, len(thresholds)))
     finally:
         assert server.stop() == 0
-    assert set(predicted["exits"]) <= {1, 2} and 0 not in predicted["exits"]  # exit 1 never, exit 3 catches the rest
+    assert set(predicted["exits"]) <= {1, 2} and 0 not in predicted["exits"]  # 0-based: 1 never, 3 takes the rest
