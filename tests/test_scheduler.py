@@ -11,7 +11,7 @@ import torch
 
 from service.engine.jobs import Job
 from service.engine.scheduler import Chunk, Scheduler
-from service.engine.timing import StageTimes
+from service.engine.timing import STALE_S, StageTimes
 from service.options import InferenceOptions
 
 STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
@@ -126,3 +126,31 @@ def test_unreachable_new_jobs_leave_and_late_rows_are_answered_from_their_exit()
     plan = s.plan(0.0)  # the earlier deadline runs; after its 10 ms the other cannot finish by 12 ms
     assert plan.batch is not None and plan.batch.jobs == [first]
     assert [j for c in plan.late for j in c.jobs] == [second] and s.queued == 0
+
+
+def test_a_slow_spell_cannot_make_the_estimates_refuse_work_for_good() -> None:
+    """One stalled run raises an estimate by at most 2x (times the smoothing); a faster run counts in full;
+    and a stage left unmeasured for STALE_S (every request refused on its estimate) falls back to the
+    warm-up's figure, so the next requests are admitted and measured again."""
+    clock = [0.0]
+    times = StageTimes(1, clock=lambda: clock[0])
+    times.set(0, 1, 0.001)
+    times.observe(0, 1, 0.5)  # the thread descheduled for half a second
+    assert times.predict(0, 1) == pytest.approx(0.001 * (1 + 0.2))
+    for _ in range(30):  # a long slow spell: the estimate follows it
+        times.observe(0, 1, 0.05)
+    assert times.predict(0, 1) > 0.02
+    clock[0] += STALE_S / 2
+    assert times.predict(0, 1) > 0.02
+    clock[0] += STALE_S
+    assert times.predict(0, 1) == pytest.approx(0.001)
+    times.observe(0, 1, 0.0005)
+    assert times.predict(0, 1) == pytest.approx(0.001 - 0.2 * 0.0005)
+
+
+def test_the_worker_overhead_estimate_ignores_one_long_pause() -> None:
+    s = _scheduler()
+    for _ in range(20):
+        s.observe_overhead(0.0001)
+    s.observe_overhead(0.2)  # a garbage collection in the worker
+    assert s.overhead_s < 0.0001 * 1.3

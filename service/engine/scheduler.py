@@ -133,8 +133,12 @@ class Scheduler:
         return t + (full + (rest > 0)) * self.overhead_s
 
     def observe_overhead(self, seconds: float) -> None:
-        """One run's time outside the stage itself (the worker's Python around it)."""
-        self.overhead_s += 0.2 * (max(0.0, seconds) - self.overhead_s)
+        """One run's CPU time outside the stage itself (the worker's Python around it). One measurement
+        counts as at most twice the estimate (a garbage collection in the worker is no new normal)."""
+        seconds = max(0.0, seconds)
+        if self.overhead_s > 0:
+            seconds = min(seconds, 2 * self.overhead_s)
+        self.overhead_s += 0.2 * (seconds - self.overhead_s)
 
     # -- admission ---------------------------------------------------------------------------
     def exit1_eta(self, priority: float, now: float) -> float:

@@ -1,29 +1,39 @@
 """Online estimates of each stage's time (stage k plus exit head k) by batch size.
 
-Seeded from the artifact's latency profile, updated with an exponential moving average of
-what the engine measures, so predictions follow the machine when it slows down or speeds up.
-Batch sizes between measured ones are interpolated linearly; beyond them, extrapolated from
-the per-sample cost of the nearest measured size.
+Seeded from the artifact's latency profile (and replaced by the warm-up's measurements), updated
+with an exponential moving average of what the engine measures, so predictions follow the machine
+when it slows down or speeds up. Batch sizes between measured ones are interpolated linearly;
+beyond them, extrapolated from the per-sample cost of the nearest measured size.
+
+Estimates only learn from runs, and admission refuses work whose predicted time misses its
+deadline: an estimate that a slow spell raised could refuse every request and never be measured
+again. So a stage not measured for `STALE_S` falls back to its baseline (the warm-up's figures)
+wherever that is lower, and the next runs measure it afresh.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from models.artifact import ExitInfo
 
-OUTLIER = 2.0  # one measurement moves an estimate by at most this factor
+OUTLIER = 2.0  # one measurement raises an estimate by at most this factor
+STALE_S = 1.0  # an estimate not measured for this long falls back to its baseline where that is lower
 
 
 class StageTimes:
     """Predicts and learns per-stage seconds as a function of batch size."""
 
-    def __init__(self, num_stages: int, smoothing: float = 0.2) -> None:
+    def __init__(self, num_stages: int, smoothing: float = 0.2, clock: Callable[[], float] = time.monotonic) -> None:
         self.num_stages = num_stages
         self.smoothing = smoothing
+        self.clock = clock
         self._table: list[dict[int, float]] = [{} for _ in range(num_stages)]
+        self._baseline: list[dict[int, float]] = [{} for _ in range(num_stages)]
+        self._seen = [clock()] * num_stages  # when each stage was last measured
         self._lock = threading.Lock()
 
     @classmethod
@@ -32,32 +42,38 @@ class StageTimes:
         times = cls(len(exits))
         for k, e in enumerate(exits):
             for bs, t in e.latency_ms.items():
-                times._table[k][int(bs)] = (t.stage_ms + t.head_ms) / 1e3
+                times._table[k][int(bs)] = times._baseline[k][int(bs)] = (t.stage_ms + t.head_ms) / 1e3
         return times
 
     def observe(self, stage: int, batch: int, seconds: float) -> None:
-        """Fold one measurement into the estimate for (stage, batch). One measurement moves an estimate by
-        at most a factor of two (`OUTLIER`): a pause of the whole process (a page fault storm, the thread
-        descheduled) must not make every later prediction refuse work."""
+        """Fold one measurement into the estimate for (stage, batch). One measurement counts as at most
+        twice the estimate (`OUTLIER`): a pause of the whole process (a page-fault storm, the thread
+        descheduled) must not make every later prediction refuse work. A faster run counts in full."""
         with self._lock:
+            self._seen[stage] = self.clock()
             table = self._table[stage]
             prior = table.get(batch) or self._predict(stage, batch)
             if prior > 0:
-                seconds = min(max(seconds, prior / OUTLIER), prior * OUTLIER)
-                table[batch] = prior + self.smoothing * (seconds - prior)
+                table[batch] = prior + self.smoothing * (min(seconds, prior * OUTLIER) - prior)
             else:
                 table[batch] = seconds
 
     def set(self, stage: int, batch: int, seconds: float) -> None:
-        """Replace the estimate for (stage, batch) with a measurement (warm-up on this machine)."""
+        """Replace the estimate and the baseline for (stage, batch) with a measurement (warm-up)."""
         with self._lock:
-            self._table[stage][batch] = seconds
+            self._table[stage][batch] = self._baseline[stage][batch] = seconds
+            self._seen[stage] = self.clock()
 
     def predict(self, stage: int, batch: int) -> float:
         """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown."""
         if stage >= self.num_stages:
             return 0.0
         with self._lock:
+            now = self.clock()
+            if now - self._seen[stage] > STALE_S and self._baseline[stage]:
+                table = self._table[stage]
+                self._table[stage] = {bs: min(table.get(bs, t), t) for bs, t in self._baseline[stage].items()}
+                self._seen[stage] = now
             return self._predict(stage, batch)
 
     def _predict(self, stage: int, batch: int) -> float:

@@ -352,7 +352,7 @@ class Engine:
     def _step(self, deliver: Deliver) -> bool:
         """Plan and run one stage for one batch; False when there was nothing to do."""
         with self._cond:
-            now = time.monotonic()
+            now, cpu = time.monotonic(), time.thread_time()
             plan = self.scheduler.plan(now)
             batch = plan.batch
             if batch is not None:
@@ -360,7 +360,7 @@ class Engine:
                 run_s = self.times.predict(batch.stage, self.runner.bucket(len(batch.jobs)))
                 self.scheduler.busy_until = now + run_s
             self.metrics.queue_depth.set(self.scheduler.queued)
-        planned = time.monotonic() - now  # the worker's own time before the run (not waiting for the lock)
+        planned = time.thread_time() - cpu  # the worker's own CPU time before the run
         if plan.unreachable:
             late = "exit 1 cannot be reached by the deadline"
             deliver([(j, DeadlineUnreachable(self._unreached_message(j, late))) for j in plan.unreachable])
@@ -416,15 +416,16 @@ class Engine:
         )
 
     def _run(self, batch: Batch, deliver: Deliver) -> float:
-        """Run the batch's stage and settle its rows; returns the seconds spent around the stage itself
-        (gathering rows, deciding, answering, queueing the rest)."""
+        """Run the batch's stage and settle its rows; returns the CPU seconds spent around the stage
+        itself (gathering rows, deciding, answering, queueing the rest): CPU time, because the thread
+        may be descheduled at any moment and that is no cost of its own."""
         k = batch.stage
-        begin = time.monotonic()
+        begin = time.thread_time()
         rows = self._rows(batch)
         n = len(rows.jobs)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         out = self.runner.run(k, rows.h)
-        now = time.monotonic()
+        now, cpu1 = time.monotonic(), time.thread_time()
         self.times.observe(k, self.runner.bucket(n), now - t0)
         self._stage_hist[k].observe(now - t0)
         self._stage_rows[k].observe(n)
@@ -448,7 +449,7 @@ class Engine:
             deliver(self._answer_stopping(rows, out, stop, codes, k, now))
         if not stop.all():
             self._go_on(rows, out, ~stop, k)
-        return (t0 - begin) + (time.monotonic() - now)
+        return (cpu0 - begin) + (time.thread_time() - cpu1)
 
     def _answer_stopping(
         self, rows: _Rows, out: StageOutput, stop: np.ndarray, codes: np.ndarray, k: int, now: float
