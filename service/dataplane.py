@@ -61,6 +61,7 @@ class DataPlane:
         self.settings, self.metrics, self.registry = settings, metrics, registry
         self.ready = False  # models loaded, warmed up, request paths warmed up
         self.draining = False
+        self.closed = False  # the HTTP listener has closed (service/drain.py): new calls are refused
         worker = registry.worker
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
@@ -82,6 +83,8 @@ class DataPlane:
         readiness turns 503, so balancers stop sending before the listener closes (service/drain.py)."""
         if _warming():
             return
+        if self.closed:
+            raise ServiceError("the server is shutting down", SHUTTING_DOWN)
         if not self.ready:
             raise ServiceError("the models are not loaded and warmed up yet", NOT_READY)
         if not self.registry.available:

@@ -91,6 +91,14 @@ class DrainingServer(uvicorn.Server):
             await warm_over_socket(host, port, plane)
         plane.become_ready()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The listener closes: from now on new calls that reach the server some other way (gRPC, a
+        kept-alive connection) are refused with 503 / UNAVAILABLE, while those in flight finish."""
+        plane = getattr(self.app.state, "plane", None)
+        if plane is not None:
+            plane.closed = True
+        await super().shutdown(sockets=sockets)
+
     async def on_tick(self, counter: int) -> bool:
         if self.grace_ends is not None and not self.should_exit and time.monotonic() >= self.grace_ends:
             self.should_exit = True

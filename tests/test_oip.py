@@ -13,6 +13,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,7 +236,13 @@ def test_sigterm_drains_grpc_calls_in_flight(sleepy: ServerProcess) -> None:
         inflight = [asyncio.create_task(client.infer("sleepy", [_grpc_image(png)])) for _ in range(2)]
         await asyncio.sleep(0.1)
         sleepy.terminate()
-        await asyncio.sleep(0.2)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:  # the HTTP listener closes once SIGTERM is handled (no grace in tests)
+            try:
+                httpx.get(f"{sleepy.url}/readyz", timeout=1)
+            except httpx.TransportError:
+                break
+            await asyncio.sleep(0.02)
         try:
             await client.infer("sleepy", [_grpc_image(png)])
             late = "OK"

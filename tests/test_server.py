@@ -210,7 +210,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, fmnist_pngs: 
     finally:
         assert srv.stop() == 0
     codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 503} and codes.count(200) >= 3
+    assert set(codes) == {200, 503} and codes.count(200) >= 2  # the two queued, and any the worker took first
     for r in responses:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "1" and _error(r, 503)["code"] == "overloaded"
