@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.engine.timing import STALE_S
 from tests.helpers import ROOT, ServerProcess, make_artifact, metric, png_bytes, require_binary
 from tools.processes import PrometheusProcess
 
@@ -76,7 +77,6 @@ def _traffic(url: str, png: bytes) -> dict[str, int]:
         key = str(r.status_code) if r.status_code != 200 else f"exit{r.json()['exit']}-{r.json()['reason']}"
         seen[key] = seen.get(key, 0) + 1
 
-    ask(60, threshold=1)  # predicted 2 ms per stage, really 40: answered after its deadline
     ask(1, threshold=1)  # cannot reach exit 1: rejected
     end = time.monotonic() + 6
     while time.monotonic() < end:  # several scrapes' worth of every exit
@@ -84,6 +84,15 @@ def _traffic(url: str, png: bytes) -> dict[str, int]:
         ask(max_exit=2, threshold=1)
         ask(max_exit=3, threshold=1)
         ask(threshold=1)
+    # Predicted 2 ms per stage (the manifest's figure, which the estimates fall back to after STALE_S
+    # idle), really 40: exit 1 is passed by 40 ms and stage 2 starts, but it is still running at 60 ms,
+    # so the answer from exit 1 comes at the deadline, after it (missed). A first stage that starts more
+    # than 16 ms late (a busy machine) is answered in time by exit 1 (met): repeat, bounded.
+    for _ in range(5):
+        time.sleep(STALE_S + 0.2)
+        ask(60, threshold=1)
+        if metric(httpx.get(f"{url}/metrics").text, "anytime_deadline_total", outcome="missed"):
+            break
     return seen
 
 
