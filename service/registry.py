@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from models.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, list_ver
 from service.config import ServiceSettings
 from service.errors import MODEL_NOT_FOUND, ServiceError
 from service.metrics import Metrics
-from service.served import ServedModel
+from service.served import ServedModel, held
 
 log = logging.getLogger("anytime.registry")
 
@@ -258,14 +258,6 @@ class ModelRegistry:
             raise ModelNotFound(f"model {slot.name} serves version {slot.serving.version}, not {version!r}")
         return slot.serving
 
-    @asynccontextmanager
-    async def lease(self, name: str | None = None, version: str | None = None) -> AsyncIterator[ServedModel]:
+    def lease(self, name: str | None = None, version: str | None = None) -> AbstractAsyncContextManager[ServedModel]:
         """The model for one request: a swap waits for the request to finish before stopping it."""
-        model = self.get(name, version)
-        model.acquire()
-        self.metrics.inflight.inc()
-        try:
-            yield model
-        finally:
-            self.metrics.inflight.dec()
-            model.release()
+        return held(self.get(name, version), self.metrics)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from typing import Protocol
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol, TypeVar
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -133,6 +135,21 @@ class Served(ABC):
     @abstractmethod
     async def view(self) -> ModelView:
         """GET /v1/model: the manifest without training internals, plus the engine's live figures."""
+
+
+M = TypeVar("M", bound=Served)
+
+
+@asynccontextmanager
+async def held(model: M, metrics: Metrics) -> AsyncIterator[M]:
+    """`model` held by one request (a swap waits for it to finish), counted in `anytime_inflight`."""
+    model.acquire()
+    metrics.inflight.inc()
+    try:
+        yield model
+    finally:
+        metrics.inflight.dec()
+        model.release()
 
 
 class ServedModel(Served):

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from service.engine.jobs import Job
 from service.engine.timing import StageTimes
+from service.options import InferenceOptions
 
 
 @dataclass(eq=False)
@@ -120,8 +121,9 @@ class Scheduler:
         """Rows waiting in every stage queue (not the ones running)."""
         return sum(self.rows)
 
-    def priority(self, job: Job) -> float:
-        return min(job.deadline, job.options.received + self.aging_s)
+    def priority(self, options: InferenceOptions) -> float:
+        """A request's place in the queues: its deadline, or its arrival plus the aging time if sooner."""
+        return min(options.deadline, options.received + self.aging_s)
 
     def cost(self, stage: int, rows: int) -> float:
         """Predicted seconds to run `rows` rows through stage `stage` in full batches."""
@@ -159,7 +161,7 @@ class Scheduler:
 
     def add(self, job: Job) -> None:
         """Queue a new job for stage 1 (admission already done)."""
-        job.priority = self.priority(job)
+        job.priority = self.priority(job.options)
         job.queued = True
         bisect.insort(self._new, (job.priority, job.seq, job))
         heapq.heappush(self._by_deadline, (job.deadline, job.seq, job))

@@ -223,55 +223,55 @@ class Engine:
         a request that this lets through)."""
         now = time.monotonic()
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
+            self._refuse_when_closed_or_full(now)
             s = self.scheduler
-            if s.queued >= self.config.queue_size:
-                raise QueueFull("the server is at capacity; retry shortly", retry_after_s=s.backlog_s(now))
             if not options.client_deadline or self.brownout.enabled:
                 return
             if options.deadline <= now or now + s.cost(0, 1) > options.deadline:
                 return  # submit says so, with the whole message
-            priority = min(options.deadline, options.received + s.aging_s)
-            eta = s.exit1_eta(priority, now)
+            eta = s.exit1_eta(s.priority(options), now)
             if eta > options.deadline:
-                raise QueueFull(
-                    f"exit 1 is predicted {(eta - now) * 1e3:.1f} ms from now (the queue ahead of this request); "
-                    f"the deadline is in {(options.deadline - now) * 1e3:.1f} ms",
-                    retry_after_s=s.backlog_s(now),
-                )
+                raise self._late_for_exit_1(eta, options.deadline, now)
 
     def _admit(self, job: Job) -> None:
         now = time.monotonic()
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
+            self._refuse_when_closed_or_full(now)
             s = self.scheduler
-            if s.queued >= self.config.queue_size:
-                raise QueueFull("the server is at capacity; retry shortly", retry_after_s=s.backlog_s(now))
             job.max_exit = job.options.max_exit
             if self.brownout.enabled and self.brownout.level:
                 job.max_exit = min(job.max_exit or self.num_exits, self.brownout.max_exit)
             if job.deadline <= now:
                 raise DeadlineUnreachable(self._unreached_message(job, "the deadline passed before the engine"))
-            eta = s.exit1_eta(s.priority(job), now)
+            eta = s.exit1_eta(s.priority(job.options), now)
             if job.options.client_deadline:
                 if self.brownout.observe(eta - now, job.deadline - now, now):
                     self._brownout_changed()
                 if eta > job.deadline and self.brownout.refused(now):
                     self._brownout_changed()
-                    eta = s.exit1_eta(s.priority(job), now)
+                    eta = s.exit1_eta(s.priority(job.options), now)
             if now + s.cost(0, 1) > job.deadline:  # even with nothing queued: waiting would not help
                 raise DeadlineUnreachable(self._unreached_message(job, "exit 1 cannot be reached in time"))
             if eta > job.deadline:
-                raise QueueFull(
-                    f"exit 1 is predicted {(eta - now) * 1e3:.1f} ms from now (the queue ahead of this request); "
-                    f"the deadline is in {(job.deadline - now) * 1e3:.1f} ms",
-                    retry_after_s=s.backlog_s(now),
-                )
+                raise self._late_for_exit_1(eta, job.deadline, now)
             s.add(job)
             self.metrics.queue_depth.set(s.queued)
             self._cond.notify()
+
+    def _refuse_when_closed_or_full(self, now: float) -> None:
+        """Under the lock: the refusals that do not depend on the request."""
+        if self._stopping:
+            raise EngineStopped("the server is shutting down")
+        if self.scheduler.queued >= self.config.queue_size:
+            raise QueueFull("the server is at capacity; retry shortly", retry_after_s=self.scheduler.backlog_s(now))
+
+    def _late_for_exit_1(self, eta: float, deadline: float, now: float) -> QueueFull:
+        """Under the lock: the 503 of a request the queue ahead would make miss exit 1."""
+        return QueueFull(
+            f"exit 1 is predicted {(eta - now) * 1e3:.1f} ms from now (the queue ahead of this request); "
+            f"the deadline is in {(deadline - now) * 1e3:.1f} ms",
+            retry_after_s=self.scheduler.backlog_s(now),
+        )
 
     def _brownout_changed(self) -> None:
         """Under the lock: publish the new limit and answer rows queued beyond it from the exit they passed."""

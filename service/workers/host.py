@@ -30,7 +30,6 @@ from service.drain import DRAIN_SIGNAL
 from service.engine import Answer, Job
 from service.engine.jobs import Outcome
 from service.errors import NOT_READY, ServiceError, internal_error, to_error
-from service.metrics import Metrics
 from service.registry import BudgetExceeded, ModelRegistry
 from service.served import ServedModel
 from service.workers.ipc import ArenaView, Link
@@ -244,13 +243,9 @@ class EngineHost:
 def host_main(settings_json: str, address: str, authkey: bytes, expected: int, restarted: bool = False) -> None:
     """Entry point of the engine process (started by the supervisor)."""
     from service.app import start_registry
+    from service.workers.supervisor import child_setup
 
-    settings = ServiceSettings.model_validate_json(settings_json)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    torch.set_num_threads(settings.torch_threads)
-    metrics = Metrics()
-    if restarted:
-        metrics.worker_restarts.labels("engine").inc()
+    settings, metrics = child_setup(settings_json, "engine", restarted)
     try:
         registry = start_registry(settings, metrics, engine_process=True)
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:

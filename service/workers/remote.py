@@ -15,8 +15,8 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.options import InferenceOptions
 from service.registry import ModelNotFound
 from service.schemas import ModelView
-from service.served import Served
+from service.served import Served, held
 from service.workers.ipc import KINDS, Arena, Link
 
 log = logging.getLogger("anytime.worker")
@@ -113,16 +113,11 @@ class RemoteRegistry:
             raise ModelNotFound(f"model {model.name} serves version {model.version}, not {version!r}")
         return model
 
-    @asynccontextmanager
-    async def lease(self, name: str | None = None, version: str | None = None) -> AsyncIterator[RemoteServedModel]:
-        model = self.get(name, version)
-        model.acquire()
-        self.metrics.inflight.inc()
-        try:
-            yield model
-        finally:
-            self.metrics.inflight.dec()
-            model.release()
+    def lease(
+        self, name: str | None = None, version: str | None = None
+    ) -> AbstractAsyncContextManager[RemoteServedModel]:
+        """The model for one request, as the engine process serves it."""
+        return held(self.get(name, version), self.metrics)
 
     # -- jobs --------------------------------------------------------------------------------------
     def submit(self, job: Job, name: str, version: str) -> asyncio.Future:
@@ -147,16 +142,21 @@ class RemoteRegistry:
         if batch and (self._link is None or not self._link.send(("infer", batch))):
             self._lost_jobs([item[0] for item in batch])
 
+    def _release(self, job_id: int) -> asyncio.Future | None:
+        """A job's future, no longer pending, with its shared-memory slot freed (None if unknown)."""
+        pending = self._pending.pop(job_id, None)
+        if pending is None:
+            return None
+        future, slot = pending
+        if slot is not None and self._arena is not None:
+            self._arena.free(slot)
+        return future
+
     def _answers(self, items: list[tuple[Any, ...]]) -> None:
         """On the event loop: complete the futures of answered jobs and free their slots."""
         for job_id, answer, code, message, retry_after in items:
-            pending = self._pending.pop(job_id, None)
-            if pending is None:
-                continue
-            future, slot = pending
-            if slot is not None and self._arena is not None:
-                self._arena.free(slot)
-            if future.done():
+            future = self._release(job_id)
+            if future is None or future.done():
                 continue
             if answer is not None:
                 future.set_result(answer)
@@ -165,13 +165,8 @@ class RemoteRegistry:
 
     def _lost_jobs(self, ids: list[int]) -> None:
         for job_id in ids:
-            pending = self._pending.pop(job_id, None)
-            if pending is None:
-                continue
-            future, slot = pending
-            if slot is not None and self._arena is not None:
-                self._arena.free(slot)
-            if not future.done():
+            future = self._release(job_id)
+            if future is not None and not future.done():
                 future.set_exception(ServiceError("the engine process went away; retry shortly", NOT_READY))
 
     async def view(self, name: str, version: str) -> ModelView:

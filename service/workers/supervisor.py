@@ -35,9 +35,13 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import ServiceSettings
 from service.drain import DRAIN_SIGNAL
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
 
 log = logging.getLogger("anytime.serve")
 START_FAILED = 2  # the engine process's exit code when the models cannot be served
@@ -58,21 +62,14 @@ def request_main(
     settings_json: str, address: str, authkey: bytes, sock: socket.socket, index: int, restarted: bool
 ) -> None:
     """Entry point of a request process."""
-    import torch
     import uvicorn
 
     from service.app import build
     from service.drain import DrainingServer
-    from service.metrics import Metrics
     from service.workers.remote import RemoteRegistry
 
     orphan_watch()
-    settings = ServiceSettings.model_validate_json(settings_json)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    torch.set_num_threads(settings.torch_threads)
-    metrics = Metrics()
-    if restarted:
-        metrics.worker_restarts.labels("request").inc()
+    settings, metrics = child_setup(settings_json, "request", restarted)
     registry = RemoteRegistry(settings, metrics, address, authkey, index)
     app, stack = build(settings, registry)
     config = uvicorn.Config(
@@ -94,6 +91,22 @@ def engine_main(settings_json: str, address: str, authkey: bytes, expected: int,
     from service.workers.host import host_main
 
     host_main(settings_json, address, authkey, expected, restarted)
+
+
+def child_setup(settings_json: str, role: str, restarted: bool) -> tuple[ServiceSettings, Metrics]:
+    """What every child process does first: its settings, logging, torch threads, its metrics (counting
+    itself as a restart of `role` when it replaces one that died)."""
+    import torch
+
+    from service.metrics import Metrics
+
+    settings = ServiceSettings.model_validate_json(settings_json)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    torch.set_num_threads(settings.torch_threads)
+    metrics = Metrics()
+    if restarted:
+        metrics.worker_restarts.labels(role).inc()
+    return settings, metrics
 
 
 def orphan_watch() -> None:
