@@ -12,8 +12,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCRIPT = Path(__file__).resolve().parent / "lua" / "anytime.lua"
 
@@ -61,6 +63,39 @@ def wrk_binary() -> str:
     return path
 
 
+def _wrk(
+    script: Path,
+    url: str,
+    seconds: float,
+    threads: int,
+    connections: int,
+    timeout: str,
+    env: dict[str, str],
+    lists: dict[str, Sequence[object]],
+    cpu: int | None,
+) -> dict[str, Any]:
+    """Run wrk with `script` for `seconds` (loopback only) and return the JSON its done() printed; each of
+    `lists` goes to the script as a file of lines named by that environment variable."""
+    if not url.startswith(("http://127.", "http://localhost")):
+        raise ValueError(f"benchmarks stay on this machine; refusing {url}")
+    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
+        files = {}
+        for name, items in lists.items():
+            path = Path(tmp) / name.lower()
+            path.write_text("\n".join(str(x) for x in items) + "\n")
+            files[name] = str(path)
+        argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
+        argv += ["--timeout", timeout, "-s", str(script), url]
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        run_env = {**os.environ, **env, **files}
+        out = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
+    return json.loads(line.removeprefix("BENCH_JSON "))
+
+
 def run_wrk(
     url: str,
     images: list[Path],
@@ -75,42 +110,15 @@ def run_wrk(
     header: str | None = None,
 ) -> WrkResult:
     """One bounded wrk run against `url` (loopback only) with the given images and request paths."""
-    if not url.startswith(("http://127.", "http://localhost")):
-        raise ValueError(f"benchmarks stay on this machine; refusing {url}")
-    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
-        (Path(tmp) / "images").write_text("\n".join(str(p) for p in images) + "\n")
-        (Path(tmp) / "paths").write_text("\n".join(paths or ["/classify"]) + "\n")
-        env = {
-            **os.environ,
-            "BENCH_IMAGES": f"{tmp}/images",
-            "BENCH_PATHS": f"{tmp}/paths",
-            "BENCH_CONTENT_TYPE": content_type,
-            "BENCH_CONNECTIONS": str(connections),
-        }
-        if rate:
-            env["BENCH_RATE"] = f"{rate:.3f}"
-        if deadline_ms is not None:
-            env["BENCH_DEADLINE_MS"] = f"{deadline_ms:g}"
-        if header is not None:
-            env["BENCH_HEADER"] = header
-        argv = [
-            wrk_binary(),
-            "-t1",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "30s",
-            "-s",
-            str(SCRIPT),
-            url,
-        ]
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    env = {"BENCH_CONTENT_TYPE": content_type, "BENCH_CONNECTIONS": str(connections)}
+    if rate:
+        env["BENCH_RATE"] = f"{rate:.3f}"
+    if deadline_ms is not None:
+        env["BENCH_DEADLINE_MS"] = f"{deadline_ms:g}"
+    if header is not None:
+        env["BENCH_HEADER"] = header
+    lists = {"BENCH_IMAGES": images, "BENCH_PATHS": paths or ["/classify"]}
+    raw = _wrk(SCRIPT, url, seconds, 1, connections, "30s", env, lists, cpu)
     errors = raw["errors"]
     return WrkResult(
         requests=raw["requests"],
@@ -184,38 +192,10 @@ def run_deadlines(
 ) -> DeadlineRun:
     """Poisson arrivals at `rate` with `deadline_ms`, one wrk thread per connection (enough connections that
     each waits about 100 ms between its requests, so that slow answers barely slow the arrivals)."""
-    if not url.startswith(("http://127.", "http://localhost")):
-        raise ValueError(f"benchmarks stay on this machine; refusing {url}")
     connections = max(16, min(512, round(rate * 0.1)))
-    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
-        (Path(tmp) / "images").write_text("\n".join(str(p) for p in images) + "\n")
-        (Path(tmp) / "labels").write_text("\n".join(str(y) for y in labels) + "\n")
-        env = {
-            **os.environ,
-            "BENCH_IMAGES": f"{tmp}/images",
-            "BENCH_LABELS": f"{tmp}/labels",
-            "BENCH_RATE": f"{rate:.3f}",
-            "BENCH_CONNECTIONS": str(connections),
-            "BENCH_DEADLINE_MS": f"{deadline_ms:g}",
-        }
-        argv = [
-            wrk_binary(),
-            f"-t{connections}",
-            f"-c{connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(DEADLINES_SCRIPT),
-            url,
-        ]
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
+    env = {"BENCH_RATE": f"{rate:.3f}", "BENCH_CONNECTIONS": str(connections), "BENCH_DEADLINE_MS": f"{deadline_ms:g}"}
+    lists = {"BENCH_IMAGES": images, "BENCH_LABELS": labels}
+    raw = _wrk(DEADLINES_SCRIPT, url, seconds, connections, connections, "10s", env, lists, cpu)
     return DeadlineRun(
         requests=raw["n"],
         seconds=raw["duration_us"] / 1e6,

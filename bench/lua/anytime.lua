@@ -12,29 +12,13 @@
 --   BENCH_HEADER       one more request header, "Name: value" (e.g. Inference-Header-Content-Length)
 -- done() prints one line "BENCH_JSON {...}" with the counts bench/wrk.py reads.
 
-local function lines(path)
-  local out = {}
-  if path == nil or path == "" then return out end
-  for line in io.lines(path) do
-    if line ~= "" then out[#out + 1] = line end
-  end
-  return out
-end
-
-local threads = {}
-
-function setup(thread)
-  thread:set("id", #threads + 1)
-  threads[#threads + 1] = thread
-end
+-- common.lua sits beside this script; wrk gives the script's path in its chunk name.
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
+local lines, threads = common.lines, common.threads
+setup = common.setup
 
 function init(args)
-  bodies = {}
-  for _, path in ipairs(lines(os.getenv("BENCH_IMAGES"))) do
-    local f = assert(io.open(path, "rb"))
-    bodies[#bodies + 1] = f:read("*a")
-    f:close()
-  end
+  bodies = common.bodies("BENCH_IMAGES")
   paths = lines(os.getenv("BENCH_PATHS"))
   if #paths == 0 then paths = { "/classify" } end
   headers = {

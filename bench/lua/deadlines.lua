@@ -23,28 +23,13 @@ local function now_ms()
   return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
 end
 
-local function lines(path)
-  local out = {}
-  for line in io.lines(path) do
-    if line ~= "" then out[#out + 1] = line end
-  end
-  return out
-end
-
-local threads = {}
-
-function setup(thread)
-  thread:set("id", #threads + 1)
-  threads[#threads + 1] = thread
-end
+-- common.lua sits beside this script; wrk gives the script's path in its chunk name.
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
+local lines, threads = common.lines, common.threads
+setup = common.setup
 
 function init(args)
-  bodies, labels = {}, {}
-  for _, path in ipairs(lines(os.getenv("BENCH_IMAGES"))) do
-    local f = assert(io.open(path, "rb"))
-    bodies[#bodies + 1] = f:read("*a")
-    f:close()
-  end
+  bodies, labels = common.bodies("BENCH_IMAGES"), {}
   for _, label in ipairs(lines(os.getenv("BENCH_LABELS"))) do labels[#labels + 1] = tonumber(label) end
   deadline = tonumber(os.getenv("BENCH_DEADLINE_MS"))
   headers = {
