@@ -159,13 +159,19 @@ async def warm_request_paths(app: ASGIApp, plane: DataPlane) -> None:
                 log.debug("warm-up round %d of %s: %.1f ms", r + 1, model.name, (time.perf_counter() - start) * 1e3)
 
 
-async def _http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes,
-                headers: dict[str, str], query: str) -> int:  # fmt: skip
+async def _http(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    query: str,
+) -> int:
     """One keep-alive HTTP/1.1 POST on an open connection; its status (the body is read and dropped)."""
     target = f"{path}?{query}" if query else path
     head = {"host": "warmup", "content-length": str(len(body)), WARMUP_HEADER: WARMUP_TOKEN, **headers}
-    writer.write(f"POST {target} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
-                 + b"\r\n" + body)  # fmt: skip
+    lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
+    writer.write(f"POST {target} HTTP/1.1\r\n{lines}\r\n".encode() + body)
     await writer.drain()
     status = int((await reader.readline()).split()[1])
     length = 0
