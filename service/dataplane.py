@@ -25,6 +25,7 @@ import torch
 
 from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Job, QueueFull
+from service.engine.timing import AnswerMargin
 from service.errors import (
     INVALID_OPTION,
     NOT_READY,
@@ -62,6 +63,7 @@ class DataPlane:
         self.ready = False  # models loaded, warmed up, request paths warmed up
         self.draining = False
         self.closed = False  # the HTTP listener has closed (service/drain.py): new calls are refused
+        self.margin = AnswerMargin()  # how early the deadline timer fires, so that its answer leaves in time
         worker = registry.worker
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
@@ -146,6 +148,16 @@ class DataPlane:
             received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
         )
 
+    def _answer_due(self, model: Served, options: InferenceOptions) -> float:
+        """When the event loop stops waiting for the worker and answers from the exit the row passed:
+        the deadline less the answer margin (how late this loop's timers fire), so that answer leaves
+        in time. Only the timer is brought forward: the engine still plans to the deadline itself
+        (bringing its plans forward too cost more 504s than it saved late answers; docs/server.md)."""
+        if not options.client_deadline:
+            return options.deadline + model.engine.deadline_grace_s
+        margin = self.margin.for_budget(options.deadline - options.received)
+        return options.deadline - margin + model.engine.deadline_grace_s
+
     def precheck(self, model: Served, options: InferenceOptions) -> None:
         """Refuse before decoding what the engine would refuse anyway (counted like a refusal at admission)."""
         try:
@@ -167,11 +179,14 @@ class DataPlane:
         metrics = model.metrics
         try:
             future = model.engine.submit(job)
+            due = self._answer_due(model, options)
             try:
-                wait = max(0.0, options.deadline - time.monotonic()) + model.engine.deadline_grace_s
-                answer: Answer = await asyncio.wait_for(future, wait)
+                answer: Answer = await asyncio.wait_for(future, max(0.0, due - time.monotonic()))
             except TimeoutError:
-                answer = model.engine.answer_now(job)
+                try:
+                    answer = model.engine.answer_now(job)
+                finally:
+                    self.margin.observe(time.monotonic() - due)
         except (DeadlineUnreachable, QueueFull):
             if options.client_deadline and not _warming():
                 metrics.deadline("rejected")

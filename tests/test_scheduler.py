@@ -11,7 +11,7 @@ import torch
 
 from service.engine.jobs import Job
 from service.engine.scheduler import Chunk, Scheduler
-from service.engine.timing import STALE_S, StageTimes
+from service.engine.timing import STALE_S, AnswerMargin, StageTimes
 from service.options import InferenceOptions
 
 STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
@@ -154,3 +154,18 @@ def test_the_worker_overhead_estimate_ignores_one_long_pause() -> None:
         s.observe_overhead(0.0001)
     s.observe_overhead(0.2)  # a garbage collection in the worker
     assert s.overhead_s < 0.0001 * 1.3
+
+
+def test_the_answer_margin_learns_how_late_the_timer_fires_within_its_bounds() -> None:
+    rng = np.random.default_rng(0)
+    margin = AnswerMargin()
+    for late in rng.uniform(0.0, 2e-3, 4000):  # the loop wakes 0-2 ms after its timer
+        margin.observe(float(late))
+    assert 1.7e-3 < margin.estimate_s < 2.1e-3  # about the 95th percentile: 1.9 ms
+    for _ in range(1000):  # a stalled loop: held at the cap
+        margin.observe(1.0)
+    assert margin.estimate_s == pytest.approx(5e-3)
+    assert margin.for_budget(4e-3) == pytest.approx(1e-3)  # never more than a quarter of the budget
+    for _ in range(10_000):  # an idle loop: back down to the floor
+        margin.observe(0.0)
+    assert margin.estimate_s == pytest.approx(0.2e-3)

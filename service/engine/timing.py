@@ -99,3 +99,38 @@ class StageTimes:
         """A copy of the current estimates (for /v1/model and tests)."""
         with self._lock:
             return [dict(t) for t in self._table]
+
+
+class AnswerMargin:
+    """How long before a request's deadline the event loop stops waiting for the worker and answers
+    from the exit the row passed, so that the answer still leaves in time: a timer set for the
+    deadline itself always fires after it, and later still when the loop is busy parsing requests.
+
+    A streaming estimate (frugal quantile: each sample moves it by a fixed step, up with weight
+    `quantile`, down with the rest) of how late the loop wakes after its deadline timer, learnt from
+    every answer the timer gave; held within [floor_s, cap_s], and never more than a quarter of a
+    request's budget. The lateness is measured from when the timer was due, so the margin in force
+    does not feed back into what it learns."""
+
+    def __init__(
+        self,
+        initial_s: float = 0.5e-3,
+        floor_s: float = 0.2e-3,
+        cap_s: float = 5e-3,
+        quantile: float = 0.95,
+        step_s: float = 0.05e-3,
+    ) -> None:
+        self.floor_s, self.cap_s, self.quantile, self.step_s = floor_s, cap_s, quantile, step_s
+        self.estimate_s = initial_s
+
+    def observe(self, late_s: float) -> None:
+        """One timer's lateness: how long after it was due the answer was ready to leave."""
+        if late_s > self.estimate_s:
+            self.estimate_s += self.step_s * self.quantile
+        else:
+            self.estimate_s -= self.step_s * (1 - self.quantile)
+        self.estimate_s = min(max(self.estimate_s, self.floor_s), self.cap_s)
+
+    def for_budget(self, budget_s: float) -> float:
+        """The margin for a request with `budget_s` seconds in all."""
+        return min(self.estimate_s, 0.25 * max(budget_s, 0.0))
