@@ -148,15 +148,33 @@ class DataPlane:
             received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
         )
 
-    def _answer_due(self, model: Served, options: InferenceOptions) -> float:
-        """When the event loop stops waiting for the worker and answers from the exit the row passed:
-        the deadline less the answer margin (how late this loop's timers fire), so that answer leaves
-        in time. Only the timer is brought forward: the engine still plans to the deadline itself
-        (bringing its plans forward too cost more 504s than it saved late answers; docs/server.md)."""
-        if not options.client_deadline:
-            return options.deadline + model.engine.deadline_grace_s
-        margin = self.margin.for_budget(options.deadline - options.received)
-        return options.deadline - margin + model.engine.deadline_grace_s
+    async def _answer(self, model: Served, job: Job, future: asyncio.Future[Answer]) -> Answer:
+        """The worker's answer, or the answer from the exit the row passed when the deadline comes.
+
+        A timer set for the deadline itself fires after it, and later still when the loop is busy,
+        so the loop stops waiting an answer margin early (`AnswerMargin`) when the row has passed an
+        exit to answer from; a row that has passed none is waited for until the deadline itself. Only
+        the loop's timer moves: the engine still plans to the deadline (bringing its plans forward
+        as well cost more 504s than it saved late answers; docs/server.md)."""
+        options = job.options
+        end = options.deadline + model.engine.deadline_grace_s
+        due = end
+        if options.client_deadline:
+            due -= self.margin.for_budget(options.deadline - options.received)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=max(0.0, due - time.monotonic()))
+                if done:
+                    return future.result()
+                if due >= end or job.passed is not None:
+                    break
+                due = end  # nothing to answer from yet: wait for exit 1 until the deadline
+            try:
+                return model.engine.answer_now(job)
+            finally:
+                self.margin.observe(time.monotonic() - due)
+        finally:
+            future.cancel()  # answered at the deadline, or the client went away: the worker drops the row
 
     def precheck(self, model: Served, options: InferenceOptions) -> None:
         """Refuse before decoding what the engine would refuse anyway (counted like a refusal at admission)."""
@@ -178,15 +196,7 @@ class DataPlane:
         job = Job(x, options, shadow=not _warming())
         metrics = model.metrics
         try:
-            future = model.engine.submit(job)
-            due = self._answer_due(model, options)
-            try:
-                answer: Answer = await asyncio.wait_for(future, max(0.0, due - time.monotonic()))
-            except TimeoutError:
-                try:
-                    answer = model.engine.answer_now(job)
-                finally:
-                    self.margin.observe(time.monotonic() - due)
+            answer = await self._answer(model, job, model.engine.submit(job))
         except (DeadlineUnreachable, QueueFull):
             if options.client_deadline and not _warming():
                 metrics.deadline("rejected")
