@@ -32,7 +32,7 @@ def prometheus_process(config: Path, data_dir: Path) -> PrometheusProcess:
 
 @pytest.fixture()
 def prometheus(tmp_path: Path) -> Iterator[tuple[ServerProcess, PrometheusProcess]]:
-    # Stages really take 40 ms; the manifest claims 2 ms, so the first deadline request is missed.
+    # Stages really take 40 ms; the manifest claims 2 ms, so a deadline request is answered at its deadline.
     # Exit 1 answers every request without a threshold of its own, and each such answer is shadow-checked.
     make_artifact(tmp_path, "sleepy", "test_sleepy", [0.0, 1.0, 1.0, 0.0], stage_ms=[40] * 4, profile_ms=[2] * 4)
     server = ServerProcess(tmp_path, "sleepy", warmup="false", max_wait_ms=0, shadow_rate=1).wait_ready()
@@ -85,14 +85,11 @@ def _traffic(url: str, png: bytes) -> dict[str, int]:
         ask(max_exit=3, threshold=1)
         ask(threshold=1)
     # Predicted 2 ms per stage (the manifest's figure, which the estimates fall back to after STALE_S
-    # idle), really 40: exit 1 is passed by 40 ms and stage 2 starts, but it is still running at 60 ms,
-    # so the answer from exit 1 comes at the deadline, after it (missed). A first stage that starts more
-    # than 16 ms late (a busy machine) is answered in time by exit 1 (met): repeat, bounded.
-    for _ in range(5):
-        time.sleep(STALE_S + 0.2)
-        ask(60, threshold=1)
-        if metric(httpx.get(f"{url}/metrics").text, "anytime_deadline_total", outcome="missed"):
-            break
+    # idle), really 40: stage 2 starts and is still running at 60 ms, so the answer comes from exit 1
+    # at the deadline (reason deadline). It leaves an answer margin early, so it is met: a late
+    # answer ("missed") now takes an event loop stalled past the margin (tests/test_deadlines.py).
+    time.sleep(STALE_S + 0.2)
+    ask(60, threshold=1)
     return seen
 
 
@@ -102,8 +99,9 @@ def test_every_dashboard_panel_returns_data(prometheus: tuple[ServerProcess, Pro
     seen = _traffic(server.url, png_bytes(Image.new("L", (28, 28), 128)))
     assert {"504", "exit1-confidence", "exit2-max_exit", "exit3-max_exit", "exit4-final"} <= set(seen), seen
     metrics = httpx.get(f"{server.url}/metrics").text
-    for outcome in ("met", "missed", "rejected"):
+    for outcome in ("met", "rejected"):
         assert metric(metrics, "anytime_deadline_total", model="sleepy", version="1", outcome=outcome), outcome
+    assert metric(metrics, "anytime_deadline_total", model="sleepy", version="1", outcome="missed") is not None
     dashboard = json.loads(DASHBOARD.read_text())
 
     query = prom.query

@@ -1,7 +1,8 @@
 """One request core under three protocols: the same option or budget gets the same verdict and code from
 `/classify` (query, header, JSON body), v2 REST and v2 gRPC; the earliest deadline wins everywhere;
-the app answers alike with and without the front door; gRPC, like HTTP, is unavailable without a
-running engine; /docs loads nothing from another host."""
+the app answers alike with and without the front door; an answer after its deadline is counted
+missed; gRPC, like HTTP, is unavailable without a running engine; /docs loads nothing from another
+host."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from service.metrics import Metrics
 from service.protocols import v2_grpc
 from service.registry import ModelRegistry
 from service.warmup import asgi_request
-from tests.helpers import ServerProcess, free_port, make_artifact, png_bytes
+from tests.helpers import ServerProcess, free_port, make_artifact, metric, png_bytes
 
 PNG = png_bytes(Image.new("L", (28, 28), 90))
 B64 = base64.b64encode(PNG).decode()
@@ -298,3 +300,28 @@ def test_probabilities_is_one_option_in_every_form_of_classify(server: ServerPro
     assert "probabilities" in httpx.post(f"{server.url}/classify", json={"image": B64, "probabilities": True}).json()
     assert "probabilities" not in httpx.post(f"{server.url}/classify", json={"image": B64}).json()
     assert _classify_query(server, probabilities="maybe") == (422, "invalid_option")
+
+
+def test_an_answer_that_leaves_after_its_deadline_is_counted_missed(tmp_path: Path) -> None:
+    """Stage 1 takes 10 ms and the budget is 60 ms: answered in time, the deadline is met. With the event
+    loop blocked for 150 ms while stage 1 runs, the same answer leaves after the deadline (no margin
+    covers a stalled loop): missed, and still a 200 from exit 1."""
+    make_artifact(tmp_path, "m", "test_sleepy", thresholds=[0.0, 1.0, 1.0, 0.0], stage_ms=[10] * 4)
+    settings = ServiceSettings(model_store=tmp_path, model_name="m", grpc_port=0, model_poll_s=0, warmup=False)
+    headers = {"content-type": "image/png", "x-deadline-ms": "60"}
+
+    async def scenario() -> tuple[list[int], str]:
+        app, stack = build(settings)
+        async with app.router.lifespan_context(app):
+            status, _ = await asgi_request(stack, "POST", "/classify", PNG, headers)
+            request = asyncio.create_task(asgi_request(stack, "POST", "/classify", PNG, headers))
+            await asyncio.sleep(0.002)  # the request is in the engine, stage 1 running
+            time.sleep(0.15)  # the event loop stalls past the deadline
+            late, _ = await request
+            _, page = await asgi_request(stack, "GET", "/metrics", b"", {})
+            return [status, late], page.decode()
+
+    statuses, page = asyncio.run(scenario())
+    assert statuses == [200, 200]
+    for outcome in ("met", "missed"):
+        assert metric(page, "anytime_deadline_total", model="m", outcome=outcome) == 1, outcome
