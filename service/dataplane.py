@@ -11,6 +11,7 @@ the answer at the deadline when the worker has not given one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -70,6 +71,7 @@ class DataPlane:
     # -- readiness ---------------------------------------------------------------------------
     def become_ready(self) -> None:
         """Warm-up done: readiness turns on (and the engine process hears it, with several request processes)."""
+        freeze_heap()
         self.ready = True
         self.registry.report_ready()
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.registry.served()))
@@ -207,6 +209,14 @@ class DataPlane:
             if options.client_deadline:
                 metrics.deadline("met" if now <= options.deadline else "missed")
         return answer
+
+
+def freeze_heap() -> None:
+    """Exempt what start-up built (modules, models, the warmed paths) from the garbage collector's full
+    collections: without it, each one walked the whole heap and stalled the event loop for 45-230 ms
+    on the 2-core machine, every few seconds under load (docs/server.md, "Deadlines")."""
+    gc.collect()
+    gc.freeze()
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)

@@ -243,6 +243,7 @@ class EngineHost:
 def host_main(settings_json: str, address: str, authkey: bytes, expected: int, restarted: bool = False) -> None:
     """Entry point of the engine process (started by the supervisor)."""
     from service.app import start_registry
+    from service.dataplane import freeze_heap
     from service.workers.supervisor import child_setup
 
     settings, metrics = child_setup(settings_json, "engine", restarted)
@@ -251,6 +252,7 @@ def host_main(settings_json: str, address: str, authkey: bytes, expected: int, r
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
         sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
         raise SystemExit(2) from exc
+    freeze_heap()
     listener = Listener(address, "AF_UNIX", authkey=authkey)
 
     async def run() -> None:
