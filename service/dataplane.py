@@ -11,7 +11,6 @@ the answer at the deadline when the worker has not given one.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import secrets
@@ -38,7 +37,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.options import InferenceOptions, OptionFields, inference_options
-from service.registry import ModelRegistry
+from service.registry import ModelRegistry, freeze_heap
 
 if TYPE_CHECKING:
     from service.workers.remote import RemoteRegistry
@@ -209,14 +208,6 @@ class DataPlane:
             if options.client_deadline:
                 metrics.deadline("met" if now <= options.deadline else "missed")
         return answer
-
-
-def freeze_heap() -> None:
-    """Exempt what start-up built (modules, models, the warmed paths) from the garbage collector's full
-    collections: without it, each one walked the whole heap and stalled the event loop for 45-230 ms
-    on the 2-core machine, every few seconds under load (docs/server.md, "Deadlines")."""
-    gc.collect()
-    gc.freeze()
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)

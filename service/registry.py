@@ -13,6 +13,7 @@ back to the newest one left.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -38,6 +39,17 @@ class ModelNotFound(ServiceError):
 
 class BudgetExceeded(RuntimeError):
     """Loading a model would exceed ANYTIME_MAX_MODELS_BYTES."""
+
+
+def freeze_heap() -> None:
+    """Exempt what the process holds now from the garbage collector's full collections (called once
+    warm, and again after a version is retired): without it, each one walked the whole heap and
+    stalled the event loop for 45-230 ms on the 2-core machine, every few seconds under load
+    (docs/server.md, "Deadlines"). Frozen objects are never collected, so a retired engine (it holds
+    reference cycles) is only freed by unfreezing, collecting once and freezing again."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def signature(path: Path) -> tuple[float, ...]:
@@ -168,7 +180,11 @@ class ModelRegistry:
         """Let the requests that hold the old version finish, then stop its engine."""
         await old.idle(self.settings.drain_timeout_s)
         await asyncio.to_thread(old.stop, self.settings.drain_timeout_s)
-        log.info("released %s version %s", old.name, old.version)
+        name, version = old.name, old.version
+        del old
+        if gc.get_freeze_count():  # frozen once warm: the old engine is in the frozen heap
+            freeze_heap()
+        log.info("released %s version %s", name, version)
 
     def start_sync(self) -> None:
         """At start-up: load every wanted model; the default one must load (its error is raised)."""

@@ -6,18 +6,25 @@ operator (or `anytime-export`) does. Load loops are bounded in count and time.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from models.artifact import read_manifest, resolve_artifact
+from service.config import ServiceSettings
+from service.metrics import Metrics
+from service.registry import ModelRegistry, freeze_heap
 from tests.helpers import ROOT, ServerProcess, make_artifact, metric, png_bytes
 
 GRAY = png_bytes(Image.new("L", (28, 28), 90))
@@ -194,3 +201,30 @@ def test_a_version_directory_holding_another_versions_artifact_is_refused(tmp_pa
     finally:
         assert server.stop() == 0
     assert "its manifest says tiny/1; a version directory must hold its own artifact" in server.output()
+
+
+def test_a_retired_version_is_freed_although_the_heap_was_frozen_once_warm(tmp_path: Path) -> None:
+    """A serving process freezes its heap once warm (service/registry.py `freeze_heap`); the engine of a
+    version loaded before that holds reference cycles, so retiring it must collect it explicitly."""
+    make_artifact(tmp_path, "m", version="1")
+    settings = ServiceSettings(model_store=tmp_path, model_name="m", grpc_port=0, model_poll_s=0, drain_timeout_s=1)
+    registry = ModelRegistry(settings, Metrics(), torch.device("cpu"))
+    registry.start_sync()
+    old_engine = weakref.ref(registry.get().engine)
+    freeze_heap()
+
+    async def roll_out() -> str:
+        make_artifact(tmp_path, "m", version="2")
+        await registry.refresh()
+        for _ in range(100):  # bounded: 10 s
+            if not registry._retiring:
+                break
+            await asyncio.sleep(0.1)
+        return registry.get().version
+
+    try:
+        assert asyncio.run(roll_out()) == "2"
+        assert old_engine() is None, "the retired version's engine is still alive"
+    finally:
+        asyncio.run(registry.stop())
+        gc.unfreeze()

@@ -243,7 +243,7 @@ class EngineHost:
 def host_main(settings_json: str, address: str, authkey: bytes, expected: int, restarted: bool = False) -> None:
     """Entry point of the engine process (started by the supervisor)."""
     from service.app import start_registry
-    from service.dataplane import freeze_heap
+    from service.registry import freeze_heap
     from service.workers.supervisor import child_setup
 
     settings, metrics = child_setup(settings_json, "engine", restarted)
