@@ -96,6 +96,7 @@ def build(
         if settings.warmup:
             assert stack is not None
             await warm_request_paths(stack, plane)
+        plane.serving = True
         if not getattr(app.state, "ready_after_startup", False):  # no server to warm its socket (tests)
             plane.become_ready()
         try:

@@ -60,7 +60,8 @@ class DataPlane:
 
     def __init__(self, settings: ServiceSettings, metrics: Metrics, registry: ModelRegistry | RemoteRegistry) -> None:
         self.settings, self.metrics, self.registry = settings, metrics, registry
-        self.ready = False  # models loaded, warmed up, request paths warmed up
+        self.serving = False  # models loaded and warmed up, request paths warmed in process: answer requests
+        self.ready = False  # and warmed over the listening socket too: /readyz says ready
         self.draining = False
         self.closed = False  # the HTTP listener has closed (service/drain.py): new calls are refused
         self.margin = AnswerMargin()  # how early the deadline timer fires, so that its answer leaves in time
@@ -71,7 +72,7 @@ class DataPlane:
     def become_ready(self) -> None:
         """Warm-up done: readiness turns on (and the engine process hears it, with several request processes)."""
         freeze_heap()
-        self.ready = True
+        self.serving = self.ready = True
         self.registry.report_ready()
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.registry.served()))
 
@@ -80,15 +81,19 @@ class DataPlane:
         if self.draining:
             raise ServiceError("the server is shutting down", SHUTTING_DOWN)
         self.check_serving()
+        if not self.ready:
+            raise ServiceError("the server is warming up its listening socket", NOT_READY)
 
     def check_serving(self) -> None:
-        """503 until the models are warm. A draining server still answers what reaches it: only
-        readiness turns 503, so balancers stop sending before the listener closes (service/drain.py)."""
+        """503 until the models are warm. Requests are answered from then on, before readiness: the
+        listening socket is shared, so a restarted request process takes connections while it warms
+        its socket. A draining server still answers what reaches it: only readiness turns 503, so
+        balancers stop sending before the listener closes (service/drain.py)."""
         if _warming():
             return
         if self.closed:
             raise ServiceError("the server is shutting down", SHUTTING_DOWN)
-        if not self.ready:
+        if not self.serving:
             raise ServiceError("the models are not loaded and warmed up yet", NOT_READY)
         if not self.registry.available:
             raise ServiceError("the engine process is not ready (starting or restarting)", NOT_READY)
