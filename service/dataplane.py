@@ -186,8 +186,8 @@ class DataPlane:
         """Refuse before decoding what the engine would refuse anyway (counted like a refusal at admission)."""
         try:
             model.engine.precheck(options)
-        except QueueFull:
-            if options.client_deadline:
+        except (DeadlineUnreachable, QueueFull):
+            if options.client_deadline and not _warming():
                 model.metrics.deadline("rejected")
             raise
 

@@ -171,6 +171,24 @@ def test_the_earliest_of_two_budgets_wins_in_every_protocol(server: ServerProces
     assert _v2_rest(server, {"deadline_ms": 10_000, "timeout": 20_000_000}) == (200, "ok")
 
 
+def test_a_budget_exit_1_cannot_meet_is_refused_before_the_image_is_decoded(server: ServerProcess) -> None:
+    """The cheapest refusal under overload: the 504 comes before decoding, so a body that is no image
+    gets it too (v2 REST here; /classify the same), with the budget and exit 1's need in its message."""
+    import httpx
+
+    headers = {"content-type": "image/png", "x-deadline-ms": "5"}
+    r = httpx.post(f"{server.url}/classify", content=b"not an image", headers=headers)
+    assert r.status_code == 504 and "exit 1 needs about" in r.json()["error"]["message"]
+    assert "of the 5.0 ms budget" in r.json()["error"]["message"]
+    not_png = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(b"not a png").decode()]}
+    body: dict[str, Any] = {"parameters": {"deadline_ms": 5}, "inputs": [not_png]}
+    r = httpx.post(f"{server.url}/v2/models/m/infer", content=json.dumps(body))
+    assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded"
+    body["parameters"] = {"deadline_ms": 10_000}
+    r = httpx.post(f"{server.url}/v2/models/m/infer", content=json.dumps(body))
+    assert r.status_code == 400  # with time to spare, the image is looked at
+
+
 def test_the_error_table_gives_every_kind_a_code_a_status_and_a_grpc_code() -> None:
     codes = [k.code for k in TABLE]
     assert len(codes) == len(set(codes)) >= 20

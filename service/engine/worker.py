@@ -225,10 +225,12 @@ class Engine:
         with self._cond:
             self._refuse_when_closed_or_full(now)
             s = self.scheduler
+            if options.deadline <= now:
+                raise self._unreached("the deadline passed before the engine", options)
+            if now + s.cost(0, 1) > options.deadline:
+                raise self._unreached("exit 1 cannot be reached in time", options)
             if not options.client_deadline or self.brownout.enabled:
                 return
-            if options.deadline <= now or now + s.cost(0, 1) > options.deadline:
-                return  # submit says so, with the whole message
             eta = s.exit1_eta(s.priority(options), now)
             if eta > options.deadline:
                 raise self._late_for_exit_1(eta, options.deadline, now)
@@ -242,7 +244,7 @@ class Engine:
             if self.brownout.enabled and self.brownout.level:
                 job.max_exit = min(job.max_exit or self.num_exits, self.brownout.max_exit)
             if job.deadline <= now:
-                raise DeadlineUnreachable(self._unreached_message(job, "the deadline passed before the engine"))
+                raise self._unreached("the deadline passed before the engine", job.options, job.started)
             eta = s.exit1_eta(s.priority(job.options), now)
             if job.options.client_deadline:
                 if self.brownout.observe(eta - now, job.deadline - now, now):
@@ -251,7 +253,7 @@ class Engine:
                     self._brownout_changed()
                     eta = s.exit1_eta(s.priority(job.options), now)
             if now + s.cost(0, 1) > job.deadline:  # even with nothing queued: waiting would not help
-                raise DeadlineUnreachable(self._unreached_message(job, "exit 1 cannot be reached in time"))
+                raise self._unreached("exit 1 cannot be reached in time", job.options, job.started)
             if eta > job.deadline:
                 raise self._late_for_exit_1(eta, job.deadline, now)
             s.add(job)
@@ -293,20 +295,21 @@ class Engine:
         was reached."""
         passed = job.passed
         if passed is None:
-            raise DeadlineUnreachable(self._unreached_message(job, "no exit was reached by the deadline"))
+            raise self._unreached("no exit was reached by the deadline", job.options, job.started)
         now = time.monotonic()
         p = passed.p[passed.row : passed.row + 1]
         return self._answer_rows([job], p, np.array([passed.confidence]), np.array([DEADLINE]), passed.exit, now)[0][1]
 
-    def _unreached_message(self, job: Job, what: str = "no exit was reached in time") -> str:
-        """A 504's sentence: where the budget went, and what exit 1 needs."""
+    def _unreached(self, what: str, options: InferenceOptions, started: float | None = None) -> DeadlineUnreachable:
+        """A 504 whose sentence says where the budget went (until the first stage `started`, if one did) and
+        what exit 1 needs."""
         now = time.monotonic()
-        received = job.options.received
-        before = ((job.started or now) - received) * 1e3
+        received = options.received
+        before = ((started or now) - received) * 1e3
         need = self.scheduler.cost(0, 1) * 1e3
-        where = "before its first stage" if job.started else "before the engine ran it"
-        return (
-            f"{what}: of the {job.options.budget_ms:.1f} ms budget, {before:.1f} ms went {where} "
+        where = "before its first stage" if started else "before the engine ran it"
+        return DeadlineUnreachable(
+            f"{what}: of the {options.budget_ms:.1f} ms budget, {before:.1f} ms went {where} "
             f"({(now - received) * 1e3:.1f} ms in all); exit 1 needs about {need:.1f} ms"
         )
 
@@ -363,7 +366,7 @@ class Engine:
         planned = time.thread_time() - cpu  # the worker's own CPU time before the run
         if plan.unreachable:
             late = "exit 1 cannot be reached by the deadline"
-            deliver([(j, DeadlineUnreachable(self._unreached_message(j, late))) for j in plan.unreachable])
+            deliver([(j, self._unreached(late, j.options, j.started)) for j in plan.unreachable])
         for chunk in plan.late:
             deliver(self._answer_passed(chunk, DEADLINE, now))
         if batch is None:

@@ -212,6 +212,7 @@ async def execute(
     want_probs = any(o.name == "probabilities" and o.classification is None for o in outputs)
     fields = fields.model_copy(update={"top_k": top_k})
     options = plane.options(received, fields, budgets_ms, probabilities=want_probs)
+    plane.precheck(model, options)  # refuse before decoding, as /classify does
     if tensor.name == IMAGE_INPUT:
         assert tensor.elements is not None
         xs = [await model.prepare(data) for data in tensor.elements]  # every image valid before any compute
