@@ -69,6 +69,9 @@ class ModelView(BaseModel):
     policy: PolicyChoice = Field(description="how the thresholds were chosen and what they give (no sweep)")
     device: str
     stage_ms_now: list[dict[str, float]] = Field(description="per stage: current estimate (ms) by batch size")
+    admission_slowdown: float = Field(
+        description="how many times longer than the stage times predict admitted jobs wait for exit 1 (1: as predicted)"
+    )
     thresholds_in_force: list[float] = Field(description="per exit: the artifact's, or the drift guard's when adapting")
     shadow_agreement: list[float | None] = Field(
         description="per exit: agreement with the final exit in the drift guard's current window"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -201,6 +202,7 @@ class ServedModel(Served):
             policy=PolicyChoice.model_validate(m.policy.model_dump(exclude={"sweep"})),
             device=self.device,
             stage_ms_now=[{str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in engine.times.snapshot()],
+            admission_slowdown=round(engine.scheduler.slowdown.factor(time.monotonic()), 3),
             thresholds_in_force=engine.thresholds.tolist(),
             shadow_agreement=engine.guard.agreement(),
             brownout=Brownout(

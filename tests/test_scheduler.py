@@ -169,3 +169,45 @@ def test_the_answer_margin_learns_how_late_the_timer_fires_within_its_bounds() -
     for _ in range(10_000):  # an idle loop: back down to the floor
         margin.observe(0.0)
     assert margin.estimate_s == pytest.approx(0.2e-3)
+
+
+def test_admission_learns_how_much_longer_than_predicted_jobs_wait() -> None:
+    """Jobs admitted with a predicted wait of 10 ms that pass exit 1 after 30 ms make admission predict 3x
+    (a starved worker); a job dropped unreached counts what it waited; the factor never drops below 1,
+    one step raises it at most 2x, and with nothing measured it decays back to 1."""
+    s = _scheduler(max_batch=1, aging_s=5.0)
+    for _ in range(2):
+        s.add(_job(0.0, 1.0))
+    assert s.exit1_eta(1.0, 0.0) == pytest.approx(0.030)  # two queued, then its own run: 10 ms each
+    for i in range(40):
+        now = i * 0.01
+        s.slowdown.observe([0.010] * 4, [0.030] * 4, now)
+    assert s.slowdown.factor(now) == pytest.approx(3.0, rel=0.02)
+    assert s.exit1_eta(1.0, now) - now == pytest.approx(0.090, rel=0.02)
+    # A wait predicted shorter than 2 ms counts as 2 ms: the worker's turn on the CPU, not a slowdown.
+    fresh = _scheduler().slowdown
+    fresh.observe([0.0002], [0.0018], 0.0)
+    assert fresh.factor(0.0) == 1.0
+    fresh.observe([0.0002], [1.0], 0.0)  # a stalled run: at most 2x per step, smoothed
+    assert fresh.factor(0.0) == pytest.approx(1.2)
+    assert fresh.wait(0.0002, 0.0) == pytest.approx(0.0002 + 0.2 * 0.002)
+    # Nothing admitted for a while: back to the stage times, so admission opens and measures again.
+    assert s.slowdown.factor(now + 0.1) == pytest.approx(3.0, rel=0.02)  # held while measured lately
+    assert 1.0 < s.slowdown.factor(now + 0.35) < 2.0
+    assert s.slowdown.factor(now + 5.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dropped_and_passed_jobs_teach_the_slowdown() -> None:
+    s = _scheduler(max_batch=4)
+    doomed, fine = _job(0.0, 0.015), _job(0.0, 1.0)
+    s.add(doomed, now=0.0, wait_s=0.010)
+    s.add(fine, now=0.0, wait_s=0.010)
+    plan = s.plan(0.012)  # the worker got the CPU only now: 12 ms later, the first job cannot make 15 ms
+    assert plan.unreachable == [doomed] and plan.batch is not None and plan.batch.jobs == [fine]
+    assert s.slowdown.factor(0.012) == pytest.approx(1.0 + 0.2 * (1.2 - 1.0))
+    s.waited(plan.batch.jobs, 0.050)  # exit 1 passed 50 ms after admission, 10 ms predicted
+    assert s.slowdown.factor(0.050) > 1.2  # 5x, held to 2x the factor in force, smoothed
+    untimed = _job(0.0, 1.0)  # added without admission (the in-process path): not measured
+    s.add(untimed)
+    s.waited([untimed], 10.0)
+    assert s.slowdown.factor(10.0) == pytest.approx(1.0, abs=1e-6)

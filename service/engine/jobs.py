@@ -63,6 +63,8 @@ class Job:
     queued: bool = False  # in stage 1's queue
     shadow: bool = True  # may be shadow-checked for the drift guard (not warm-up traffic)
     started: float | None = None  # when its first stage began
+    admitted: float | None = None  # when admission took it, predicting a wait of `predicted_wait_s` for exit 1
+    predicted_wait_s: float = 0.0
     passed: Passed | None = None  # set by the worker while the job waits for a deeper stage
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None

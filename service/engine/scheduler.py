@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from service.engine.jobs import Job
-from service.engine.timing import StageTimes
+from service.engine.timing import Slowdown, StageTimes
 from service.options import InferenceOptions
 
 
@@ -114,6 +114,7 @@ class Scheduler:
         self.rows = [0] * num_stages
         self.busy_until = 0.0  # predicted end of the run in progress
         self.overhead_s = 0.0  # the worker's own time per run (planning, deciding, answering), smoothed
+        self.slowdown = Slowdown()  # how much longer than predicted admitted jobs wait for exit 1
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -143,24 +144,37 @@ class Scheduler:
         self.overhead_s += 0.2 * (seconds - self.overhead_s)
 
     # -- admission ---------------------------------------------------------------------------
-    def exit1_eta(self, priority: float, now: float) -> float:
-        """When a job of this priority, arriving now, is predicted to have passed exit 1: after the run
-        in progress, the new jobs that go before it (earliest priority first) and its own run, plus
-        one run of a deeper stage when rows wait there (stage 1 preempts them only between runs)."""
+    def exit1_wait(self, priority: float, now: float) -> float:
+        """How long a job of this priority, arriving now, would wait to pass exit 1 by the stage times:
+        the run in progress, the new jobs that go before it (earliest priority first) and its own run,
+        plus one run of a deeper stage when rows wait there (stage 1 preempts them only between runs)."""
         ahead = bisect.bisect_right(self._new, (priority, math.inf))
         t = max(0.0, self.busy_until - now) + self.cost(0, ahead + 1)
         deep = [k for k in range(1, self.num_stages) if self.rows[k]]
         if deep:
             t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in deep)
-        return now + t
+        return t
+
+    def exit1_eta(self, priority: float, now: float) -> float:
+        """When such a job is predicted to have passed exit 1: its wait by the stage times, times the
+        slowdown admitted jobs have seen lately (`Slowdown`)."""
+        return now + self.slowdown.wait(self.exit1_wait(priority, now), now)
+
+    def waited(self, jobs: Sequence[Job], now: float) -> None:
+        """Admitted jobs that passed exit 1 (or were dropped without) at `now`: their waits teach the slowdown."""
+        measured = [j for j in jobs if j.admitted is not None]
+        if measured:
+            self.slowdown.observe([j.predicted_wait_s for j in measured], [now - j.admitted for j in measured], now)
 
     def backlog_s(self, now: float) -> float:
         """Predicted seconds to run everything queued (for Retry-After)."""
         t = max(0.0, self.busy_until - now)
         return t + sum(self.cost(k, self.rows[k]) for k in range(self.num_stages))
 
-    def add(self, job: Job) -> None:
-        """Queue a new job for stage 1 (admission already done)."""
+    def add(self, job: Job, now: float | None = None, wait_s: float = 0.0) -> None:
+        """Queue a new job for stage 1, admitted at `now` (if given) with a predicted wait of `wait_s`
+        (`exit1_wait`): its wait is measured against that."""
+        job.admitted, job.predicted_wait_s = now, wait_s
         job.priority = self.priority(job.options)
         job.queued = True
         bisect.insort(self._new, (job.priority, job.seq, job))
@@ -176,11 +190,10 @@ class Scheduler:
         late: list[Chunk] = []
         unreachable = self._unreachable(now, 0.0)
         stage = self._pick(now)
-        if stage is None:
+        if stage is None or (stage == 0 and self._wait_to_fill(now)):
+            self.waited(unreachable, now)
             return Plan(None, late, unreachable)
-        if stage == 0 and self._wait_to_fill(now):
-            return Plan(None, late, unreachable)
-        batch = self._take(stage)
+        batch = self._take(stage, now)
         run_s = self.times.predict(stage, self.bucket(len(batch.jobs)))
         # Rows in the batch that would finish past their deadline leave now, from the exit they passed.
         if stage == 0:
@@ -201,6 +214,7 @@ class Scheduler:
         # Rows left waiting that cannot make their stage after this run leave now too.
         unreachable += self._unreachable(now, run_s)
         late += self._expire(now + run_s)
+        self.waited(unreachable, now)
         return Plan(batch if batch.jobs else None, late, unreachable)
 
     def put(self, chunk: Chunk) -> None:
@@ -271,7 +285,7 @@ class Scheduler:
         oldest = min(j.options.received for _, _, j in self._new)
         return now - oldest < self.max_wait_s
 
-    def _take(self, k: int) -> Batch:
+    def _take(self, k: int, now: float) -> Batch:
         if k == 0:
             taken = self._new[: self.max_batch]
             del self._new[: self.max_batch]
@@ -279,6 +293,7 @@ class Scheduler:
             for _, _, job in taken:
                 job.queued = False
             # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
+            self.waited([j for _, _, j in taken if j.settled], now)
             return Batch(0, [j for _, _, j in taken if not j.settled])
         chunks = sorted(self.waiting[k], key=lambda c: float(c.priorities.min()))
         need, chosen, left = self.max_batch, [], []
@@ -305,6 +320,7 @@ class Scheduler:
         now; they leave the queue (the worker answers them 504)."""
         limit = now + after_s + self.times.predict(0, self.bucket(1))
         out: list[Job] = []
+        answered: list[Job] = []  # by the event loop at their deadline, before a stage ran them
         while self._by_deadline and self._by_deadline[0][0] < limit:
             _, seq, job = heapq.heappop(self._by_deadline)
             if not job.queued:
@@ -313,8 +329,11 @@ class Scheduler:
             del self._new[i]
             job.queued = False
             self.rows[0] -= 1
-            if not job.settled:
+            if job.settled:
+                answered.append(job)
+            else:
                 out.append(job)
+        self.waited(answered, now)
         return out
 
     def _expire(self, at: float) -> list[Chunk]:

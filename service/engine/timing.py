@@ -14,6 +14,7 @@ wherever that is lower, and the next runs measure it afresh.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -134,3 +135,56 @@ class AnswerMargin:
     def for_budget(self, budget_s: float) -> float:
         """The margin for a request with `budget_s` seconds in all."""
         return min(self.estimate_s, 0.25 * max(budget_s, 0.0))
+
+
+class Slowdown:
+    """How many times longer than predicted admitted jobs take to pass exit 1, so that admission predicts
+    the wait they will see rather than the one the stage times add up to.
+
+    The stage times are what a run takes once it runs. Under overload on a shared core, the event loop
+    parsing requests takes the CPU between runs (the worker runs at a lower priority), so jobs wait
+    several times longer than the queue ahead of them predicts, and admission that trusts the
+    prediction lets in work that then misses its deadline: decoded, queued and refused after all
+    (504), at a cost a refusal at admission does not have. Each step reports its jobs' waits against
+    their predictions (a job dropped unreached counts what it waited so far, a lower bound); the
+    factor is their smoothed ratio, never below 1, and one step raises it at most `OUTLIER` times.
+    A wait predicted shorter than `min_wait_s` counts as that long, in the ratio and in the
+    correction, since the worker's turn on the CPU costs the same however short the queue. Not
+    measured for `hold_s` (admission refused everything), the factor decays to 1 with time constant
+    `decay_s`, so that admission opens again gradually and measures afresh.
+    """
+
+    def __init__(
+        self,
+        smoothing: float = 0.2,
+        min_wait_s: float = 2e-3,
+        cap: float = 50.0,
+        hold_s: float = 0.1,
+        decay_s: float = 0.25,
+    ) -> None:
+        self.smoothing, self.min_wait_s, self.cap = smoothing, min_wait_s, cap
+        self.hold_s, self.decay_s = hold_s, decay_s
+        self._factor = 1.0
+        self._seen = 0.0
+
+    def observe(self, predicted_s: Sequence[float], waited_s: Sequence[float], now: float) -> None:
+        """One step's jobs at `now`: the wait each was predicted at admission and the one it had."""
+        if not predicted_s:
+            return
+        floor = self.min_wait_s
+        ratio = sum(w / max(p, floor) for p, w in zip(predicted_s, waited_s, strict=True)) / len(predicted_s)
+        f = self.factor(now)
+        f += self.smoothing * (min(ratio, f * OUTLIER) - f)
+        self._factor = min(max(f, 1.0), self.cap)
+        self._seen = now
+
+    def factor(self, now: float) -> float:
+        """The factor in force at `now`."""
+        if self._factor == 1.0:
+            return 1.0
+        return 1.0 + (self._factor - 1.0) * math.exp(-max(0.0, now - self._seen - self.hold_s) / self.decay_s)
+
+    def wait(self, predicted_s: float, now: float) -> float:
+        """The wait to expect at `now` for one predicted from the stage times."""
+        f = self.factor(now)
+        return predicted_s if f == 1.0 else predicted_s + (f - 1.0) * max(predicted_s, self.min_wait_s)

@@ -245,18 +245,21 @@ class Engine:
                 job.max_exit = min(job.max_exit or self.num_exits, self.brownout.max_exit)
             if job.deadline <= now:
                 raise self._unreached("the deadline passed before the engine", job.options, job.started)
-            eta = s.exit1_eta(s.priority(job.options), now)
+            priority = s.priority(job.options)
+            wait = s.exit1_wait(priority, now)
+            eta = now + s.slowdown.wait(wait, now)
             if job.options.client_deadline:
                 if self.brownout.observe(eta - now, job.deadline - now, now):
                     self._brownout_changed()
                 if eta > job.deadline and self.brownout.refused(now):
                     self._brownout_changed()
-                    eta = s.exit1_eta(s.priority(job.options), now)
+                    wait = s.exit1_wait(priority, now)
+                    eta = now + s.slowdown.wait(wait, now)
             if now + s.cost(0, 1) > job.deadline:  # even with nothing queued: waiting would not help
                 raise self._unreached("exit 1 cannot be reached in time", job.options, job.started)
             if eta > job.deadline:
                 raise self._late_for_exit_1(eta, job.deadline, now)
-            s.add(job)
+            s.add(job, now, wait)
             self.metrics.queue_depth.set(s.queued)
             self._cond.notify()
 
@@ -384,6 +387,8 @@ class Engine:
                 self.scheduler.busy_until = 0.0
                 if own_s is not None:
                     self.scheduler.observe_overhead(own_s)
+                    if batch.stage == 0:
+                        self.scheduler.waited(batch.jobs, time.monotonic())
         return True
 
     def _waiting_to_fill(self) -> bool:
