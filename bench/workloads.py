@@ -3,7 +3,9 @@
 The realized-efficiency workloads serve `resnet18` (3x32x32) and `resnet50` (3x224x224, ImageNet
 stem) with random weights, exported here as artifacts whose thresholds never answer early, so
 that each request's exit is exactly the `max_exit` it names; the `max_exit` values are drawn
-with a fixed seed from an exit mix.
+with a fixed seed from an exit mix. Besides the four-exit networks, `bundled_exits_network` is
+ResNet-18 with the bundled model's own exit points and heads, driven by the bundled model's exit
+shares on the test set: what its exits would save on a network that is compute-bound.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from client.loadgen import fashion_mnist_pngs
 from models import build_model
-from models.artifact import ArchitectureSpec, ExitInfo, InputSpec, ManifestBody, save_artifact
+from models.artifact import ArchitectureSpec, ExitInfo, InputSpec, ManifestBody, read_manifest, save_artifact
 from models.cost import exit_costs
 
-# The bundled model's exit shares on the test set (87/5/8/0 %), and a spread-out mix.
-MIXES = {"bundled-mix": (0.87, 0.05, 0.08, 0.0), "40-30-20-10": (0.40, 0.30, 0.20, 0.10)}
+# Exit shares of four-exit networks: bundled version 2's on the test set (87/5/8/0 %), and a spread-out mix.
+MIXES = {"87-5-8-0": (0.87, 0.05, 0.08, 0.0), "40-30-20-10": (0.40, 0.30, 0.20, 0.10)}
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,26 @@ class Network:
     num_classes: int
     max_batch: int
     run_scale: float  # runs last this many times the benchmark's run length (slow networks need more)
+    mixes: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(MIXES))
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the network's own arguments (exit points, heads)
 
 
 NETWORKS = (
     Network("resnet18", "resnet18", 32, "cifar", 100, 32, 1.0),
     Network("resnet50", "resnet50", 224, "imagenet", 1000, 4, 3.0),
 )
+
+
+def bundled_exits_network(bundled: Path) -> Network:
+    """ResNet-18 (3x32x32) with the exit points and head style of the artifact at `bundled`, and its exit
+    shares on the test set as the one mix."""
+    manifest = read_manifest(bundled)
+    kwargs = {k: v for k, v in manifest.architecture.kwargs.items() if k in ("exits", "exit_style")}
+    test = manifest.policy.test
+    if test is None:
+        raise ValueError(f"{bundled} has no test-set exit shares")
+    mix = {f"bundled-v{manifest.version}-mix": tuple(test.exit_rates)}
+    return Network("resnet18-bundled-exits", "resnet18", 32, "cifar", 100, 32, 1.0, mix, kwargs)
 
 
 def fashion_images(directory: Path, count: int) -> tuple[list[Path], list[int]]:
@@ -74,14 +91,16 @@ def rgb_images(directory: Path, count: int, size: int) -> list[Path]:
 def random_weight_artifact(store: Path, net: Network) -> Path:
     """`net` with seeded random weights and thresholds of 1 (never early), costs in the manifest."""
     torch.manual_seed(0)
-    model = build_model(net.model, net.num_classes, in_channels=3, stem=net.stem).eval()
+    model = build_model(net.model, net.num_classes, in_channels=3, stem=net.stem, **net.kwargs).eval()
     costs = exit_costs(model, (3, net.size, net.size))
     exits = [
         ExitInfo(exit=c.exit, threshold=1.0, params=c.params, flops=c.flops, flops_fraction=c.flops_fraction)
         for c in costs
     ]
     spec = InputSpec(size=net.size, channels=3, color_mode="RGB", mean=[0.5] * 3, std=[0.25] * 3)
-    architecture = ArchitectureSpec(name=net.model, num_classes=net.num_classes, in_channels=3, stem=net.stem)
+    architecture = ArchitectureSpec(
+        name=net.model, num_classes=net.num_classes, in_channels=3, stem=net.stem, kwargs=net.kwargs
+    )
     body = ManifestBody(
         architecture=architecture, classes=[f"class{i}" for i in range(net.num_classes)], input=spec, exits=exits
     )
