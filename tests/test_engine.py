@@ -7,6 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from models.artifact import load_artifact
 from models.exit_policy import Reason
 from service.engine import Answer, DeadlineUnreachable, Engine, EngineConfig, EngineFailure, Job, QueueFull
 from service.engine.brownout import HOLD_S, Brownout, floor_exit
+from service.engine.scheduler import Chunk
 from service.metrics import Metrics
 from service.options import InferenceOptions
 from tests.helpers import make_artifact
@@ -223,3 +225,30 @@ def test_brownout_in_the_engine_answers_from_earlier_exits_before_refusing(tmp_p
     assert median_ms["degrade"] < median_ms["shed"] / 2, median_ms
     assert results["degrade"][1] > 0 and results["shed"][1] == 0
     assert sum(a.reason is Reason.MAX_EXIT for a in answered["degrade"]) > len(answered["degrade"]) / 2
+
+
+def test_the_check_before_decoding_refuses_what_admission_would_and_lets_a_brownout_help_first(
+    tmp_path: Path,
+) -> None:
+    """Stages take 40 ms, one row per batch. `shed`: three jobs queued ahead, or one row waiting for a deeper
+    stage, make a 60 ms budget miss exit 1, refused before decoding. `degrade` (which can still go down to
+    exit 1): a row at a deeper stage would be cut by the brownout, so the request goes on to admission; three
+    jobs ahead make it late even so: refused, and the brownout steps down at once."""
+    accuracy = {"val_accuracy": [90.0, 92.0, 93.0, 94.0], "brownout_floor_pp": 5}
+    engines = {
+        mode: _engine(tmp_path / mode, "test_sleepy", False, max_batch=1, stage_ms=[40] * 4, overload=mode, **accuracy)
+        for mode in ("shed", "degrade")
+    }
+    for engine in engines.values():  # one row waits for stage 3 (due far away)
+        far = np.full(1, 1e9)
+        engine.scheduler.put(Chunk(2, [_job()], torch.zeros(1, 2), torch.full((1, 10), 0.1), far * 0, far, far))
+    options = InferenceOptions.now(deadline_ms=60)
+    with pytest.raises(QueueFull, match="exit 1 is predicted"):
+        engines["shed"].precheck(options)
+    engines["degrade"].precheck(options)  # a brownout would cut the deeper row: admission decides
+    assert engines["degrade"].brownout.level == 0
+    for _ in range(3):
+        engines["degrade"].scheduler.add(_job())
+    with pytest.raises(QueueFull, match="exit 1 is predicted"):
+        engines["degrade"].precheck(InferenceOptions.now(deadline_ms=60))
+    assert engines["degrade"].brownout.level == 1

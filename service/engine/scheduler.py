@@ -144,15 +144,16 @@ class Scheduler:
         self.overhead_s += 0.2 * (seconds - self.overhead_s)
 
     # -- admission ---------------------------------------------------------------------------
-    def exit1_wait(self, priority: float, now: float) -> float:
+    def exit1_wait(self, priority: float, now: float, deep: bool = True) -> float:
         """How long a job of this priority, arriving now, would wait to pass exit 1 by the stage times:
         the run in progress, the new jobs that go before it (earliest priority first) and its own run,
-        plus one run of a deeper stage when rows wait there (stage 1 preempts them only between runs)."""
+        plus (if `deep`) one run of a deeper stage when rows wait there (stage 1 preempts them only
+        between runs)."""
         ahead = bisect.bisect_right(self._new, (priority, math.inf))
         t = max(0.0, self.busy_until - now) + self.cost(0, ahead + 1)
-        deep = [k for k in range(1, self.num_stages) if self.rows[k]]
-        if deep:
-            t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in deep)
+        stages = [k for k in range(1, self.num_stages) if self.rows[k]] if deep else []
+        if stages:
+            t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in stages)
         return t
 
     def exit1_eta(self, priority: float, now: float) -> float:

@@ -219,8 +219,9 @@ class Engine:
 
     def precheck(self, options: InferenceOptions) -> None:
         """Refuse now what admission would refuse, before the caller spends time decoding the input: the
-        cheapest refusal under overload. Raises like `submit`; admits nothing (a brownout may still take
-        a request that this lets through)."""
+        cheapest refusal under overload. Raises like `submit`; admits nothing. While a brownout can still
+        go a level lower, it refuses only what would be late even then (the deeper queues cut), after
+        stepping the brownout down as admission would."""
         now = time.monotonic()
         with self._cond:
             self._refuse_when_closed_or_full(now)
@@ -229,10 +230,15 @@ class Engine:
                 raise self._unreached("the deadline passed before the engine", options)
             if now + s.cost(0, 1) > options.deadline:
                 raise self._unreached("exit 1 cannot be reached in time", options)
-            if not options.client_deadline or self.brownout.enabled:
+            if not options.client_deadline:
                 return
-            eta = s.exit1_eta(s.priority(options), now)
+            brownout = self.brownout
+            can_degrade = brownout.enabled and brownout.max_exit > brownout.floor
+            wait = s.exit1_wait(s.priority(options), now, deep=not can_degrade)
+            eta = now + s.slowdown.wait(wait, now)
             if eta > options.deadline:
+                if can_degrade and brownout.refused(now):
+                    self._brownout_changed()
                 raise self._late_for_exit_1(eta, options.deadline, now)
 
     def _admit(self, job: Job) -> None:
