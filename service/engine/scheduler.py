@@ -156,10 +156,10 @@ class Scheduler:
             t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in stages)
         return t
 
-    def exit1_eta(self, priority: float, now: float) -> float:
+    def exit1_eta(self, priority: float, now: float, deep: bool = True) -> float:
         """When such a job is predicted to have passed exit 1: its wait by the stage times, times the
         slowdown admitted jobs have seen lately (`Slowdown`)."""
-        return now + self.slowdown.wait(self.exit1_wait(priority, now), now)
+        return now + self.slowdown.wait(self.exit1_wait(priority, now, deep), now)
 
     def waited(self, jobs: Sequence[Job], now: float) -> None:
         """Admitted jobs that passed exit 1 (or were dropped without) at `now`: their waits teach the slowdown."""
@@ -291,11 +291,14 @@ class Scheduler:
             taken = self._new[: self.max_batch]
             del self._new[: self.max_batch]
             self.rows[0] -= len(taken)
+            # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
+            live: list[Job] = []
+            answered: list[Job] = []
             for _, _, job in taken:
                 job.queued = False
-            # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
-            self.waited([j for _, _, j in taken if j.settled], now)
-            return Batch(0, [j for _, _, j in taken if not j.settled])
+                (answered if job.settled else live).append(job)
+            self.waited(answered, now)
+            return Batch(0, live)
         chunks = sorted(self.waiting[k], key=lambda c: float(c.priorities.min()))
         need, chosen, left = self.max_batch, [], []
         for chunk in chunks:

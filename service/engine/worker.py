@@ -234,8 +234,7 @@ class Engine:
                 return
             brownout = self.brownout
             can_degrade = brownout.enabled and brownout.max_exit > brownout.floor
-            wait = s.exit1_wait(s.priority(options), now, deep=not can_degrade)
-            eta = now + s.slowdown.wait(wait, now)
+            eta = s.exit1_eta(s.priority(options), now, deep=not can_degrade)
             if eta > options.deadline:
                 if can_degrade and brownout.refused(now):
                     self._brownout_changed()
