@@ -224,12 +224,8 @@ class Engine:
         stepping the brownout down as admission would."""
         now = time.monotonic()
         with self._cond:
-            self._refuse_when_closed_or_full(now)
+            self._refuse_at_once(options, now)
             s = self.scheduler
-            if options.deadline <= now:
-                raise self._unreached("the deadline passed before the engine", options)
-            if now + s.cost(0, 1) > options.deadline:
-                raise self._unreached("exit 1 cannot be reached in time", options)
             if not options.client_deadline:
                 return
             brownout = self.brownout
@@ -243,13 +239,11 @@ class Engine:
     def _admit(self, job: Job) -> None:
         now = time.monotonic()
         with self._cond:
-            self._refuse_when_closed_or_full(now)
+            self._refuse_at_once(job.options, now)
             s = self.scheduler
             job.max_exit = job.options.max_exit
             if self.brownout.enabled and self.brownout.level:
                 job.max_exit = min(job.max_exit or self.num_exits, self.brownout.max_exit)
-            if job.deadline <= now:
-                raise self._unreached("the deadline passed before the engine", job.options, job.started)
             priority = s.priority(job.options)
             wait = s.exit1_wait(priority, now)
             eta = now + s.slowdown.wait(wait, now)
@@ -260,20 +254,23 @@ class Engine:
                     self._brownout_changed()
                     wait = s.exit1_wait(priority, now)
                     eta = now + s.slowdown.wait(wait, now)
-            if now + s.cost(0, 1) > job.deadline:  # even with nothing queued: waiting would not help
-                raise self._unreached("exit 1 cannot be reached in time", job.options, job.started)
             if eta > job.deadline:
                 raise self._late_for_exit_1(eta, job.deadline, now)
             s.add(job, now, wait)
             self.metrics.queue_depth.set(s.queued)
             self._cond.notify()
 
-    def _refuse_when_closed_or_full(self, now: float) -> None:
-        """Under the lock: the refusals that do not depend on the request."""
+    def _refuse_at_once(self, options: InferenceOptions, now: float) -> None:
+        """Under the lock: the refusals no queue or brownout can change: the engine stopping or full, a
+        deadline already passed, or one exit 1 cannot meet even with nothing queued."""
         if self._stopping:
             raise EngineStopped("the server is shutting down")
         if self.scheduler.queued >= self.config.queue_size:
             raise QueueFull("the server is at capacity; retry shortly", retry_after_s=self.scheduler.backlog_s(now))
+        if options.deadline <= now:
+            raise self._unreached("the deadline passed before the engine", options)
+        if now + self.scheduler.cost(0, 1) > options.deadline:
+            raise self._unreached("exit 1 cannot be reached in time", options)
 
     def _late_for_exit_1(self, eta: float, deadline: float, now: float) -> QueueFull:
         """Under the lock: the 503 of a request the queue ahead would make miss exit 1."""
