@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -90,18 +91,24 @@ def test_served_answers_equal_the_in_process_model_and_policy(
     artifact = load_artifact(tiny_store / "tiny" / "1")
     spec, exits = artifact.manifest.input, artifact.manifest.exits
     tf = Preprocess(spec)
-    seen_exits = set()
+    thresholds = np.array([e.threshold for e in exits])
+    seen_exits, on_a_threshold = set(), 0
     for png, _ in fmnist_pngs:
         served = httpx.post(f"{server.url}/classify", content=png, headers={"content-type": "image/png"}).json()
         x = decode_image(png, spec, tf, 10**7).unsqueeze(0)
         with torch.no_grad():
             logits = artifact.model(x).logits
         conf = torch.stack([confidence(z, e.temperature) for z, e in zip(logits, exits, strict=True)]).numpy()
-        k = int(answering_exits(conf, [e.threshold for e in exits])[0])
+        if np.abs(conf[:-1, 0] - thresholds[:-1]).min() < 1e-5:
+            # The server runs the network with batch norm folded into the convolutions (the same
+            # function up to float rounding): a confidence this close to a threshold may go either way.
+            on_a_threshold += 1
+            continue
+        k = int(answering_exits(conf, thresholds)[0])
         reason = "final" if k == len(exits) - 1 else "confidence"
         assert (served["exit"], served["index"], served["reason"]) == (k + 1, int(logits[k].argmax()), reason)
         seen_exits.add(served["exit"])
-    assert seen_exits == {1, 2, 3}
+    assert seen_exits == {1, 2, 3} and on_a_threshold <= 2  # the thresholds are medians: one image sits on each
 
 
 def test_options_threshold_max_exit_and_top_k(server: ServerProcess, fmnist_pngs: list) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from models.confidence import confidence_of, probabilities
 from models.multi_exit import MultiExitNet
+from service.engine.fusion import fold_batchnorm
 
 log = logging.getLogger("anytime.engine")
 
@@ -36,14 +37,16 @@ class StageOutput:
 
 
 class EagerRunner:
-    """Stage k, exit k and the confidence as eager module calls (bf16 autocast and channels_last on CUDA)."""
+    """Stage k, exit k and the confidence as eager module calls, in channels_last (with bf16 autocast
+    on CUDA; on a CPU with batch norm folded into the convolutions, `service/engine/fusion.py`)."""
 
     def __init__(self, model: MultiExitNet, device: torch.device, temperatures: Sequence[float], measure: str) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self.model = model.to(device).eval()
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if not self.cuda:
+            fold_batchnorm(self.model)
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.num_exits = self.model.num_exits
         self.temperatures = list(temperatures)
         self.measure = measure
@@ -58,7 +61,7 @@ class EagerRunner:
 
     def to_device(self, x: Tensor) -> Tensor:
         x = x.to(self.device, non_blocking=True)
-        return x.to(memory_format=torch.channels_last) if self.cuda and x.dim() == 4 else x
+        return x.to(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     def load(self, xs: Sequence[Tensor]) -> Tensor:
         """Stage 1's input for these samples (each C×H×W on the host)."""
