@@ -349,6 +349,7 @@ def headline(b: dict[str, Any], r: dict[str, Any], d: dict[str, Any]) -> dict[st
         "realized_efficiency": {k: v["efficiency"]["median"] for k, v in r.items()},
         "deadline_attainment_server_at_80": {ms: v["server_attainment"] for ms, v in shed["0.8"].items()},
         "deadline_attainment_client_at_80": {ms: v["client_attainment"] for ms, v in shed["0.8"].items()},
+        "server_cpu_busy_at_80": {ms: v["server_cpu_busy"] for ms, v in shed["0.8"].items()},
         "goodput_over_saturation": {
             load: {ms: v["goodput_rps"] / d["saturation_rps"] for ms, v in shed[load].items()}
             for load in ("1.2", "1.5")
