@@ -24,16 +24,17 @@ DEADLINES_MS = (2, 5, 10, 20)
 MODES = ("shed", "degrade")
 
 
-def summary(runs: list[DeadlineRun], busy: list[float]) -> dict[str, Any]:
-    """Medians over repetitions of one (mode, load, deadline) cell; `busy` is the server's CPU share of
-    each run (one core in all is 1.0)."""
+def summary(cell: list[tuple[DeadlineRun, float]]) -> dict[str, Any]:
+    """Medians over repetitions of one (mode, load, deadline) cell: each run with the server's CPU
+    share over it (one core in all is 1.0)."""
+    runs = [r for r, _ in cell]
 
     def med(f: Any) -> float:
         return statistics.median(f(r) for r in runs)
 
     return {
         "offered_rps": med(lambda r: r.offered_rps),
-        "server_cpu_busy": statistics.median(busy),
+        "server_cpu_busy": statistics.median(busy for _, busy in cell),
         "client_attainment": med(lambda r: r.client_attainment),
         "server_attainment": med(lambda r: r.server_attainment),
         "goodput_rps": med(lambda r: r.goodput_rps),
@@ -63,10 +64,7 @@ def sweep(
     servers = {
         mode: ServerProcess(store, "fashion-mnist", log_dir=log_dir, cpus=server_cpu, overload=mode) for mode in MODES
     }
-    runs: dict[str, dict[float, dict[int, list[DeadlineRun]]]] = {
-        m: {load: {d: [] for d in DEADLINES_MS} for load in LOADS} for m in MODES
-    }
-    busy: dict[str, dict[float, dict[int, list[float]]]] = {
+    runs: dict[str, dict[float, dict[int, list[tuple[DeadlineRun, float]]]]] = {
         m: {load: {d: [] for d in DEADLINES_MS} for load in LOADS} for m in MODES
     }
     try:
@@ -80,8 +78,7 @@ def sweep(
                         run = run_deadlines(
                             f"{server.url}/classify", images, labels, seconds, load * saturation, d, cpu=load_cpu
                         )
-                        runs[mode][load][d].append(run)
-                        busy[mode][load][d].append((server.cpu_seconds() - cpu) / (time.monotonic() - wall))
+                        runs[mode][load][d].append((run, (server.cpu_seconds() - cpu) / (time.monotonic() - wall)))
     finally:
         for s in servers.values():
             s.stop()
@@ -90,10 +87,7 @@ def sweep(
         "loads": list(LOADS),
         "deadlines_ms": list(DEADLINES_MS),
         "by_mode": {
-            m: {
-                str(load): {str(d): summary(runs[m][load][d], busy[m][load][d]) for d in DEADLINES_MS} for load in LOADS
-            }
-            for m in MODES
+            m: {str(load): {str(d): summary(runs[m][load][d]) for d in DEADLINES_MS} for load in LOADS} for m in MODES
         },
     }
 
