@@ -16,12 +16,10 @@ PNG = png_bytes(Image.new("L", (28, 28), 90))
 HEADERS = {"content-type": "image/png"}
 
 
-def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_path: Path) -> None:
-    """Warm-up runs the whole request path of every protocol, in process and over the server's own socket,
-    before /readyz says ready: the first request is as fast as the tenth. Each request comes after the same
-    pause (on this VM any request after an idle pause costs about 1 ms more than one in a busy stream; the
-    budget's 3 ms floor covers that)."""
-    srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path).wait_ready()
+def _first_request_is_warm(log_dir: Path) -> tuple[bool, str]:
+    """Start a fresh server; send its first request with a budget of 4x exit 1 (at least 3 ms), then nine
+    more after the same pauses: whether the first was answered in time and as fast as the others."""
+    srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=log_dir).wait_ready()
     try:
         exit1_ms = httpx.get(f"{srv.url}/v1/model").json()["stage_ms_now"][0]["1"]
         budget = max(4 * exit1_ms, 3.0)
@@ -30,12 +28,30 @@ def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_p
             time.sleep(0.2)
             headers = {**HEADERS, "x-deadline-ms": f"{budget:.3f}"} if i == 0 else HEADERS
             r = httpx.post(f"{srv.url}/classify", content=PNG, headers=headers)
-            assert r.status_code == 200, (i, budget, r.text)
+            if r.status_code != 200:
+                return False, f"request {i + 1} with {budget:.1f} ms: {r.status_code} {r.text}"
             latencies.append(r.json()["latency_ms"])
-        print(f"exit 1 {exit1_ms:.2f} ms; latency of requests 1-10 after 200 ms pauses: {latencies}")
-        assert latencies[0] <= 1.5 * sorted(latencies[1:])[4] + 0.5  # the first as fast as the others
+        detail = f"exit 1 {exit1_ms:.2f} ms; latency of requests 1-10 after 200 ms pauses: {latencies}"
+        return latencies[0] <= 1.5 * sorted(latencies[1:])[4] + 0.5, detail  # the first as fast as the others
     finally:
         assert srv.stop() == 0
+
+
+def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_path: Path) -> None:
+    """Warm-up runs the whole request path of every protocol, in process and over the server's own socket,
+    before /readyz says ready: the first request is as fast as the tenth. Each request comes after the same
+    pause (on this VM any request after an idle pause costs about 1 ms more than one in a busy stream; the
+    budget's 3 ms floor covers that). A cold request path is slow on every start (8-12 ms before the
+    warm-up covered it); a stall of the VM is not, so up to three fresh servers are tried (1 start in 8
+    of the same code missed the 3 ms by such a stall, 2026-11-29)."""
+    attempts = []
+    for _ in range(3):
+        ok, detail = _first_request_is_warm(tmp_path)
+        attempts.append(detail)
+        print(detail)
+        if ok:
+            break
+    assert ok, attempts
 
 
 def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: Path) -> None:
