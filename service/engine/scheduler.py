@@ -156,10 +156,16 @@ class Scheduler:
             t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in stages)
         return t
 
+    def exit1_forecast(self, priority: float, now: float, deep: bool = True) -> tuple[float, float]:
+        """(its wait by the stage times, `exit1_eta`) for such a job: admission queues it with the first
+        and decides by the second."""
+        wait = self.exit1_wait(priority, now, deep)
+        return wait, now + self.slowdown.wait(wait, now)
+
     def exit1_eta(self, priority: float, now: float, deep: bool = True) -> float:
         """When such a job is predicted to have passed exit 1: its wait by the stage times, times the
         slowdown admitted jobs have seen lately (`Slowdown`)."""
-        return now + self.slowdown.wait(self.exit1_wait(priority, now, deep), now)
+        return self.exit1_forecast(priority, now, deep)[1]
 
     def waited(self, jobs: Sequence[Job], now: float) -> None:
         """Admitted jobs that passed exit 1 (or were dropped without) at `now`: their waits teach the slowdown."""

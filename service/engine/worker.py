@@ -245,15 +245,13 @@ class Engine:
             if self.brownout.enabled and self.brownout.level:
                 job.max_exit = min(job.max_exit or self.num_exits, self.brownout.max_exit)
             priority = s.priority(job.options)
-            wait = s.exit1_wait(priority, now)
-            eta = now + s.slowdown.wait(wait, now)
+            wait, eta = s.exit1_forecast(priority, now)
             if job.options.client_deadline:
                 if self.brownout.observe(eta - now, job.deadline - now, now):
                     self._brownout_changed()
                 if eta > job.deadline and self.brownout.refused(now):
                     self._brownout_changed()
-                    wait = s.exit1_wait(priority, now)
-                    eta = now + s.slowdown.wait(wait, now)
+                    wait, eta = s.exit1_forecast(priority, now)  # the brownout cut the deeper queues
             if eta > job.deadline:
                 raise self._late_for_exit_1(eta, job.deadline, now)
             s.add(job, now, wait)
