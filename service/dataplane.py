@@ -77,11 +77,13 @@ class DataPlane:
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.registry.served()))
 
     def check_ready(self) -> None:
-        """Readiness: 503 while starting or draining."""
+        """Readiness: 503 while starting or draining. A request process restarted in a ready server is
+        ready once it serves: it takes connections from the shared socket already, and its 503 would
+        take the whole server out of a balancer while it warms its socket."""
         if self.draining:
             raise ServiceError("the server is shutting down", SHUTTING_DOWN)
         self.check_serving()
-        if not self.ready:
+        if not (self.ready or self.registry.server_ready):
             raise ServiceError("the server is warming up its listening socket", NOT_READY)
 
     def check_serving(self) -> None:

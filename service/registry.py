@@ -231,6 +231,7 @@ class ModelRegistry:
 
     # -- what the app's lifespan asks of a registry (service/workers/remote.py has the other kind) --
     available = True  # the models are here, in this process
+    server_ready = False  # one process: its own readiness is the server's
     worker: str | None = None  # the request process's label (several request processes only)
 
     async def background(self, stop: Callable[[], bool]) -> None:

@@ -4,6 +4,7 @@ stays ready, and SIGTERM under load loses nothing."""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
@@ -97,24 +98,41 @@ def test_two_request_processes_answer_on_one_port_and_the_metrics_add_up(server:
 
 
 def test_a_killed_request_process_is_replaced_and_the_server_stays_ready(store: Path) -> None:
+    """While the new request process warms its socket it already takes connections: /readyz, asked on
+    new connections from four threads all along, never says 503 (one did, 50-140 times a restart)."""
     srv = ServerProcess(store, "tiny", workers=2).wait_ready(timeout=180)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def poll_readiness() -> None:
+        with httpx.Client(base_url=srv.url, timeout=5, headers={"connection": "close"}) as client:
+            while not stop.is_set():
+                statuses.append(client.get("/readyz").status_code)
+
+    pollers = [threading.Thread(target=poll_readiness) for _ in range(4)]
     try:
         victim = request_processes(srv)[0]
         os.kill(victim, signal.SIGKILL)
-        statuses, end = [], time.monotonic() + 20
+        for t in pollers:
+            t.start()
+        end = time.monotonic() + 20
         while time.monotonic() < end:
-            statuses.append(httpx.get(f"{srv.url}/readyz", timeout=5).status_code)
             assert httpx.post(f"{srv.url}/classify", timeout=10, **POST).status_code == 200
             pids = request_processes(srv)
-            if len(pids) == 2 and victim not in pids and statuses[-1] == 200:
+            if len(pids) == 2 and victim not in pids:
                 text = httpx.get(f"{srv.url}/metrics").text
                 if metric(text, "anytime_worker_restarts_total", role="request") == 1:
                     break
             time.sleep(0.1)
         else:
             raise AssertionError("the killed request process was not replaced in 20 s")
-        assert set(statuses) == {200}  # ready all along: the other request process answered meanwhile
+        time.sleep(1.0)  # past the new process's warm-up over the socket
+        stop.set()
+        for t in pollers:
+            t.join()
+        assert len(statuses) > 100 and set(statuses) == {200}, collections.Counter(statuses)
     finally:
+        stop.set()
         assert srv.stop() == 0
 
 

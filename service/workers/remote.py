@@ -102,6 +102,11 @@ class RemoteRegistry:
     def available(self) -> bool:
         return self.connected and self.host_ready
 
+    @property
+    def server_ready(self) -> bool:
+        """The engine process says every request process has warmed once: true at once for a restarted one."""
+        return self.available
+
     def served(self) -> list[RemoteServedModel]:
         return list(self.slots.values())
 
