@@ -5,9 +5,11 @@ mode (alpha composited on black, 16-bit and float images scaled to 8 bits), then
 shorter side to `resize`, then a centre crop of `size`; or straight to `size`×`size`), scale to
 [0, 1], normalise with the spec's mean and std. It calls torchvision's functional kernels directly
 on plain tensors: the same arithmetic as a `v2.Compose` of ToImage, Resize, CenterCrop, ToDtype and
-Normalize (tested equal), without that pipeline's per-call dispatch, which cost half the time of a
-28x28 image. The server decodes untrusted bytes first (service/images.py); a training set's trusted
-files are read with `load_image_file`; both are turned upright by their EXIF orientation.
+Normalize (tested equal, bit for bit), without that pipeline's per-call dispatch, which cost half
+the time of a 28x28 image; an image already at the model's size is scaled and normalised in NumPy
+(the same float32 operations; 8 µs instead of 23 for a 28x28 image). The server decodes untrusted
+bytes first (service/images.py); a training set's trusted files are read with `load_image_file`;
+both are turned upright by their EXIF orientation.
 """
 
 from __future__ import annotations
@@ -60,11 +62,28 @@ class Preprocess:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
         self.size = [spec.size, spec.size]
+        # float32, as torchvision's kernels compute: the same operations in NumPy give the same bits
+        self._scale = np.float32(1.0 / 255)
+        self._mean = np.asarray(spec.mean, dtype=np.float32)
+        self._std = np.asarray(spec.std, dtype=np.float32)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        t = F.pil_to_tensor(to_mode(image, self.spec.color_mode))
+        image = to_mode(image, self.spec.color_mode)
+        if not self.spec.resize and image.size == (self.spec.size, self.spec.size):
+            return self._scaled(image)
+        t = F.pil_to_tensor(image)
         if self.spec.resize:
             t = F.center_crop(F.resize(t, [self.spec.resize], antialias=True), self.size)
         elif list(t.shape[-2:]) != self.size:
             t = F.resize(t, self.size, antialias=True)
         return F.normalize(F.to_dtype(t, torch.float32, scale=True), self.spec.mean, self.spec.std)
+
+    def _scaled(self, image: Image.Image) -> torch.Tensor:
+        """An 8-bit image of the right size, scaled and normalised in NumPy: one array, no per-kernel
+        dispatch (three tensor kernels cost most of the event loop's preprocessing of a 28x28 image)."""
+        a = np.asarray(image, dtype=np.float32)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        a = a * self._scale
+        a -= self._mean[:, None, None]
+        a /= self._std[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray(a))
