@@ -105,6 +105,8 @@ def test_stage_times_seed_interpolate_and_adapt() -> None:
     for _ in range(50):  # the machine got twice as slow
         t.observe(0, 1, 0.006)
     assert t.predict(0, 1) == pytest.approx(0.006, rel=1e-3)
+    # every remembered prediction of the stage follows (4 rows were predicted before the change)
+    assert t.predict(0, 4) == pytest.approx(0.006 + (0.011 - 0.006) * 3 / 7, rel=1e-3)
     fresh = StageTimes(1)
     fresh.observe(0, 3, 0.01)
     assert fresh.predict(0, 3) == 0.01

@@ -35,6 +35,7 @@ class StageTimes:
         self._table: list[dict[int, float]] = [{} for _ in range(num_stages)]
         self._baseline: list[dict[int, float]] = [{} for _ in range(num_stages)]
         self._seen = [clock()] * num_stages  # when each stage was last measured
+        self._memo: list[dict[int, float]] = [{} for _ in range(num_stages)]  # predictions since the last change
         self._lock = threading.Lock()
 
     @classmethod
@@ -58,24 +59,32 @@ class StageTimes:
                 table[batch] = prior + self.smoothing * (min(seconds, prior * OUTLIER) - prior)
             else:
                 table[batch] = seconds
+            self._memo[stage].clear()
 
     def set(self, stage: int, batch: int, seconds: float) -> None:
         """Replace the estimate and the baseline for (stage, batch) with a measurement (warm-up)."""
         with self._lock:
             self._table[stage][batch] = self._baseline[stage][batch] = seconds
             self._seen[stage] = self.clock()
+            self._memo[stage].clear()
 
     def predict(self, stage: int, batch: int) -> float:
-        """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown."""
+        """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown.
+        Remembered until the stage's estimates change: admission and planning ask a few per request."""
         if stage >= self.num_stages:
             return 0.0
         with self._lock:
             now = self.clock()
+            memo = self._memo[stage]
             if now - self._seen[stage] > STALE_S and self._baseline[stage]:
                 table = self._table[stage]
                 self._table[stage] = {bs: min(table.get(bs, t), t) for bs, t in self._baseline[stage].items()}
                 self._seen[stage] = now
-            return self._predict(stage, batch)
+                memo.clear()
+            t = memo.get(batch)
+            if t is None:
+                t = memo[batch] = self._predict(stage, batch)
+            return t
 
     def _predict(self, stage: int, batch: int) -> float:
         table = self._table[stage]
