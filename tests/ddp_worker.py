@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models import build_model
 from models.seed import seed_everything
 from training.config import TrainConfig
-from training.trainer import init_distributed, train_step
+from training.trainer import init_distributed, leave_distributed, train_step
 
 
 def main(out_dir: str) -> None:
@@ -34,6 +34,7 @@ def main(out_dir: str) -> None:
     for _ in range(3):
         train_step(net, x, y, optimizer, None, cfg, None)
     torch.save(model.state_dict(), Path(out_dir) / f"world{ctx.world_size}-rank{ctx.rank}.pt")
+    leave_distributed()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         cfg = config_from_args(argv)
-        from training.trainer import Trainer  # heavy imports after the flags are known good
+        from training.trainer import Trainer, leave_distributed  # heavy imports after the flags are known good
 
-        trainer = Trainer(cfg)
-        rows = trainer.fit()
+        try:
+            rows = Trainer(cfg).fit()
+        finally:
+            leave_distributed()
     except ValidationError as exc:
         sys.stderr.write(f"anytime-train: error: {settings_error(exc)}\n")
         return 2

@@ -55,6 +55,14 @@ def init_distributed() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def leave_distributed() -> None:
+    """Leave the process group, if this process joined one, while the interpreter is still whole: a
+    finished run that exits with gloo's threads alive can abort in finalization (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#190489), and torchrun reports it failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(cfg: TrainConfig, ctx: DistContext) -> torch.device:
     """The configured device; `auto` picks CUDA when present. DDP ranks take their local GPU."""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
