@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,16 @@ log = logging.getLogger("anytime.api")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
 
 
+class Lifecycle(IntEnum):
+    """Where a serving process is, in order: each state only ever moves to a later one."""
+
+    STARTING = 0  # loading and warming: every request 503
+    SERVING = 1  # models and request paths warm: requests answered, /readyz waits for the socket's warm-up
+    READY = 2  # /readyz says ready
+    DRAINING = 3  # SIGTERM: /readyz 503, requests still answered until the listener closes
+    CLOSED = 4  # the listener has closed: new calls refused
+
+
 @dataclass(frozen=True)
 class Protocol:
     """A protocol as the data plane sees it: its metric label and the status it answers each error kind with."""
@@ -60,19 +71,22 @@ class DataPlane:
 
     def __init__(self, settings: ServiceSettings, metrics: Metrics, registry: ModelRegistry | RemoteRegistry) -> None:
         self.settings, self.metrics, self.registry = settings, metrics, registry
-        self.serving = False  # models loaded and warmed up, request paths warmed in process: answer requests
-        self.ready = False  # and warmed over the listening socket too: /readyz says ready
-        self.draining = False
-        self.closed = False  # the HTTP listener has closed (service/drain.py): new calls are refused
+        self.state = Lifecycle.STARTING
         self.margin = AnswerMargin()  # how early the deadline timer fires, so that its answer leaves in time
         worker = registry.worker
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
     # -- readiness ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Models and request paths warm: requests are answered (readiness waits for the socket's warm-up)."""
+        if self.state is Lifecycle.STARTING:
+            self.state = Lifecycle.SERVING
+
     def become_ready(self) -> None:
         """Warm-up done: readiness turns on (and the engine process hears it, with several request processes)."""
         freeze_heap()
-        self.serving = self.ready = True
+        if self.state < Lifecycle.READY:
+            self.state = Lifecycle.READY
         self.registry.report_ready()
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.registry.served()))
 
@@ -83,7 +97,7 @@ class DataPlane:
         if self.draining:
             raise ServiceError("the server is shutting down", SHUTTING_DOWN)
         self.check_serving()
-        if not (self.ready or self.registry.server_ready):
+        if not (self.state is Lifecycle.READY or self.registry.server_ready):
             raise ServiceError("the server is warming up its listening socket", NOT_READY)
 
     def check_serving(self) -> None:
@@ -93,12 +107,25 @@ class DataPlane:
         balancers stop sending before the listener closes (service/drain.py)."""
         if _warming():
             return
-        if self.closed:
+        if self.state is Lifecycle.CLOSED:
             raise ServiceError("the server is shutting down", SHUTTING_DOWN)
-        if not self.serving:
+        if self.state is Lifecycle.STARTING:
             raise ServiceError("the models are not loaded and warmed up yet", NOT_READY)
         if not self.registry.available:
             raise ServiceError("the engine process is not ready (starting or restarting)", NOT_READY)
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM came: /readyz answers 503 (requests are still answered until the listener closes)."""
+        return self.state >= Lifecycle.DRAINING
+
+    def drain(self) -> None:
+        if self.state < Lifecycle.DRAINING:
+            self.state = Lifecycle.DRAINING
+
+    def close(self) -> None:
+        """The HTTP listener has closed (service/drain.py): new calls are refused."""
+        self.state = Lifecycle.CLOSED
 
     def model(self, name: str | None = None, version: str | None = None) -> Served:
         """A served model for a metadata request (404 if not served; 503 while starting or draining)."""
@@ -157,7 +184,9 @@ class DataPlane:
         )
 
     async def _answer(self, model: Served, job: Job, future: asyncio.Future[Answer]) -> Answer:
-        """The worker's answer, or the answer from the exit the row passed when the deadline comes.
+        """The worker's answer, or the answer from the exit the row passed when the deadline comes: the
+        one mechanism for both process models (with several, the engine process reports the exits
+        passed, and the request process answers from them).
 
         A timer set for the deadline itself fires after it, and later still when the loop is busy,
         so the loop stops waiting an answer margin early (`AnswerMargin`) when the row has passed an
@@ -165,8 +194,8 @@ class DataPlane:
         the loop's timer moves: the engine still plans to the deadline (bringing its plans forward
         as well cost more 504s than it saved late answers; docs/server.md)."""
         options = job.options
-        end = options.deadline + model.engine.deadline_grace_s
-        due = end
+        engine = model.engine
+        end = due = options.deadline
         if options.client_deadline:
             due -= self.margin.for_budget(options.deadline - options.received)
         try:
@@ -174,11 +203,11 @@ class DataPlane:
                 done, _ = await asyncio.wait({future}, timeout=max(0.0, due - time.monotonic()))
                 if done:
                     return future.result()
-                if due >= end or job.passed is not None:
+                if due >= end or engine.passed(job):
                     break
                 due = end  # nothing to answer from yet: wait for exit 1 until the deadline
             try:
-                return model.engine.answer_now(job)
+                return engine.answer_now(job)
             finally:
                 self.margin.observe(time.monotonic() - due)
         finally:

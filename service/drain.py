@@ -20,6 +20,8 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.config import ServiceSettings
+
 log = logging.getLogger("anytime.serve")
 DRAIN_SIGNAL = signal.SIGUSR1  # supervisor → request process: drain as on SIGTERM
 
@@ -70,7 +72,7 @@ class DrainingServer(uvicorn.Server):
             sig = signal.SIGTERM
         plane = getattr(self.app.state, "plane", None)
         if plane is not None:
-            plane.draining = True
+            plane.drain()
         if self.grace_ends is None and self.grace_s > 0 and not self.should_exit:
             self.grace_ends = time.monotonic() + self.grace_s
             log.info("draining: /readyz answers 503; closing the listener in %.1f s", self.grace_s)
@@ -96,10 +98,29 @@ class DrainingServer(uvicorn.Server):
         kept-alive connection) are refused with 503 / UNAVAILABLE, while those in flight finish."""
         plane = getattr(self.app.state, "plane", None)
         if plane is not None:
-            plane.closed = True
+            plane.close()
         await super().shutdown(sockets=sockets)
 
     async def on_tick(self, counter: int) -> bool:
         if self.grace_ends is not None and not self.should_exit and time.monotonic() >= self.grace_ends:
             self.should_exit = True
         return await super().on_tick(counter)
+
+
+def draining_server(
+    settings: ServiceSettings, app: FastAPI, stack: ASGIApp, *, bind: bool = True, supervised: bool = False
+) -> DrainingServer:
+    """uvicorn serving `stack` as every serving process runs it (`bind`: on the settings' host and port;
+    else on sockets handed to `run`)."""
+    address = {"host": settings.host, "port": settings.port} if bind else {}
+    config = uvicorn.Config(
+        stack,
+        **address,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        access_log=False,
+        http="httptools",  # C parser and event loop: 12 % lower single-client latency than h11/asyncio
+        loop="uvloop",
+        proxy_headers=False,  # nothing uses client addresses; one ASGI layer less per request
+    )
+    return DrainingServer(config, app, settings.drain_grace_s, supervised=supervised)

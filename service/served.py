@@ -50,26 +50,34 @@ def engine_config(settings: ServiceSettings, engine_process: bool = False) -> En
 WORKER_NICE = 10
 
 
-class EngineLike(Protocol):
-    """What the data plane asks of an engine, local or in the engine process."""
+class EngineClient(Protocol):
+    """The one boundary between the data plane and an engine, whatever the process model: the `Engine`
+    itself in one process, `RemoteEngine` (service/workers/remote.py) over the link to the engine
+    process. Both raise the engine's typed errors (QueueFull, DeadlineUnreachable, EngineStopped,
+    EngineFailure); called on the event loop."""
 
     num_exits: int
-    deadline_grace_s: float  # how long after a deadline its own answer may still arrive
 
     @property
     def alive(self) -> bool: ...
 
-    def submit(self, job: Job) -> asyncio.Future: ...
+    def precheck(self, options: InferenceOptions) -> None:
+        """Refuse before decoding what admission would refuse."""
 
-    def precheck(self, options: InferenceOptions) -> None: ...
+    def submit(self, job: Job) -> asyncio.Future:
+        """Admit `job`; the future completes with its Answer or the engine's error."""
 
-    def answer_now(self, job: Job) -> Answer: ...
+    def passed(self, job: Job) -> bool:
+        """Whether `job` has passed an exit that `answer_now` can answer from."""
+
+    def answer_now(self, job: Job) -> Answer:
+        """The answer from the last exit passed (reason `deadline`); DeadlineUnreachable if none."""
 
 
 class Served(ABC):
     """A served version as the protocols see it. `leases` counts the requests that hold it."""
 
-    engine: EngineLike
+    engine: EngineClient
 
     def __init__(self, manifest: Manifest, settings: ServiceSettings, metrics: ModelMetrics) -> None:
         self.manifest, self.settings, self.metrics = manifest, settings, metrics

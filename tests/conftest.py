@@ -1,4 +1,4 @@
-"""Shared fixtures: deterministic RNG state per test, and the `cuda` marker's skip."""
+"""Shared fixtures: deterministic RNG state per test, both process models, and the `cuda` marker's skip."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-processes"])
+def workers(request: pytest.FixtureRequest) -> int:
+    """ANYTIME_WORKERS for a server test that holds in both process models: one process, and two request
+    processes in front of an engine process."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -54,7 +54,7 @@ def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_p
     assert ok, attempts
 
 
-def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: Path) -> None:
+def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: Path, workers: int) -> None:
     """Stages sleep 60 ms but the manifest says 1 ms. Four full-depth requests occupy the engine; then a
     request with 100 ms is refused at once (the queue ahead is known), and one with a deadline that its
     exit 1 makes is answered from exit 1 at the deadline, while stage 2 still runs."""
@@ -62,8 +62,8 @@ def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: 
     make_artifact(
         tmp_path, "liar", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[60] * 4, profile_ms=[1] * 4
     )
-    honest = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false").wait_ready()
-    liar = ServerProcess(tmp_path, "liar", max_batch=1, warmup="false").wait_ready()
+    honest = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers).wait_ready()
+    liar = ServerProcess(tmp_path, "liar", max_batch=1, warmup="false", workers=workers).wait_ready()
     try:
 
         async def scenario() -> tuple[httpx.Response, float]:

@@ -60,7 +60,7 @@ def test_dockerfiles_run_the_server_safely() -> None:
         assert "USER anytime" in serve and "HEALTHCHECK" in serve and '"service.healthcheck"' in serve
         assert "ANYTIME_HOST=0.0.0.0" in serve and "ANYTIME_PORT=8000" in serve and "EXPOSE 8000" in serve
         assert "COPY --chown=anytime:anytime model_store /models" in serve
-        assert 'CMD ["python", "-m", "service.app"]' in serve
+        assert 'CMD ["python", "-m", "service.main"]' in serve
 
 
 def test_prometheus_scrapes_every_replica_and_the_balancer() -> None:

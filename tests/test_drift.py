@@ -74,10 +74,14 @@ def _post(url: str, png: bytes, **params: object) -> dict:
     return r.json()
 
 
-def test_shadow_checks_are_counted_against_the_expectation(tmp_path: Path, pngs: list[bytes]) -> None:
+def test_shadow_checks_are_counted_against_the_expectation(tmp_path: Path, pngs: list[bytes], workers: int) -> None:
+    """Every early answer is shadow-checked, but never the warm-up's requests (they run before ready)."""
     make_artifact(tmp_path, "tiny", thresholds=[0.0, 0.0, 0.0])  # exit 1 answers every request
-    server = ServerProcess(tmp_path, "tiny", shadow_rate=1).wait_ready()
+    server = ServerProcess(tmp_path, "tiny", shadow_rate=1, workers=workers).wait_ready()
     try:
+        time.sleep(1.0)  # an idle worker would run any check the warm-up queued
+        warm = metric(httpx.get(f"{server.url}/metrics").text, "anytime_shadow_samples_total", model="tiny", exit="1")
+        assert not warm, f"{warm} warm-up requests were shadow-checked"
         for png in pngs[:40]:
             _post(server.url, png)
         _post(server.url, pngs[0], threshold=0)  # the client's own threshold: not the artifact's policy

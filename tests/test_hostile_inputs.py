@@ -25,10 +25,11 @@ MAX_BODY = 300_000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, workers: int) -> Iterator[ServerProcess]:
     store = tmp_path_factory.mktemp("hostile")
     make_artifact(store, "tiny", "test_tiny")
-    srv = ServerProcess(store, "tiny", max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS).wait_ready()
+    limits = {"max_body_bytes": MAX_BODY, "max_image_pixels": MAX_PIXELS}
+    srv = ServerProcess(store, "tiny", workers=workers, **limits).wait_ready()
     yield srv
     assert srv.stop() == 0
 

@@ -119,10 +119,10 @@ class SteadyLoad:
 
 
 @pytest.fixture()
-def rollout(tmp_path: Path) -> Iterator[tuple[Path, Path, ServerProcess]]:
+def rollout(tmp_path: Path, workers: int) -> Iterator[tuple[Path, Path, ServerProcess]]:
     store, staging = tmp_path / "store", tmp_path / "staging"
     make_artifact(store, "tiny", class_prefix="v1-")
-    server = ServerProcess(store, "tiny", model_poll_s=0.3, log_level="info").wait_ready()
+    server = ServerProcess(store, "tiny", model_poll_s=0.3, log_level="info", workers=workers).wait_ready()
     yield store, staging, server
     assert server.stop() == 0
 
@@ -161,7 +161,8 @@ def test_a_new_version_rolls_out_under_load_and_back(rollout: tuple[Path, Path, 
     assert all(t >= published for t, _, tag in answers if tag == "2")
     text = httpx.get(f"{server.url}/metrics").text
     assert metric(text, "anytime_model_info", name="tiny", version="1") == 1
-    assert metric(text, "anytime_model_info", name="tiny", version="2") is None  # released versions drop out
+    # Released versions drop out (with several request processes the series stays, at 0, in their files).
+    assert metric(text, "anytime_model_info", name="tiny", version="2") in (None, 0)
     assert "does not match its manifest" in server.output()
 
 

@@ -29,10 +29,10 @@ def _rss_kb(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_twenty_times_saturation_gives_only_200_503_504(tmp_path: Path) -> None:
+def test_twenty_times_saturation_gives_only_200_503_504(tmp_path: Path, workers: int) -> None:
     # Saturation is about 20 req/s: each batch of at most 2 takes 4 x 25 ms.
     make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[25] * 4)
-    srv = ServerProcess(tmp_path, "sleepy", max_batch=2, queue_size=8, warmup="false").wait_ready()
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=2, queue_size=8, warmup="false", workers=workers).wait_ready()
     baseline = _rss_kb(srv.proc.pid)
     rate, seconds = 400.0, 5.0  # 20x saturation
 
@@ -134,7 +134,7 @@ def test_clients_that_hang_up_do_not_leak_queue_slots(tmp_path: Path) -> None:
 def _serve(store: Path, name: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ANYTIME_MODEL_STORE": str(store), "ANYTIME_MODEL_NAME": name,
            "ANYTIME_PORT": "0"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "service.app"], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "service.main"], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_missing_or_corrupt_artifact_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:

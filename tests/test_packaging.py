@@ -26,7 +26,7 @@ PACKAGED = {p.rstrip("*") for p in PROJECT["tool"]["setuptools"]["packages"]["fi
 LOCAL = PACKAGED | {"bench", "tools", "tests"}
 ENTRY_POINTS = {
     "client": ["client.cli"],
-    "serve": ["service.app"],
+    "serve": ["service.main"],
     "train": ["training.cli", "training.export", "training.importer"],
 }
 
@@ -122,4 +122,4 @@ def test_images_install_the_project_by_its_extras(dockerfile: str) -> None:
     stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
     assert '".[serve]"' in stages["serve"] and '".[train]"' in stages["train"]
     assert "requirements" not in text and "PYTHONPATH" not in text
-    assert 'CMD ["python", "-m", "service.app"]' in stages["serve"]
+    assert 'CMD ["python", "-m", "service.main"]' in stages["serve"]

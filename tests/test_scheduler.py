@@ -168,7 +168,7 @@ def test_the_answer_margin_learns_how_late_the_timer_fires_within_its_bounds() -
     assert margin.for_budget(4e-3) == pytest.approx(1e-3)  # never more than a quarter of the budget
     for _ in range(10_000):  # an idle loop: back down to the floor
         margin.observe(0.0)
-    assert margin.estimate_s == pytest.approx(0.2e-3)
+    assert margin.estimate_s == pytest.approx(1e-3)  # the loop's timer resolution
 
 
 def test_admission_learns_how_much_longer_than_predicted_jobs_wait() -> None:

@@ -224,9 +224,10 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path, fmnist_pngs: 
 
 
 @pytest.mark.slow
-def test_sigterm_under_load_drains_in_flight_and_exits_0(tmp_path: Path, fmnist_pngs: list) -> None:
+def test_sigterm_under_load_drains_in_flight_and_exits_0(tmp_path: Path, fmnist_pngs: list, workers: int) -> None:
     make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[25] * 4)
-    srv = ServerProcess(tmp_path, "sleepy", max_batch=4, max_wait_ms=5, drain_timeout_s=20, warmup="false").wait_ready()
+    settings = {"max_batch": 4, "max_wait_ms": 5, "drain_timeout_s": 20, "warmup": "false", "workers": workers}
+    srv = ServerProcess(tmp_path, "sleepy", **settings).wait_ready()
 
     async def run() -> list[int | str]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:

@@ -131,7 +131,7 @@ class Cluster:
         self.starts += 1
         env = {**self.replica_env, "ANYTIME_PORT": str(self.ports[i])}
         log_path = self.workdir / f"replica{i + 1}-{self.starts}.log"
-        return LocalProcess([sys.executable, "-m", "service.app"], self.ports[i], log_path, env)
+        return LocalProcess([sys.executable, "-m", "service.main"], self.ports[i], log_path, env)
 
     def _start_haproxy(self) -> LocalProcess:
         binary = shutil.which("haproxy")

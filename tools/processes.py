@@ -114,7 +114,7 @@ class LocalProcess:
 
 
 class ServerProcess(LocalProcess):
-    """`anytime-serve` (python -m service.app) serving `name` from `store`; `settings` become ANYTIME_*.
+    """`anytime-serve` (python -m service.main) serving `name` from `store`; `settings` become ANYTIME_*.
 
     gRPC is off unless `grpc_port` is given (several test servers must not contend for 8001), and
     there is no drain grace period unless `drain_grace_s` is given (no balancer needs one).
@@ -138,7 +138,7 @@ class ServerProcess(LocalProcess):
         env.update({f"ANYTIME_{k.upper()}": str(v) for k, v in settings.items()})
         self.grpc_address = f"127.0.0.1:{settings['grpc_port']}" if settings.get("grpc_port") else None
         log_path = Path(log_dir or store) / f"server-{port}.log"
-        super().__init__([sys.executable, "-m", "service.app"], port, log_path, env, cpus)
+        super().__init__([sys.executable, "-m", "service.main"], port, log_path, env, cpus)
 
 
 class PrometheusProcess(LocalProcess):

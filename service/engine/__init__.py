@@ -1,8 +1,8 @@
 """The anytime engine: stage queues and their scheduler, stage runners (eager, CUDA graphs), the worker
 thread, online stage times, and the drift guard's shadow checks."""
 
+from service.engine.engine import Engine, EngineConfig
 from service.engine.jobs import Answer, DeadlineUnreachable, EngineFailure, EngineStopped, Job, QueueFull
-from service.engine.worker import Engine, EngineConfig
 
 __all__ = [
     "Answer",

@@ -1,4 +1,10 @@
-"""What goes into the engine and what comes out: jobs, answers, the engine's errors, and settling futures."""
+"""What goes into the engine and what comes out: jobs, answers, the engine's errors, and their sinks.
+
+Every job has one sink, whatever the process model: `LoopSink` completes in-process futures on their
+event loop; the engine process's link (service/workers/host.py) sends answers to a request process.
+The worker thread calls `settle`, which hands each sink its answers in one call. Runs in whichever
+thread calls it (the worker thread, the event loop for the answer at a deadline).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,12 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor
 
 from models.exit_policy import Reason
-from service.errors import DEADLINE_EXCEEDED, INFERENCE_FAILED, OVERLOADED, SHUTTING_DOWN, ServiceError
+from service.errors import DEADLINE_EXCEEDED, INFERENCE_FAILED, OVERLOADED, SHUTTING_DOWN, Kind, ServiceError
 from service.options import InferenceOptions
 
 
@@ -37,6 +43,17 @@ class EngineStopped(ServiceError):
     """The engine is shutting down and takes no more work."""
 
     kind = SHUTTING_DOWN
+
+
+ENGINE_ERRORS: dict[Kind, type[ServiceError]] = {
+    e.kind: e for e in (QueueFull, DeadlineUnreachable, EngineFailure, EngineStopped)
+}
+
+
+def engine_error(kind: Kind, message: str, retry_after_s: float | None = None) -> ServiceError:
+    """The typed error an engine raised, rebuilt from its kind (on the far side of a process link), so
+    that the data plane counts a refusal as a refusal whichever process model it runs in."""
+    return ENGINE_ERRORS.get(kind, ServiceError)(message, kind, retry_after_s=retry_after_s)
 
 
 class Passed(NamedTuple):
@@ -66,9 +83,9 @@ class Job:
     admitted: float | None = None  # when admission took it, predicting a wait of `predicted_wait_s` for exit 1
     predicted_wait_s: float = 0.0
     passed: Passed | None = None  # set by the worker while the job waits for a deeper stage
-    future: asyncio.Future | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    sink: Sink | None = None  # instead of a future: who takes the answer (another process's link)
+    fallback: Answer | None = None  # in a request process: the engine process's answer from the exit passed
+    sink: Sink | None = None  # who takes the answer: a LoopSink, or another process's link
+    future: asyncio.Future | None = None  # an in-process job's answer (completed by its LoopSink)
     done: bool = False  # set by a sink once it has taken an answer for this job
 
     @property
@@ -77,6 +94,7 @@ class Job:
 
     @property
     def settled(self) -> bool:
+        """Answered, or no longer waited for (its client went away, or it was answered at its deadline)."""
         if self.future is not None:
             return self.future.done()
         return self.done
@@ -101,9 +119,28 @@ Deliver = Callable[[list[tuple[Job, Outcome]]], None]
 
 
 class Sink(Protocol):
-    """Takes the answers of jobs that have no future (service/workers/host.py sends them to a request process)."""
+    """Takes the answers of jobs, and hears of the exits rows pass on their way deeper."""
 
     def deliver(self, settled: list[tuple[Job, Outcome]]) -> None: ...
+
+    def passed(self, jobs: list[Job]) -> None:
+        """`jobs` passed an exit and go on (`job.passed` says which); called by the worker thread."""
+
+
+class LoopSink:
+    """The sink of in-process jobs: completes their futures on `loop`, one call into it per stage."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def deliver(self, settled: list[tuple[Job, Outcome]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_apply, settled)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def passed(self, jobs: list[Job]) -> None:
+        """Nothing to do: the event loop reads `job.passed` itself at the deadline."""
 
 
 def _apply(settled: list[tuple[Job, Outcome]]) -> None:
@@ -120,19 +157,20 @@ def _apply(settled: list[tuple[Job, Outcome]]) -> None:
 
 
 def settle(settled: list[tuple[Job, Outcome]]) -> None:
-    """From the worker thread: complete futures with one call into each event loop involved, and hand the
-    answers of futureless jobs to their sinks, one call per sink."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Outcome]]] = {}
-    by_sink: dict[int, tuple[Sink, list[tuple[Job, Outcome]]]] = {}
-    for job, value in settled:
-        if job.loop is not None:
-            by_loop.setdefault(job.loop, []).append((job, value))
-        elif job.sink is not None:
-            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, value))
-    for sink, items in by_sink.values():
+    """Hand each sink the answers of its jobs, in one call per sink."""
+    for sink, items in _by_sink(settled).values():
         sink.deliver(items)
-    for loop, items in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_apply, items)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+
+
+def announce_passed(jobs: list[Job]) -> None:
+    """Tell each sink which of its jobs passed an exit and go on."""
+    for sink, items in _by_sink([(j, None) for j in jobs]).values():
+        sink.passed([j for j, _ in items])
+
+
+def _by_sink(items: list[tuple[Job, Any]]) -> dict[int, tuple[Sink, list[tuple[Job, Any]]]]:
+    by_sink: dict[int, tuple[Sink, list[tuple[Job, Any]]]] = {}
+    for job, value in items:
+        if job.sink is not None:
+            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, value))
+    return by_sink

@@ -24,8 +24,9 @@ from the exit they passed (reason `deadline`), or, in stage 1's queue, refused (
 predicts when a new job would reach exit 1 from the work queued ahead of it and the measured
 stage times, and refuses at once what cannot make it.
 
-This module runs no model and starts no thread; the worker (service/engine/worker.py) holds
-its lock around every call.
+This module runs no model and starts no thread. It runs in the engine's process (the server's
+own, or the engine process of several request processes), on the worker thread and on whichever
+thread admits a job, always under the engine's lock (service/engine/engine.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from torch import Tensor
 from service.engine.jobs import Job
 from service.engine.timing import Slowdown, StageTimes
 from service.options import InferenceOptions
+
+# The deadline heap keeps entries of jobs taken since (removed lazily); rebuilt past twice the queue plus this.
+HEAP_SLACK = 64
+# Stage 1's urgency looks this many full batches ahead: enough to cover a burst, few enough to stay cheap.
+URGENCY_BATCHES = 8
 
 
 @dataclass(eq=False)
@@ -71,6 +77,32 @@ class Chunk:
         jobs = [self.jobs[i] for i in idx.tolist()]
         h, p = self.h.index_select(0, t), self.p.index_select(0, t)
         return Chunk(self.stage, jobs, h, p, self.conf[idx], self.deadlines[idx], self.priorities[idx])
+
+
+@dataclass
+class Forecast:
+    """What the check before decoding needs of an engine's queues, as plain numbers (`Scheduler.forecast`;
+    the engine process publishes it to its request processes). Absolute times are `time.monotonic()` seconds, which
+    every process on the machine shares."""
+
+    stopping: bool
+    full: bool
+    retry_after_s: float
+    exit1_s: float  # stage 1 and its exit for one row
+    busy_until: float  # predicted end of the run in progress
+    deep_s: float  # one run of a deeper stage when rows wait there, else 0
+    batch_cost_s: np.ndarray  # [n]: seconds to run n rows of stage 1 (n < max_batch), overhead included
+    full_batch_s: float  # seconds of one full stage-1 batch, overhead included
+    priorities: np.ndarray  # stage 1's queue, sorted
+    aging_s: float  # a request's priority: min(deadline, received + aging_s), as `Scheduler.priority`
+    slowdown: Slowdown
+
+    def exit1_eta(self, priority: float, now: float) -> float:
+        """`Scheduler.exit1_eta` from these figures."""
+        ahead = int(np.searchsorted(self.priorities, priority, side="right")) + 1
+        full, rest = divmod(ahead, len(self.batch_cost_s))
+        wait = max(0.0, self.busy_until - now) + full * self.full_batch_s + float(self.batch_cost_s[rest]) + self.deep_s
+        return now + self.slowdown.wait(wait, now)
 
 
 @dataclass
@@ -111,16 +143,24 @@ class Scheduler:
         self._new: list[tuple[float, int, Job]] = []  # stage 1's queue, sorted by (priority, seq)
         self._by_deadline: list[tuple[float, int, Job]] = []  # the same jobs as a heap by deadline (lazy)
         self.waiting: list[list[Chunk]] = [[] for _ in range(num_stages)]  # index 0 unused
-        self.rows = [0] * num_stages
         self.busy_until = 0.0  # predicted end of the run in progress
         self.overhead_s = 0.0  # the worker's own time per run (planning, deciding, answering), smoothed
         self.slowdown = Slowdown()  # how much longer than predicted admitted jobs wait for exit 1
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
+    def rows(self) -> list[int]:
+        """Rows waiting in each stage's queue (derived from the queues, never kept by hand)."""
+        return [len(self._new)] + [sum(len(c) for c in self.waiting[k]) for k in range(1, self.num_stages)]
+
+    def waiting_rows(self, k: int) -> int:
+        """Rows waiting in stage `k`'s queue."""
+        return len(self._new) if k == 0 else sum(len(c) for c in self.waiting[k])
+
+    @property
     def queued(self) -> int:
         """Rows waiting in every stage queue (not the ones running)."""
-        return sum(self.rows)
+        return len(self._new) + sum(len(c) for k in range(1, self.num_stages) for c in self.waiting[k])
 
     def priority(self, options: InferenceOptions) -> float:
         """A request's place in the queues: its deadline, or its arrival plus the aging time if sooner."""
@@ -151,10 +191,14 @@ class Scheduler:
         between runs)."""
         ahead = bisect.bisect_right(self._new, (priority, math.inf))
         t = max(0.0, self.busy_until - now) + self.cost(0, ahead + 1)
-        stages = [k for k in range(1, self.num_stages) if self.rows[k]] if deep else []
-        if stages:
-            t += max(self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch))) for k in stages)
+        if deep:
+            deeper = [self.waiting_rows(k) for k in range(1, self.num_stages)]
+            t += max((self._run_s(k + 1, n) for k, n in enumerate(deeper) if n), default=0.0)
         return t
+
+    def _run_s(self, k: int, rows: int) -> float:
+        """Predicted seconds of one run of stage `k` for the first batch of `rows` waiting rows."""
+        return self.times.predict(k, self.bucket(min(rows, self.max_batch)))
 
     def exit1_forecast(self, priority: float, now: float, deep: bool = True) -> tuple[float, float]:
         """(its wait by the stage times, `exit1_eta`) for such a job: admission queues it with the first
@@ -167,6 +211,23 @@ class Scheduler:
         slowdown admitted jobs have seen lately (`Slowdown`)."""
         return self.exit1_forecast(priority, now, deep)[1]
 
+    def forecast(self, now: float, deep: bool) -> Forecast:
+        """The figures the check before decoding needs, as of `now` (`deep`: count a deeper stage's run)."""
+        deeper = [self.waiting_rows(k) for k in range(1, self.num_stages)] if deep else []
+        return Forecast(
+            stopping=False,
+            full=self.queued >= self.queue_size,
+            retry_after_s=self.backlog_s(now),
+            exit1_s=self.cost(0, 1),
+            busy_until=self.busy_until,
+            deep_s=max((self._run_s(k + 1, n) for k, n in enumerate(deeper) if n), default=0.0),
+            batch_cost_s=np.array([self.cost(0, n) for n in range(self.max_batch)]),
+            full_batch_s=self.cost(0, self.max_batch),
+            priorities=np.array([p for p, _, _ in self._new]),
+            aging_s=self.aging_s,
+            slowdown=Slowdown.restored(self.slowdown.state),
+        )
+
     def waited(self, jobs: Sequence[Job], now: float) -> None:
         """Admitted jobs that passed exit 1 (or were dropped without) at `now`: their waits teach the slowdown."""
         measured = [j for j in jobs if j.admitted is not None]
@@ -176,7 +237,7 @@ class Scheduler:
     def backlog_s(self, now: float) -> float:
         """Predicted seconds to run everything queued (for Retry-After)."""
         t = max(0.0, self.busy_until - now)
-        return t + sum(self.cost(k, self.rows[k]) for k in range(self.num_stages))
+        return t + sum(self.cost(k, n) for k, n in enumerate(self.rows))
 
     def add(self, job: Job, now: float | None = None, wait_s: float = 0.0) -> None:
         """Queue a new job for stage 1, admitted at `now` (if given) with a predicted wait of `wait_s`
@@ -186,8 +247,7 @@ class Scheduler:
         job.queued = True
         bisect.insort(self._new, (job.priority, job.seq, job))
         heapq.heappush(self._by_deadline, (job.deadline, job.seq, job))
-        self.rows[0] += 1
-        if len(self._by_deadline) > 2 * len(self._new) + 64:  # drop entries of jobs taken since
+        if len(self._by_deadline) > 2 * len(self._new) + HEAP_SLACK:  # drop entries of jobs taken since
             self._by_deadline = [(j.deadline, seq, j) for _, seq, j in self._new]
             heapq.heapify(self._by_deadline)
 
@@ -227,7 +287,14 @@ class Scheduler:
     def put(self, chunk: Chunk) -> None:
         """Rows that went on past an exit join the next stage's queue."""
         self.waiting[chunk.stage].append(chunk)
-        self.rows[chunk.stage] += len(chunk)
+
+    def cut(self, first: int) -> list[Chunk]:
+        """Take every row waiting for stage `first` or deeper (a brownout lowered the deepest exit)."""
+        cut: list[Chunk] = []
+        for k in range(max(1, first), self.num_stages):
+            cut += self.waiting[k]
+            self.waiting[k] = []
+        return cut
 
     def drain(self) -> tuple[list[Job], list[Chunk]]:
         """Everything still queued (the engine is stopping)."""
@@ -235,10 +302,7 @@ class Scheduler:
         chunks = [c for k in range(1, self.num_stages) for c in self.waiting[k]]
         self._new.clear()
         self._by_deadline.clear()
-        for k in range(self.num_stages):
-            self.rows[k] = 0
-            if k:
-                self.waiting[k] = []
+        self.waiting = [[] for _ in range(self.num_stages)]
         return jobs, chunks
 
     # -- rules ---------------------------------------------------------------------------------
@@ -252,26 +316,26 @@ class Scheduler:
         return max(self.times.predict(k, self.bucket(self.max_batch)) for k in range(self.num_stages))
 
     def _slack(self, k: int, now: float) -> float:
-        run_s = self.times.predict(k, self.bucket(min(self.rows[k], self.max_batch)))
-        return self._head(k) - now - run_s
+        return self._head(k) - now - self._run_s(k, self.waiting_rows(k))
 
-    def _new_slack(self, now: float, batches: int = 8) -> float:
+    def _new_slack(self, now: float, batches: int = URGENCY_BATCHES) -> float:
         """How long stage 1's queue can wait before one of its first `batches` batches, run back to back,
         ends past a job's deadline."""
         b = self.max_batch
         t = self.times.predict(0, self.bucket(b)) + self.overhead_s
         slack = math.inf
-        for j in range(min(batches, -(-self.rows[0] // b))):
+        for j in range(min(batches, -(-len(self._new) // b))):
             due = min(job.deadline for _, _, job in self._new[j * b : (j + 1) * b])
             slack = min(slack, due - now - (j + 1) * t)
         return slack
 
     def _pick(self, now: float) -> int | None:
-        stages = [k for k in range(self.num_stages) if self.rows[k]]
+        rows = self.rows
+        stages = [k for k in range(self.num_stages) if rows[k]]
         if not stages:
             return None
         window = self.window()
-        if self.rows[0] and self._new_slack(now) <= window:
+        if rows[0] and self._new_slack(now) <= window:
             return 0
         deep = [k for k in stages if k > 0]
         if deep:
@@ -279,15 +343,15 @@ class Scheduler:
             if self._slack(urgent, now) <= window:
                 return urgent
         for k in range(self.num_stages - 1, 0, -1):
-            if self.rows[k] >= self.max_batch:
+            if rows[k] >= self.max_batch:
                 return k
-        if self.rows[0]:
+        if rows[0]:
             return 0
         return max(stages)
 
     def _wait_to_fill(self, now: float) -> bool:
         """Whether to wait for more new jobs before running stage 1 (ANYTIME_MAX_WAIT_MS)."""
-        if self.max_wait_s <= 0 or self.rows[0] >= self.max_batch:
+        if self.max_wait_s <= 0 or len(self._new) >= self.max_batch:
             return False
         oldest = min(j.options.received for _, _, j in self._new)
         return now - oldest < self.max_wait_s
@@ -296,7 +360,6 @@ class Scheduler:
         if k == 0:
             taken = self._new[: self.max_batch]
             del self._new[: self.max_batch]
-            self.rows[0] -= len(taken)
             # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
             live: list[Job] = []
             answered: list[Job] = []
@@ -322,7 +385,6 @@ class Scheduler:
                 left.append(later)
                 need = 0
         self.waiting[k] = left
-        self.rows[k] = sum(len(c) for c in left)
         return Batch(k, [j for c in chosen for j in c.jobs], chosen)
 
     def _unreachable(self, now: float, after_s: float) -> list[Job]:
@@ -338,7 +400,6 @@ class Scheduler:
             i = bisect.bisect_left(self._new, (job.priority, seq))
             del self._new[i]
             job.queued = False
-            self.rows[0] -= 1
             if job.settled:
                 answered.append(job)
             else:
@@ -361,5 +422,4 @@ class Scheduler:
                 if ok is not None and len(ok):
                     kept.append(ok)
             self.waiting[k] = kept
-            self.rows[k] = sum(len(c) for c in kept)
         return late

@@ -120,15 +120,17 @@ class AnswerMargin:
     `quantile`, down with the rest) of how late the loop wakes after its deadline timer, learnt from
     every answer the timer gave; held within [floor_s, cap_s], and never more than a quarter of a
     request's budget. The lateness is measured from when the timer was due, so the margin in force
-    does not feed back into what it learns."""
+    does not feed back into what it learns. The floor is the event loop's timer resolution: uvloop
+    (libuv) keeps timers in whole milliseconds, so an idle loop wakes up to 1 ms after its timer on
+    any machine; it starts at twice that, so that a fresh server is in time before it has learnt."""
 
     def __init__(
         self,
-        initial_s: float = 0.5e-3,
-        floor_s: float = 0.2e-3,
+        initial_s: float = 2e-3,
+        floor_s: float = 1e-3,
         cap_s: float = 5e-3,
         quantile: float = 0.95,
-        step_s: float = 0.05e-3,
+        step_s: float = 0.1e-3,
     ) -> None:
         self.floor_s, self.cap_s, self.quantile, self.step_s = floor_s, cap_s, quantile, step_s
         self.estimate_s = initial_s
@@ -186,6 +188,18 @@ class Slowdown:
         f += self.smoothing * (min(ratio, f * OUTLIER) - f)
         self._factor = min(max(f, 1.0), self.cap)
         self._seen = now
+
+    @property
+    def state(self) -> tuple[float, float]:
+        """(the learnt factor, when it was last measured): what `restored` rebuilds it from."""
+        return self._factor, self._seen
+
+    @classmethod
+    def restored(cls, state: tuple[float, float]) -> Slowdown:
+        """A slowdown with default settings in `state` (a copy, or one published by another process)."""
+        other = cls()
+        other._factor, other._seen = state
+        return other
 
     def factor(self, now: float) -> float:
         """The factor in force at `now`."""

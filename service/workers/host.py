@@ -1,22 +1,23 @@
 """The engine process: one registry, one engine per model on the device, fed by every request process.
 
 It loads and warms the models (CUDA graphs included), listens on a Unix socket in the server's
-private directory, and keeps a `WorkerLink` per request process: a reader thread turns each job
-descriptor into an engine job over the request process's shared memory, and the link is the job's
-`Sink`, so the answers of one engine stage go back in one message. A deadline watch answers, at a
-job's deadline, from the last exit it passed when the engine has not answered (a long stage). It
-tells every request process which models it serves and whether all of them have warmed up once
-(readiness), and on SIGTERM finishes the queued work before it exits.
+private directory, and keeps a `WorkerLink` per request process: a reader thread turns each
+`JobRecord` into an engine job over the request process's shared memory, and the link is the job's
+`Sink`, so the answers of one engine stage go back in one message, as do the answers of the exits
+that rows with a deadline pass (the request process answers from them at the deadline, as a single
+process does). After every worker step each engine publishes its `Forecast` on the model's board,
+from which request processes refuse before decoding. It tells every request process which models
+it serves and whether all of them have warmed up once (readiness), and on SIGTERM finishes the
+queued work before it exits.
+
+Threads: the accept thread, one reader thread per request process (admission runs there), each
+engine's worker thread (answers and forecasts), and the asyncio loop that watches the store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
-import signal
-import sys
 import threading
 import time
 from multiprocessing.connection import Listener
@@ -24,15 +25,14 @@ from typing import Any
 
 import torch
 
-from models.artifact import ArtifactError
 from service.config import ServiceSettings
-from service.drain import DRAIN_SIGNAL
-from service.engine import Answer, Job
-from service.engine.jobs import Outcome
+from service.engine import Answer, Engine, Job
+from service.engine.answers import answer_passed
+from service.engine.jobs import Outcome as EngineOutcome
 from service.errors import NOT_READY, ServiceError, internal_error, to_error
-from service.registry import BudgetExceeded, ModelRegistry
+from service.registry import ModelRegistry
 from service.served import ServedModel
-from service.workers.ipc import ArenaView, Link
+from service.workers.ipc import ArenaView, ForecastBoard, JobRecord, Link, ModelState, Outcome, Passed
 
 log = logging.getLogger("anytime.engine-process")
 
@@ -45,10 +45,28 @@ class WorkerLink:
         self.index = -1
         self.arena: ArenaView | None = None
         self._jobs: dict[int, tuple[int, ServedModel]] = {}  # id(job) → (job id, model)
+        # The versions this request process may still send jobs for: each holds a lease, so that a version
+        # replaced in the store is not stopped until the request process says it let go ("released").
+        self.held: dict[tuple[str, str], ServedModel] = {}
         self._lock = threading.Lock()
 
-    def deliver(self, settled: list[tuple[Job, Outcome]]) -> None:
-        """Send the answers of one stage (each job answered once: the deadline watch may race the engine)."""
+    def send_state(self, message: tuple[Any, ...], models: list[ServedModel]) -> None:
+        """Tell the request process which models are served, holding each version it now knows."""
+        with self._lock:
+            for model in models:
+                if (model.name, model.version) not in self.held:
+                    model.acquire()
+                    self.held[(model.name, model.version)] = model
+        self.link.send(message)
+
+    def _released(self, name: str, version: str) -> None:
+        with self._lock:
+            model = self.held.pop((name, version), None)
+        if model is not None:
+            model.release(self.host.loop)
+
+    def deliver(self, settled: list[tuple[Job, EngineOutcome]]) -> None:
+        """Send the answers of one stage (each job answered once)."""
         items = []
         released = []
         with self._lock:
@@ -61,14 +79,28 @@ class WorkerLink:
                     continue
                 released.append(model)
                 if isinstance(outcome, Answer):
-                    items.append((job_id, outcome, None, None, None))
+                    items.append(Outcome(job_id, outcome))
                 else:
                     error = to_error(outcome) or internal_error()
-                    items.append((job_id, None, error.code, error.message, error.retry_after_s))
+                    items.append(Outcome(job_id, None, error.code, error.message, error.retry_after_s))
         for model in released:
             model.release(self.host.loop)
         if items:
             self.link.send(("answers", items))
+
+    def passed(self, jobs: list[Job]) -> None:
+        """Rows that went on past an exit: their answer from it, for the request process to answer with
+        at the deadline (only jobs with a client's deadline are ever answered so)."""
+        with self._lock:
+            ids = [(job, self._jobs.get(id(job))) for job in jobs if job.options.client_deadline]
+        now = time.monotonic()
+        items = []
+        for job, entry in ids:
+            answer = answer_passed(job, now) if entry is not None else None
+            if answer is not None:
+                items.append(Passed(entry[0], answer))
+        if items:
+            self.link.send(("passed", items))
 
     def read(self) -> None:
         """Reader thread: hello, jobs, readiness and view requests, until the request process goes away."""
@@ -78,8 +110,8 @@ class WorkerLink:
                 break
             kind = message[0]
             if kind == "infer":
-                for item in message[1]:
-                    self._infer(*item)
+                for record in message[1]:
+                    self._infer(record)
             elif kind == "hello":
                 _, self.index, pid, arena, slot_bytes = message
                 self.arena = ArenaView(arena, slot_bytes)
@@ -88,36 +120,33 @@ class WorkerLink:
                 self.host.worker_ready(self)
             elif kind == "view":
                 self._view(*message[1:])
+            elif kind == "released":
+                self._released(*message[1:])
         self.host.drop(self)
         with self._lock:  # jobs still running: nobody to answer, leases go
             jobs, self._jobs = self._jobs, {}
-        for _, model in jobs.values():
+            held, self.held = list(self.held.values()), {}
+        for model in [m for _, m in jobs.values()] + held:
             model.release(self.host.loop)
         if self.arena is not None:
             self.arena.close()
 
-    def _infer(
-        self,
-        job_id: int,
-        name: str,
-        version: str,
-        slot: int | None,
-        shape: tuple[int, ...],
-        inline: bytes | None,
-        options: Any,
-    ) -> None:
+    def _infer(self, record: JobRecord) -> None:
         try:
-            model = self.host.registry.get(name, version)
+            with self._lock:
+                model = self.held.get((record.model, record.version))
+            if model is None:  # a version this process was never told of
+                model = self.host.registry.get(record.model, record.version)
             if not model.engine.alive:
-                raise ServiceError(f"model {name} is not running", NOT_READY)
-            if slot is not None and self.arena is not None:
-                x = self.arena.tensor(slot, shape)
+                raise ServiceError(f"model {record.model} is not running", NOT_READY)
+            if record.slot is not None and self.arena is not None:
+                x = self.arena.tensor(record.slot, record.shape)
             else:
-                x = torch.frombuffer(bytearray(inline or b""), dtype=torch.float32).view(shape)
-            job = Job(x, options)
+                x = torch.frombuffer(bytearray(record.inline or b""), dtype=torch.float32).view(record.shape)
+            job = Job(x, record.options, shadow=record.shadow)
             model.acquire()
             with self._lock:
-                self._jobs[id(job)] = (job_id, model)
+                self._jobs[id(job)] = (record.id, model)
             try:
                 model.engine.submit_to(job, self)
             except Exception:
@@ -125,13 +154,11 @@ class WorkerLink:
                     self._jobs.pop(id(job), None)
                 model.release(self.host.loop)
                 raise
-            if options.client_deadline:
-                self.host.watch.add(job, model, self)
         except Exception as exc:
             error = to_error(exc) or internal_error()
             if error is not exc and not isinstance(exc, ServiceError):
                 log.exception("job failed before the engine")
-            self.link.send(("answers", [(job_id, None, error.code, error.message, error.retry_after_s)]))
+            self.link.send(("answers", [Outcome(record.id, None, error.code, error.message, error.retry_after_s)]))
 
     def _view(self, call_id: int, name: str, version: str) -> None:
         try:
@@ -139,37 +166,6 @@ class WorkerLink:
             self.link.send(("view", call_id, body, None))
         except ServiceError as exc:
             self.link.send(("view", call_id, None, exc.message))
-
-
-class DeadlineWatch:
-    """At each watched job's deadline: if the engine has not answered, answer from the last exit passed."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Job, ServedModel, WorkerLink]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        threading.Thread(target=self._run, name="anytime-deadlines", daemon=True).start()
-
-    def add(self, job: Job, model: ServedModel, link: WorkerLink) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (job.deadline, next(self._seq), job, model, link))
-            if self._heap[0][2] is job:
-                self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                _, _, job, model, link = heapq.heappop(self._heap)
-            if job.done or job.passed is None:
-                continue  # answered already, or nothing to answer from (the request process answers 504)
-            try:
-                answer = model.engine.answer_now(job)
-            except Exception:  # the job's row went away meanwhile
-                continue
-            link.deliver([(job, answer)])
 
 
 class EngineHost:
@@ -180,20 +176,44 @@ class EngineHost:
         self.links: list[WorkerLink] = []
         self.warmed: set[int] = set()
         self.ready = False
-        self.watch = DeadlineWatch()
+        self.boards: dict[tuple[str, str], tuple[ForecastBoard, Engine]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
-    def state(self) -> tuple[Any, ...]:
-        models = [(m.name, m.version, str(m.artifact.path), m.device) for m in self.registry.served()]
-        return ("state", self.ready, models, self.registry.default)
+    def state(self) -> tuple[tuple[Any, ...], list[ServedModel]]:
+        """The state message, and the versions it announces."""
+        served = self.registry.served()
+        models = [ModelState(m.name, m.version, str(m.artifact.path), m.device, self._board(m)) for m in served]
+        return ("state", self.ready, models, self.registry.default), served
+
+    def _board(self, model: ServedModel) -> str:
+        """The board `model`'s engine publishes its forecast on (made at its first state message)."""
+        with self._lock:
+            entry = self.boards.get((model.name, model.version))
+            if entry is None:
+                engine = model.engine
+                board = ForecastBoard.create(engine.max_batch, engine.config.queue_size)
+                entry = self.boards[(model.name, model.version)] = (board, engine)
+                engine.publish(lambda: board.write(engine.forecast()))
+            return entry[0].spec
+
+    def _retire_boards(self, everything: bool = False) -> None:
+        """Close the boards of versions no longer served (a retired version's engine may still finish the
+        requests it holds: it stops publishing first); request processes drop them at the next state."""
+        served = set() if everything else {(m.name, m.version) for m in self.registry.served()}
+        with self._lock:
+            gone = [self.boards.pop(key) for key in list(self.boards) if key not in served]
+        for board, engine in gone:
+            engine.publish(None)
+            board.close()
 
     def broadcast(self) -> None:
-        message = self.state()
+        message, served = self.state()
+        self._retire_boards()
         with self._lock:
             links = list(self.links)
         for link in links:
-            link.link.send(message)
+            link.send_state(message, served)
 
     def accept(self, listener: Listener) -> None:
         """Accept thread: each request process that connects gets a link and a reader thread."""
@@ -205,7 +225,7 @@ class EngineHost:
             link = WorkerLink(self, Link(conn))
             with self._lock:
                 self.links.append(link)
-            link.link.send(self.state())
+            link.send_state(*self.state())
             threading.Thread(target=link.read, name="anytime-link", daemon=True).start()
 
     def worker_ready(self, link: WorkerLink) -> None:
@@ -217,7 +237,7 @@ class EngineHost:
             log.info("all %d request processes are warm: ready", self.expected)
             self.broadcast()
         elif self.ready:
-            link.link.send(self.state())
+            link.send_state(*self.state())
 
     def drop(self, link: WorkerLink) -> None:
         with self._lock:
@@ -238,29 +258,4 @@ class EngineHost:
             links = list(self.links)
         for link in links:
             link.link.close()
-
-
-def host_main(settings_json: str, address: str, authkey: bytes, expected: int, restarted: bool = False) -> None:
-    """Entry point of the engine process (started by the supervisor)."""
-    from service.app import start_registry
-    from service.registry import freeze_heap
-    from service.workers.supervisor import child_setup
-
-    settings, metrics = child_setup(settings_json, "engine", restarted)
-    try:
-        registry = start_registry(settings, metrics, engine_process=True)
-    except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
-        sys.stderr.write(f"anytime-serve: cannot serve: {exc}\n")
-        raise SystemExit(2) from exc
-    freeze_heap()
-    listener = Listener(address, "AF_UNIX", authkey=authkey)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):  # to the process group: the supervisor's to act on
-            loop.add_signal_handler(sig, lambda: None)
-        loop.add_signal_handler(DRAIN_SIGNAL, stop.set)
-        await EngineHost(settings, registry, expected).serve(listener, stop)
-
-    asyncio.run(run())
+        self._retire_boards(everything=True)

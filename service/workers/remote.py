@@ -3,18 +3,24 @@
 `RemoteRegistry` keeps a link to the engine process (reconnecting when it restarts), mirrors the
 models it serves (reading each version's manifest for classes, input spec and preprocessing; no
 weights are loaded here), and sends jobs: each input is copied into a slot of this process's
-shared-memory arena and described in a small message; the jobs submitted within one turn of the
+shared-memory arena and described in a `JobRecord`; the jobs submitted within one turn of the
 event loop go in one message. Answers come back one message per engine stage and complete the
-futures on the event loop.
+futures on the event loop, errors rebuilt into the engine's typed errors; the answers of exits a
+row passed are kept on its job, so that the data plane answers from them at the deadline as it
+does in one process. The check before decoding reads the model's forecast board.
+
+Runs in a request process: on its event loop, and the link's reader thread (`_read`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from multiprocessing.connection import Client
@@ -23,28 +29,28 @@ from typing import Any
 
 from models.artifact import read_manifest
 from service.config import ServiceSettings
-from service.engine import Answer, DeadlineUnreachable, Job
+from service.engine import Answer, Job
+from service.engine.admission import precheck_forecast, unreached
+from service.engine.jobs import engine_error
 from service.errors import NOT_READY, ServiceError
 from service.metrics import Metrics
 from service.options import InferenceOptions
 from service.registry import ModelNotFound
 from service.schemas import ModelView
 from service.served import Served, held
-from service.workers.ipc import KINDS, Arena, Link
+from service.workers.ipc import KINDS, Arena, ForecastBoard, JobRecord, Link, ModelState, Outcome, Passed
 
 log = logging.getLogger("anytime.worker")
 SLOTS = 128  # inputs in flight per request process before they travel inline instead
 
 
 class RemoteEngine:
-    """The data plane's engine for a model whose engine runs in the engine process."""
+    """The data plane's engine client for a model whose engine runs in the engine process."""
 
-    # The engine process answers at the deadline itself (from the last exit passed, or 504): its
-    # message needs a moment to arrive.
-    deadline_grace_s = 0.002
-
-    def __init__(self, registry: RemoteRegistry, name: str, version: str, num_exits: int) -> None:
-        self.registry, self.name, self.version, self.num_exits = registry, name, version, num_exits
+    def __init__(self, registry: RemoteRegistry, state: ModelState, num_exits: int) -> None:
+        self.registry, self.name, self.version, self.num_exits = registry, state.name, state.version, num_exits
+        self.board_spec = state.board
+        self.board = ForecastBoard.attach(state.board) if state.board else None
 
     @property
     def alive(self) -> bool:
@@ -54,22 +60,39 @@ class RemoteEngine:
         return self.registry.submit(job, self.name, self.version)
 
     def precheck(self, options: InferenceOptions) -> None:
-        """The queue is in the engine process: it refuses there."""
+        """What admission would refuse, from the forecast the engine published after its last step."""
+        forecast = self.board.read() if self.board is not None else None
+        if forecast is not None:
+            precheck_forecast(forecast, options, time.monotonic())
+
+    def passed(self, job: Job) -> bool:
+        return job.fallback is not None
 
     def answer_now(self, job: Job) -> Answer:
-        """The engine process answers from a passed exit at the deadline itself; reaching here means it did not."""
-        raise DeadlineUnreachable("no exit was reached by the deadline (the engine process did not answer in time)")
+        """The answer from the exit the engine process said the row passed, timed as of now."""
+        answer = job.fallback
+        if answer is None:
+            forecast = self.board.read() if self.board is not None else None
+            exit1_s = forecast.exit1_s if forecast is not None else 0.0
+            raise unreached("no exit was reached by the deadline", job.options, exit1_s)
+        started = job.options.received + answer.queue_s
+        return dataclasses.replace(answer, compute_s=time.monotonic() - started)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 class RemoteServedModel(Served):
     """A served version whose engine is in the engine process."""
 
-    def __init__(self, registry: RemoteRegistry, path: Path, device: str) -> None:
-        manifest = read_manifest(path)
-        metrics = registry.metrics.for_model(manifest.name, manifest.version, device)
+    def __init__(self, registry: RemoteRegistry, state: ModelState) -> None:
+        self.path = Path(state.path)
+        manifest = read_manifest(self.path)
+        metrics = registry.metrics.for_model(manifest.name, manifest.version, state.device)
         super().__init__(manifest, registry.settings, metrics)
-        self.path = path
-        self.engine = RemoteEngine(registry, manifest.name, manifest.version, len(manifest.exits))
+        self.engine: RemoteEngine = RemoteEngine(registry, state, len(manifest.exits))
         self._registry = registry
 
     async def view(self) -> ModelView:
@@ -91,11 +114,12 @@ class RemoteRegistry:
         self.warmed = False
         self._link: Link | None = None
         self._arena: Arena | None = None
-        self._pending: dict[int, tuple[asyncio.Future, int | None]] = {}
-        self._outbox: list[tuple[Any, ...]] = []
+        self._pending: dict[int, tuple[asyncio.Future, int | None, Job | None]] = {}
+        self._outbox: list[JobRecord] = []
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = asyncio.Event()
+        self._retiring: set[asyncio.Task] = set()
 
     # -- what the data plane asks ----------------------------------------------------------------
     @property
@@ -136,8 +160,8 @@ class RemoteRegistry:
         x = job.x.contiguous().float()
         slot = self._arena.put(x) if self._arena is not None else None
         inline = None if slot is not None else x.numpy().tobytes()
-        self._pending[job_id] = (future, slot)
-        self._outbox.append((job_id, name, version, slot, tuple(x.shape), inline, job.options))
+        self._pending[job_id] = (future, slot, job)
+        self._outbox.append(JobRecord(job_id, name, version, slot, tuple(x.shape), inline, job.options, job.shadow))
         if len(self._outbox) == 1:  # one message for every job of this turn of the event loop
             loop.call_soon(self._flush)
         return future
@@ -145,28 +169,36 @@ class RemoteRegistry:
     def _flush(self) -> None:
         batch, self._outbox = self._outbox, []
         if batch and (self._link is None or not self._link.send(("infer", batch))):
-            self._lost_jobs([item[0] for item in batch])
+            self._lost_jobs([record.id for record in batch])
 
     def _release(self, job_id: int) -> asyncio.Future | None:
         """A job's future, no longer pending, with its shared-memory slot freed (None if unknown)."""
         pending = self._pending.pop(job_id, None)
         if pending is None:
             return None
-        future, slot = pending
+        future, slot, _ = pending
         if slot is not None and self._arena is not None:
             self._arena.free(slot)
         return future
 
-    def _answers(self, items: list[tuple[Any, ...]]) -> None:
+    def _answers(self, items: list[Outcome]) -> None:
         """On the event loop: complete the futures of answered jobs and free their slots."""
-        for job_id, answer, code, message, retry_after in items:
-            future = self._release(job_id)
+        for item in items:
+            future = self._release(item.id)
             if future is None or future.done():
                 continue
-            if answer is not None:
-                future.set_result(answer)
+            if item.answer is not None:
+                future.set_result(item.answer)
             else:
-                future.set_exception(ServiceError(message, KINDS.get(code, NOT_READY), retry_after_s=retry_after))
+                kind = KINDS.get(item.code or "", NOT_READY)
+                future.set_exception(engine_error(kind, item.message or kind.code, item.retry_after_s))
+
+    def _passed(self, items: list[Passed]) -> None:
+        """On the event loop: the answers of exits rows passed, kept for an answer at the deadline."""
+        for item in items:
+            pending = self._pending.get(item.id)
+            if pending is not None and pending[2] is not None:
+                pending[2].fallback = item.answer
 
     def _lost_jobs(self, ids: list[int]) -> None:
         for job_id in ids:
@@ -181,7 +213,7 @@ class RemoteRegistry:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         call_id = -next(self._ids) - 1  # negative: never a job id
-        self._pending[call_id] = (future, None)
+        self._pending[call_id] = (future, None, None)
         self._link.send(("view", call_id, name, version))
         body = await asyncio.wait_for(future, 10)
         return ModelView.model_validate(body)
@@ -218,6 +250,8 @@ class RemoteRegistry:
             kind = message[0]
             if kind == "answers":
                 loop.call_soon_threadsafe(self._answers, message[1])
+            elif kind == "passed":
+                loop.call_soon_threadsafe(self._passed, message[1])
             elif kind == "state":
                 loop.call_soon_threadsafe(self._on_state, link, *message[1:])
             elif kind == "view":
@@ -235,14 +269,17 @@ class RemoteRegistry:
         else:
             pending[0].set_result(body)
 
-    def _on_state(self, link: Link, ready: bool, models: list[tuple[str, str, str, str]], default: str) -> None:
+    def _on_state(self, link: Link, ready: bool, models: list[ModelState], default: str) -> None:
         """The engine process's models and readiness; the first state of a link also sends our hello."""
         self.default = default
         kept: dict[str, RemoteServedModel] = {}
-        for name, version, path, device in models:
-            current = self.slots.get(name)
-            same = current is not None and current.version == version
-            kept[name] = current if same and current else RemoteServedModel(self, Path(path), device)
+        for state in models:
+            current = self.slots.get(state.name)
+            same = current is not None and (current.version, current.engine.board_spec) == (state.version, state.board)
+            kept[state.name] = current if same and current else RemoteServedModel(self, state)
+        for model in self.slots.values():
+            if kept.get(model.name) is not model:
+                self._retiring.add(asyncio.get_running_loop().create_task(self._let_go(link, model)))
         self.slots = kept
         if self._link is not link:
             if self._arena is None:
@@ -255,6 +292,16 @@ class RemoteRegistry:
             self.connected = True
         self.host_ready = ready
         self._state.set()
+
+    async def _let_go(self, link: Link, model: RemoteServedModel) -> None:
+        """A replaced version: once this process's requests on it are answered, the engine process may stop it."""
+        try:
+            await model.idle(self.settings.drain_timeout_s)
+            link.send(("released", model.name, model.version))
+            model.engine.close()
+            model.metrics.released()
+        finally:
+            self._retiring.discard(asyncio.current_task())
 
     async def wait_connected(self) -> None:
         """Until the engine process has told us its models."""

@@ -31,20 +31,22 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from service.config import ServiceSettings
 from service.drain import DRAIN_SIGNAL
-
-if TYPE_CHECKING:
-    from service.metrics import Metrics
+from service.exits import CANNOT_SERVE, OK
+from service.workers.children import engine_main, request_main
 
 log = logging.getLogger("anytime.serve")
-START_FAILED = 2  # the engine process's exit code when the models cannot be served
+# An engine process that exits CANNOT_SERVE this soon after the start stops the server instead of
+# restarting: its models cannot be served. Later (a store changed under a running server) it restarts.
+START_WINDOW_S = 600.0
+BACKLOG = 2048  # the shared HTTP socket's accept queue (every request process accepts from it)
+WATCH_S = 0.5  # how often the supervisor looks at its children when none exits
+EXIT_SLACK_S = 10.0  # past its grace period and drain timeout, how long a child gets to exit before SIGKILL
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -53,72 +55,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
-
-
-def request_main(
-    settings_json: str, address: str, authkey: bytes, sock: socket.socket, index: int, restarted: bool
-) -> None:
-    """Entry point of a request process."""
-    import uvicorn
-
-    from service.app import build
-    from service.drain import DrainingServer
-    from service.workers.remote import RemoteRegistry
-
-    orphan_watch()
-    settings, metrics = child_setup(settings_json, "request", restarted)
-    registry = RemoteRegistry(settings, metrics, address, authkey, index)
-    app, stack = build(settings, registry)
-    config = uvicorn.Config(
-        stack,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        access_log=False,
-        http="httptools",
-        loop="uvloop",
-        proxy_headers=False,
-    )
-    server = DrainingServer(config, app, settings.drain_grace_s, supervised=True)
-    server.run(sockets=[sock])
-
-
-def engine_main(settings_json: str, address: str, authkey: bytes, expected: int, restarted: bool) -> None:
-    """Entry point of the engine process."""
-    orphan_watch()
-    from service.workers.host import host_main
-
-    host_main(settings_json, address, authkey, expected, restarted)
-
-
-def child_setup(settings_json: str, role: str, restarted: bool) -> tuple[ServiceSettings, Metrics]:
-    """What every child process does first: its settings, logging, torch threads, its metrics (counting
-    itself as a restart of `role` when it replaces one that died)."""
-    import torch
-
-    from service.metrics import Metrics
-
-    settings = ServiceSettings.model_validate_json(settings_json)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    torch.set_num_threads(settings.torch_threads)
-    metrics = Metrics()
-    if restarted:
-        metrics.worker_restarts.labels(role).inc()
-    return settings, metrics
-
-
-def orphan_watch() -> None:
-    """End this process if its supervisor dies (SIGKILL leaves no time to stop it): it is reparented."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="anytime-orphan-watch", daemon=True).start()
 
 
 class Supervisor:
@@ -170,14 +109,14 @@ class Supervisor:
         started = time.monotonic()
         while not self.stopping:
             procs = [self.engine, *self.requests.values()]
-            multiprocessing.connection.wait([p.sentinel for p in procs if p is not None], timeout=0.5)
+            multiprocessing.connection.wait([p.sentinel for p in procs if p is not None], timeout=WATCH_S)
             assert self.engine is not None
             if not self.engine.is_alive() and not self.stopping:
                 code = self.engine.exitcode
-                if code == START_FAILED and time.monotonic() - started < 600:
+                if code == CANNOT_SERVE and time.monotonic() - started < START_WINDOW_S:
                     log.error("the engine process cannot serve (exit %d): stopping", code)
                     self._stop_requests()
-                    return START_FAILED
+                    return CANNOT_SERVE
                 log.error("the engine process died (exit %s): restarting it", code)
                 self._forget(self.engine)
                 self.engine = self._engine(restarted=True)
@@ -190,10 +129,10 @@ class Supervisor:
         assert self.engine is not None
         if self.engine.is_alive() and self.engine.pid is not None:
             os.kill(self.engine.pid, DRAIN_SIGNAL)  # its queued work is answered before it exits
-        self.engine.join(self.settings.drain_timeout_s + 10)
+        self.engine.join(self.settings.drain_timeout_s + EXIT_SLACK_S)
         if self.engine.is_alive():
             self.engine.kill()
-        return 0
+        return OK
 
     def _stop_requests(self) -> None:
         """SIGTERM every request process (each drains: grace period, then what it admitted) and wait."""
@@ -201,7 +140,7 @@ class Supervisor:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, DRAIN_SIGNAL)
         self.sock.close()  # once the request processes close theirs, connections are refused
-        deadline = time.monotonic() + self.settings.drain_grace_s + self.settings.drain_timeout_s + 10
+        deadline = time.monotonic() + self.settings.drain_grace_s + self.settings.drain_timeout_s + EXIT_SLACK_S
         for proc in self.requests.values():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():

@@ -1,0 +1,147 @@
+"""Admission: whether the engine takes a request, decided once for the check before decoding and for
+admission itself, with the brownout (ANYTIME_OVERLOAD=degrade) stepping down before a refusal.
+
+A request is refused at once (503 `overloaded`, or 504 when its deadline has passed) when the
+engine is stopping or full, when its deadline has passed or exit 1 cannot be reached even with
+nothing queued, or when the work queued ahead of it would make it miss exit 1. The check before
+decoding (`precheck`) makes the same decision without admitting anything, so that under overload
+a request is refused before the server spends time decoding it.
+
+With several request processes the check before decoding runs in a request process, from the
+`Forecast` the engine process publishes after every step (service/workers/ipc.py): the same
+refusals, from figures at most one engine step old, and no brownout step (admission, in the
+engine process, still takes it).
+
+Runs under the engine's lock, on the thread that admits: the event loop in a single process, a
+link's reader thread in the engine process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from service.engine.brownout import Brownout
+from service.engine.jobs import DeadlineUnreachable, EngineStopped, Job, QueueFull
+from service.engine.scheduler import Chunk, Forecast, Scheduler
+from service.errors import ServiceError
+from service.options import InferenceOptions
+
+log = logging.getLogger("anytime.engine")
+
+
+def refusal(options: InferenceOptions, now: float, stopping: bool, full: bool, exit1_s: float) -> ServiceError | None:
+    """The refusals no queue or brownout can change: the engine stopping or full, a deadline already
+    passed, or one exit 1 cannot meet even with nothing queued (None: none of them)."""
+    if stopping:
+        return EngineStopped("the server is shutting down")
+    if full:
+        return QueueFull("the server is at capacity; retry shortly")
+    if options.deadline <= now:
+        return unreached("the deadline passed before the engine", options, exit1_s)
+    if now + exit1_s > options.deadline:
+        return unreached("exit 1 cannot be reached in time", options, exit1_s)
+    return None
+
+
+def late_for_exit_1(eta: float, deadline: float, now: float, retry_after_s: float) -> QueueFull:
+    """The 503 of a request that the queue ahead would make miss exit 1."""
+    return QueueFull(
+        f"exit 1 is predicted {(eta - now) * 1e3:.1f} ms from now (the queue ahead of this request); "
+        f"the deadline is in {(deadline - now) * 1e3:.1f} ms",
+        retry_after_s=retry_after_s,
+    )
+
+
+def unreached(
+    what: str, options: InferenceOptions, exit1_s: float, started: float | None = None
+) -> DeadlineUnreachable:
+    """A 504 whose sentence says where the budget went (until the first stage `started`, if one did) and
+    what exit 1 needs."""
+    now = time.monotonic()
+    received = options.received
+    before = ((started or now) - received) * 1e3
+    where = "before its first stage" if started else "before the engine ran it"
+    return DeadlineUnreachable(
+        f"{what}: of the {options.budget_ms:.1f} ms budget, {before:.1f} ms went {where} "
+        f"({(now - received) * 1e3:.1f} ms in all); exit 1 needs about {exit1_s * 1e3:.1f} ms"
+    )
+
+
+def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float) -> None:
+    """The check before decoding from a published forecast: raises what `Admission.precheck` would,
+    without a brownout step."""
+    error = refusal(options, now, forecast.stopping, forecast.full, forecast.exit1_s)
+    if isinstance(error, QueueFull):
+        error.retry_after_s = forecast.retry_after_s
+    if error is not None:
+        raise error
+    if options.client_deadline:
+        eta = forecast.exit1_eta(min(options.deadline, options.received + forecast.aging_s), now)
+        if eta > options.deadline:
+            raise late_for_exit_1(eta, options.deadline, now, forecast.retry_after_s)
+
+
+class Admission:
+    """Decides whether a request is taken (precheck and admit, one decision) and steps the brownout."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        brownout: Brownout,
+        queue_size: int,
+        on_brownout: Callable[[list[Chunk]], None],
+    ) -> None:
+        self.scheduler, self.brownout, self.queue_size = scheduler, brownout, queue_size
+        self.on_brownout = on_brownout  # answers the rows a lower limit cut (the engine's)
+        self.stopping = False
+
+    def precheck(self, options: InferenceOptions, now: float) -> None:
+        """Refuse now what admission would refuse, admitting nothing. While a brownout can still go a
+        level lower, it refuses only what would be late even then (the deeper queues cut), after
+        stepping the brownout down as admission would."""
+        self._decide(options, now, admitting=False)
+
+    def admit(self, job: Job, now: float) -> None:
+        """Queue `job` for stage 1, or raise QueueFull (503), DeadlineUnreachable (504), EngineStopped (503)."""
+        job.max_exit = job.options.max_exit
+        if self.brownout.enabled and self.brownout.level:
+            job.max_exit = min(job.max_exit or self.scheduler.num_stages, self.brownout.max_exit)
+        wait = self._decide(job.options, now, admitting=True)
+        self.scheduler.add(job, now, wait)
+
+    def _decide(self, options: InferenceOptions, now: float, admitting: bool) -> float:
+        """The one decision; returns the predicted wait for exit 1 (what admission queues the job with)."""
+        s, b = self.scheduler, self.brownout
+        error = refusal(options, now, self.stopping, s.queued >= self.queue_size, s.cost(0, 1))
+        if error is not None:
+            if isinstance(error, QueueFull):
+                error.retry_after_s = s.backlog_s(now)
+            raise error
+        priority = s.priority(options)
+        can_degrade = b.enabled and b.max_exit > b.floor
+        # Before decoding, rows a brownout could still cut do not count against the request.
+        wait, eta = s.exit1_forecast(priority, now, deep=admitting or not can_degrade)
+        if not options.client_deadline:
+            return wait
+        if admitting and b.observe(eta - now, options.deadline - now, now):
+            self.brownout_changed()
+        if eta > options.deadline and (admitting or can_degrade) and b.refused(now):
+            self.brownout_changed()
+            if admitting:
+                wait, eta = s.exit1_forecast(priority, now)  # the brownout cut the deeper queues
+        if eta > options.deadline:
+            raise late_for_exit_1(eta, options.deadline, now, s.backlog_s(now))
+        return wait
+
+    def idle(self, now: float) -> None:
+        """Nothing queued: the brownout hears a calm moment (it recovers after a while of them)."""
+        if self.brownout.enabled and self.brownout.observe(0.0, 1.0, now):
+            self.brownout_changed()
+
+    def brownout_changed(self) -> None:
+        """The brownout moved: rows queued beyond its new limit are answered from the exit they passed."""
+        limit = self.brownout.max_exit
+        log.warning("brownout level %d: new work answers by exit %d at the latest", self.brownout.level, limit)
+        self.on_brownout(self.scheduler.cut(limit))  # stage index k feeds exit k + 1 > limit
