@@ -13,10 +13,12 @@ which the machine's drift disturbs least.
 3. Realized efficiency on compute-bound networks (resnet18 3x32x32, resnet50 3x224x224, random
    weights; and resnet18 with the bundled model's exit points under its exit shares): exits forced
    by `max_exit` drawn from an exit mix; CPU saved over FLOPs saved, and speed-up over the ideal.
-4. Deadlines under load (bench/deadlines.py): offered load of 50, 80, 100, 120 and 150 % of the
-   measured saturation, deadlines 2/5/10/20 ms, ANYTIME_OVERLOAD shed and degrade: attainment as
-   the client saw it and as the server did, goodput, refusals and how fast they came, accuracy;
-   `deadlines.png`.
+4. Deadlines (bench/slo.py): the SLO capacity (the highest Poisson rate with >= 99 % of requests
+   a 200 within D) at D = 10 ms and 4x the in-process exit-1 p50, anytime and full depth; overload
+   at 1.5x and 3x of it and from clients that resend at once; with one and two request processes,
+   as they are and at half speed (a busy neighbour on the server's core); `slo.png`.
+   And the two process models side by side (ANYTIME_WORKERS=1 and 2): saturation, CPU per
+   request, one client's p50, Poisson at 80 % of saturation with 10 ms budgets.
 5. Peers at full depth (a plain FastAPI endpoint, TorchServe), for context.
 
 Results: `bench/results/summary.json` (with a `headline` object) and `summary.md`, and the table
@@ -41,9 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.deadlines import plot as plot_deadlines
-from bench.deadlines import sweep
-from bench.deadlines import table as deadline_table
+from bench import slo
 from bench.workloads import (
     NETWORKS,
     OIP_HEAD,
@@ -55,7 +55,7 @@ from bench.workloads import (
     random_weight_artifact,
     rgb_images,
 )
-from bench.wrk import WrkResult, run_wrk
+from bench.wrk import WrkResult, run_deadlines, run_wrk
 from models.artifact import read_manifest, resolve_artifact
 from tools.processes import ROOT, LocalProcess, ServerProcess, free_port
 
@@ -174,6 +174,37 @@ def bundled(store: Path, images: list[Path], image_dir: Path, reps: int, seconds
         "ideal_speedup": 1 / mean_taken,
         "saturation_rps": saturation,
     }
+
+
+def process_models(store: Path, images: list[Path], labels: list[int], reps: int, seconds: float) -> dict[str, Any]:
+    """ANYTIME_WORKERS=1 and 2 side by side (servers interleaved run by run): saturation (16 connections), CPU
+    per request, one client's p50, and Poisson arrivals at 80 % of the one-process saturation with 10 ms
+    budgets (in time on the client's clock, and 200s more than 1 ms late)."""
+    servers = {w: _serve(store, "fashion-mnist", workers=w) for w in (1, 2)}
+    runs: dict[int, dict[str, list[float]]] = {w: {"rps": [], "cpu": [], "p50": [], "in_time": [], "late": []}
+                                               for w in servers}  # fmt: skip
+    try:
+        for server in servers.values():
+            run_wrk(f"{server.url}/classify", images, 2, 16, cpu=LOAD_CPU)  # warm-up
+        for _ in range(reps):
+            for w, server in servers.items():
+                r, cpu = metered(
+                    server, lambda s=server: run_wrk(f"{s.url}/classify", images, seconds, 16, cpu=LOAD_CPU)
+                )
+                one = run_wrk(f"{server.url}/classify", images, seconds, 1, cpu=LOAD_CPU)
+                runs[w]["rps"].append(r.throughput)
+                runs[w]["cpu"].append(cpu)
+                runs[w]["p50"].append(one.p50_ms)
+        rate = 0.8 * statistics.median(runs[1]["rps"])
+        for _ in range(reps):
+            for w, server in servers.items():
+                d = run_deadlines(f"{server.url}/classify", images, labels, seconds, rate, 10.0, cpu=LOAD_CPU)
+                runs[w]["in_time"].append(d.client_attainment)
+                runs[w]["late"].append(d.late_1ms)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {str(w): {k: spread(v) for k, v in r.items()} | {"rate_80": rate} for w, r in runs.items()}
 
 
 def _protocols(server: LocalProcess, images: list[Path], work: Path, reps: int, seconds: float) -> dict[str, Any]:
@@ -339,30 +370,14 @@ def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
     return results
 
 
-def headline(b: dict[str, Any], r: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
-    shed, degrade = d["by_mode"]["shed"], d["by_mode"]["degrade"]
+def headline(b: dict[str, Any], r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     return {
+        "slo": slo.headline(s),
         "http_overhead_ratio": b["overhead"]["ratio"]["median"],
         "throughput_ratio_vs_full": b["throughput_ratio"]["median"],
         "cpu_per_request_ratio_vs_full": b["cpu_ratio"]["median"],
         "ideal_speedup": b["ideal_speedup"],
         "realized_efficiency": {k: v["efficiency"]["median"] for k, v in r.items()},
-        "deadline_attainment_server_at_80": {ms: v["server_attainment"] for ms, v in shed["0.8"].items()},
-        "deadline_attainment_client_at_80": {ms: v["client_attainment"] for ms, v in shed["0.8"].items()},
-        "server_cpu_busy_at_80": {ms: v["server_cpu_busy"] for ms, v in shed["0.8"].items()},
-        "goodput_over_saturation": {
-            load: {ms: v["goodput_rps"] / d["saturation_rps"] for ms, v in shed[load].items()}
-            for load in ("1.2", "1.5")
-        },
-        "refused_within_2ms": {
-            load: {ms: v["refused_within_2ms"] for ms, v in shed[load].items()} for load in ("1.2", "1.5")
-        },
-        "refused_shed_vs_degrade_at_150": {
-            ms: [shed["1.5"][ms]["refused"], degrade["1.5"][ms]["refused"]] for ms in shed["1.5"]
-        },
-        "accuracy_shed_vs_degrade_at_150": {
-            ms: [shed["1.5"][ms]["accuracy"], degrade["1.5"][ms]["accuracy"]] for ms in shed["1.5"]
-        },
         "spreads": {
             "http_overhead_ratio": [b["overhead"]["ratio"]["min"], b["overhead"]["ratio"]["max"]],
             "throughput_ratio_vs_full": [b["throughput_ratio"]["min"], b["throughput_ratio"]["max"]],
@@ -423,7 +438,22 @@ def format_table(results: dict[str, Any]) -> str:
         f"{_cell(sh['p99_ms']['0.01'])} ms at ANYTIME_SHADOW_RATE=0.01 (ratio {_cell(sh['p99_ratio'])}); "
         f"{sh['shadow_checks_run']['0.01']:.0f} checks ran.",
     ]
-    lines += ["", *deadline_table(results["deadlines"])]
+    lines += ["", *slo.table(results["slo"])]
+    pm = results["process_models"]
+    lines += [
+        "",
+        f"Process models side by side (Poisson at {pm['1']['rate_80']:.0f} req/s, 80 % of one process's saturation, "
+        "10 ms budgets):",
+        "",
+        "| ANYTIME_WORKERS | saturation (req/s) | CPU per request (ms) | p50, one client (ms) | in time, client "
+        "| 200s > D + 1 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for w, v in pm.items():
+        lines.append(
+            f"| {w} | {_cell(v['rps'], '{:.0f}')} | {_cell(v['cpu'])} | {_cell(v['p50'])} | "
+            f"{_cell(v['in_time'], '{:.1%}')} | {_cell(v['late'], '{:.0f}')} |"
+        )
     if p:
         lines += [
             "",
@@ -467,13 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         results["bundled"]["in_process_evaluation"] = evaluation
         saturation = results["bundled"]["saturation_rps"]
         results["bundled"]["shadow"] = shadow_cost(args.store, images, args.reps, args.seconds, 0.8 * saturation)
-        results["deadlines"] = sweep(
-            args.store, images, labels, saturation, max(1, args.reps // 2), args.seconds, SERVER_CPU, LOAD_CPU, OUT
+        exit1 = in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", args.seconds, 0.0)
+        results["slo"] = slo.sweep(
+            args.store, images, labels, args.seconds, exit1["p50_ms"], saturation, SERVER_CPU, LOAD_CPU, OUT
         )
-        plot_deadlines(results["deadlines"], OUT / "deadlines.png")
+        slo.plot(results["slo"], OUT / "slo.png")
+        results["process_models"] = process_models(args.store, images, labels, max(1, args.reps // 2), args.seconds)
         results["realized"] = realized(work, resolve_artifact(args.store, "fashion-mnist"), args.reps, args.seconds)
         results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
-    results["headline"] = headline(results["bundled"], results["realized"], results["deadlines"])
+    results["headline"] = headline(results["bundled"], results["realized"], results["slo"])
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),

@@ -158,6 +158,7 @@ class DeadlineRun:
     refused_max_ms: float
     answer_max_ms: float
     exits: dict[str, int]
+    late_1ms: int = 0  # 200s more than 1 ms after their deadline, client side
 
     @property
     def offered_rps(self) -> float:
@@ -189,11 +190,16 @@ def run_deadlines(
     rate: float,
     deadline_ms: float,
     cpu: int | None = None,
+    path: str = "/classify",
+    connections: int | None = None,
 ) -> DeadlineRun:
     """Poisson arrivals at `rate` with `deadline_ms`, one wrk thread per connection (enough connections that
-    each waits about 100 ms between its requests, so that slow answers barely slow the arrivals)."""
-    connections = max(16, min(512, round(rate * 0.1)))
+    each waits about 100 ms between its requests, so that slow answers barely slow the arrivals). With
+    `rate` 0, `connections` clients that each resend as soon as they have an answer (a refusal included)."""
+    if connections is None:
+        connections = max(16, min(512, round(rate * 0.1)))
     env = {"BENCH_RATE": f"{rate:.3f}", "BENCH_CONNECTIONS": str(connections), "BENCH_DEADLINE_MS": f"{deadline_ms:g}"}
+    env["BENCH_PATH"] = path
     lists = {"BENCH_IMAGES": images, "BENCH_LABELS": labels}
     raw = _wrk(DEADLINES_SCRIPT, url, seconds, connections, connections, "10s", env, lists, cpu)
     return DeadlineRun(
@@ -212,4 +218,5 @@ def run_deadlines(
         refused_max_ms=raw["refused_max_ms"],
         answer_max_ms=raw["answer_max_ms"],
         exits=raw["exits"],
+        late_1ms=raw["late_1ms"],
     )

@@ -114,7 +114,7 @@ class Admission:
     def _decide(self, options: InferenceOptions, now: float, admitting: bool) -> float:
         """The one decision; returns the predicted wait for exit 1 (what admission queues the job with)."""
         s, b = self.scheduler, self.brownout
-        error = refusal(options, now, self.stopping, s.queued >= self.queue_size, s.cost(0, 1))
+        error = refusal(options, now, self.stopping, s.queued >= self.queue_size, s.exit1_alone())
         if error is not None:
             if isinstance(error, QueueFull):
                 error.retry_after_s = s.backlog_s(now)

@@ -202,9 +202,27 @@ class Scheduler:
 
     def exit1_forecast(self, priority: float, now: float, deep: bool = True) -> tuple[float, float]:
         """(its wait by the stage times, `exit1_eta`) for such a job: admission queues it with the first
-        and decides by the second."""
+        and decides by the second.
+
+        An idle engine (nothing queued, nothing running) predicts the job's own run alone, at the lower of
+        its estimate and its warm-up figure, and no slowdown: estimates and the slowdown are learnt under
+        load and only relearnt from runs, so once an overload inflated them an idle engine would refuse
+        everything and never measure again (a livelock). It admits whatever exit 1 fits by its warm-up
+        figure, and that job's run measures the machine afresh."""
+        if self.idle():
+            wait = self.exit1_alone()
+            return wait, now + wait
         wait = self.exit1_wait(priority, now, deep)
         return wait, now + self.slowdown.wait(wait, now)
+
+    def exit1_alone(self) -> float:
+        """The least a job can take to pass exit 1: its own run on an idle engine, at the lower of the
+        estimate and the warm-up figure (what no queue or slowdown can change)."""
+        return min(self.cost(0, 1), self.times.baseline(0, self.bucket(1)) + self.overhead_s)
+
+    def idle(self) -> bool:
+        """Nothing queued in any stage and no run in progress."""
+        return self.busy_until == 0.0 and not self._new and not any(self.waiting[1:])  # 0: no run in progress
 
     def exit1_eta(self, priority: float, now: float, deep: bool = True) -> float:
         """When such a job is predicted to have passed exit 1: its wait by the stage times, times the
@@ -218,7 +236,7 @@ class Scheduler:
             stopping=False,
             full=self.queued >= self.queue_size,
             retry_after_s=self.backlog_s(now),
-            exit1_s=self.cost(0, 1),
+            exit1_s=self.exit1_alone(),
             busy_until=self.busy_until,
             deep_s=max((self._run_s(k + 1, n) for k, n in enumerate(deeper) if n), default=0.0),
             batch_cost_s=np.array([self.cost(0, n) for n in range(self.max_batch)]),
@@ -262,11 +280,13 @@ class Scheduler:
             return Plan(None, late, unreachable)
         batch = self._take(stage, now)
         run_s = self.times.predict(stage, self.bucket(len(batch.jobs)))
-        # Rows in the batch that would finish past their deadline leave now, from the exit they passed.
+        # Rows in the batch that would finish past their deadline leave now, from the exit they passed. New
+        # jobs are judged by the lower of the estimate and the warm-up figure, as admission judges them.
         if stage == 0:
-            keep = [j for j in batch.jobs if now + run_s <= j.deadline]
+            first_s = min(run_s, self.times.baseline(0, self.bucket(len(batch.jobs))))
+            keep = [j for j in batch.jobs if now + first_s <= j.deadline]
             if len(keep) < len(batch.jobs):
-                unreachable += [j for j in batch.jobs if now + run_s > j.deadline]
+                unreachable += [j for j in batch.jobs if now + first_s > j.deadline]
                 batch.jobs = keep
         else:
             kept = []
@@ -390,7 +410,7 @@ class Scheduler:
     def _unreachable(self, now: float, after_s: float) -> list[Job]:
         """Stage 1 jobs that cannot pass exit 1 by their deadline if their stage starts `after_s` from
         now; they leave the queue (the worker answers them 504)."""
-        limit = now + after_s + self.times.predict(0, self.bucket(1))
+        limit = now + after_s + min(self.times.predict(0, self.bucket(1)), self.times.baseline(0, self.bucket(1)))
         out: list[Job] = []
         answered: list[Job] = []  # by the event loop at their deadline, before a stage ran them
         while self._by_deadline and self._by_deadline[0][0] < limit:

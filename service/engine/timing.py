@@ -105,6 +105,19 @@ class StageTimes:
         w = (batch - lo) / (hi - lo)
         return min(table[lo] * (1 - w) + table[hi] * w, min(larger))
 
+    def baseline(self, stage: int, batch: int) -> float:
+        """The warm-up's (or the manifest's) figure for (stage, batch), interpolated as `predict` does;
+        the current estimate where there is none."""
+        with self._lock:
+            base = self._baseline[stage]
+            if not base:
+                return self._predict(stage, batch)
+            table, self._table[stage] = self._table[stage], base
+            try:
+                return self._predict(stage, batch)
+            finally:
+                self._table[stage] = table
+
     def snapshot(self) -> list[dict[int, float]]:
         """A copy of the current estimates (for /v1/model and tests)."""
         with self._lock:

@@ -1,0 +1,261 @@
+"""SLO capacity and overload, for `make bench`: the load at which deadlines hold, and what happens past it.
+
+For a deadline D, the **SLO capacity** is the highest Poisson arrival rate at which at least 99 % of
+requests get a 200 within D on the client's clock; it is found by bisection over rates (each step one
+bounded wrk run, bench/lua/deadlines.lua). It is measured for D = 10 ms and for D = 4x this machine's
+in-process exit-1 p50 (so the figure travels between machines), anytime and at full depth
+(`threshold=1`). Then **overload**: Poisson arrivals at 1.5x and 3x the anytime SLO capacity, and
+clients that resend at once after every answer or refusal (closed loop, many connections): goodput
+(200s within D per second) as a share of the capacity, the share of refusals within 2 ms, and the
+200s more than 1 ms after their deadline. Each configuration runs as it is, and at half speed: a busy
+loop at the same priority pinned to the server's core (a neighbour on a shared node). Servers run
+with one request process and with two (ANYTIME_WORKERS=2), pinned to the server core; wrk to the other.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.wrk import DeadlineRun, run_deadlines
+from tools.processes import ServerProcess
+
+TARGET = 0.99  # the share of requests in time that defines the capacity
+STEPS = 6  # bisection steps per capacity
+OVERLOADS = (1.5, 3.0)
+RESENDERS = 64  # connections of the closed-loop clients that resend at once
+FULL_DEPTH = "/classify?threshold=1"
+
+
+@contextmanager
+def neighbour(cpu: str, busy: bool) -> Iterator[None]:
+    """A busy loop at normal priority on `cpu` while inside (when `busy`): half the core for the server."""
+    proc = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
+def _run(server: ServerProcess, images: list[Path], labels: list[int], seconds: float, rate: float, d: float,
+         load_cpu: int, path: str = "/classify", connections: int | None = None
+         ) -> tuple[DeadlineRun, float]:  # fmt: skip
+    cpu, wall = server.cpu_seconds(), time.monotonic()
+    run = run_deadlines(f"{server.url}/classify", images, labels, seconds, rate, d, load_cpu, path, connections)
+    return run, (server.cpu_seconds() - cpu) / (time.monotonic() - wall)
+
+
+def in_time(run: DeadlineRun) -> float:
+    return run.in_time / max(run.requests + run.socket_errors, 1)
+
+
+def capacity(server: ServerProcess, images: list[Path], labels: list[int], seconds: float, d: float, hi: float,
+             load_cpu: int, path: str = "/classify") -> dict[str, Any]:  # fmt: skip
+    """Bisection for the highest Poisson rate with >= 99 % in time within D; `hi` should fail."""
+    lo, tried = 0.0, []
+    for _ in range(STEPS):
+        rate = (lo + hi) / 2
+        run, _ = _run(server, images, labels, seconds, rate, d, load_cpu, path)
+        tried.append({"rate": round(rate, 1), "in_time": round(in_time(run), 4)})
+        if in_time(run) >= TARGET:
+            lo = rate
+        else:
+            hi = rate
+    return {"rps": lo, "tried": tried}
+
+
+def overload(run: DeadlineRun, cpu_busy: float, capacity_rps: float) -> dict[str, Any]:
+    return {
+        "offered_rps": run.offered_rps,
+        "goodput_rps": run.goodput_rps,
+        "goodput_over_capacity": run.goodput_rps / capacity_rps if capacity_rps else 0.0,
+        "refused": run.refused / max(run.requests, 1),
+        "refused_within_2ms": run.refused_fast / max(run.refused, 1),
+        "late_200s": run.late_1ms,
+        "server_cpu_busy": cpu_busy,
+    }
+
+
+def configuration(store: Path, images: list[Path], labels: list[int], seconds: float, deadlines: dict[str, float],
+                  saturation: float, workers: int, busy: bool, server_cpu: str, load_cpu: int,
+                  log_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Capacities (anytime and full depth, each deadline) and overload at D = 10 ms, for one server setup."""
+    server = ServerProcess(store, "fashion-mnist", log_dir=log_dir, cpus=server_cpu, workers=workers)
+    out: dict[str, Any] = {"workers": workers, "half_speed": busy, "capacity": {}, "overload": {}}
+    try:
+        server.wait_ready(timeout=300)
+        with neighbour(server_cpu, busy):
+            hi = saturation / (2 if busy else 1)
+            for name, d in deadlines.items():
+                anytime = capacity(server, images, labels, seconds, d, hi, load_cpu)
+                full = capacity(server, images, labels, seconds, d, hi, load_cpu, FULL_DEPTH)
+                ratio = anytime["rps"] / full["rps"] if full["rps"] else float("inf")
+                out["capacity"][name] = {"deadline_ms": d, "anytime": anytime, "full": full, "ratio": ratio}
+            d = deadlines["10ms"]
+            cap = out["capacity"]["10ms"]["anytime"]["rps"]
+            for factor in OVERLOADS:
+                out["overload"][f"{factor:g}x"] = overload(*_run(server, images, labels, seconds, factor * cap, d,
+                                                                  load_cpu), cap)  # fmt: skip
+            resend = _run(server, images, labels, seconds, 0.0, d, load_cpu, connections=RESENDERS)
+            out["overload"]["resend"] = overload(*resend, cap)
+            after = _run(server, images, labels, seconds, cap, d, load_cpu)  # back at capacity right after
+            out["after_overload_in_time"] = in_time(after[0])
+    finally:
+        server.stop()
+    return out
+
+
+def sweep(store: Path, images: list[Path], labels: list[int], seconds: float, exit1_p50_ms: float, saturation: float,
+          server_cpu: str, load_cpu: int, log_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Every configuration: one and two request processes, as they are and at half speed."""
+    deadlines = {"10ms": 10.0, "4x_exit1": round(4 * exit1_p50_ms, 2)}
+    configs = [
+        configuration(store, images, labels, seconds, deadlines, saturation, w, busy, server_cpu, load_cpu, log_dir)
+        for busy in (False, True)
+        for w in (1, 2)
+    ]
+    return {"deadlines_ms": deadlines, "exit1_p50_ms": exit1_p50_ms, "saturation_rps": saturation, "runs": configs}
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    d = result["deadlines_ms"]
+    lines = [
+        f"SLO capacity (>= 99 % of requests a 200 within D, client clock; Poisson; bisection) and overload at "
+        f"D = 10 ms; D = 4x exit 1 is {d['4x_exit1']:.2f} ms (in-process exit-1 p50 "
+        f"{result['exit1_p50_ms']:.2f} ms):",
+        "",
+        "| setup | capacity 10 ms anytime / full (ratio) | capacity 4x exit 1 anytime / full (ratio) | goodput 1.5x "
+        "| goodput 3x | goodput, resending clients | refusals ≤ 2 ms (1.5x / 3x / resend) | 200s > D + 1 ms | "
+        "in time at capacity right after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["runs"]:
+        c, o = r["capacity"], r["overload"]
+        setup = f"{r['workers']} request process{'es' if r['workers'] > 1 else ''}" + (
+            ", half speed" if r["half_speed"] else ""
+        )
+
+        def cap(name: str, c: dict[str, Any] = c) -> str:
+            x = c[name]
+            return f"{x['anytime']['rps']:.0f} / {x['full']['rps']:.0f} ({x['ratio']:.2f})"
+
+        lines.append(
+            f"| {setup} | {cap('10ms')} | {cap('4x_exit1')} | {o['1.5x']['goodput_over_capacity']:.0%} | "
+            f"{o['3x']['goodput_over_capacity']:.0%} | {o['resend']['goodput_over_capacity']:.0%} | "
+            f"{o['1.5x']['refused_within_2ms']:.0%} / {o['3x']['refused_within_2ms']:.0%} / "
+            f"{o['resend']['refused_within_2ms']:.0%} | "
+            f"{sum(v['late_200s'] for v in o.values())} | {r['after_overload_in_time']:.1%} |"
+        )
+    return lines
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Goodput against offered load, as shares of the anytime SLO capacity at 10 ms, per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in result["runs"]:
+        cap = r["capacity"]["10ms"]["anytime"]["rps"] or 1.0
+        points = [(1.0, 1.0)] + [
+            (o["offered_rps"] / cap, o["goodput_over_capacity"]) for k, o in r["overload"].items() if k != "resend"
+        ]
+        label = f"{r['workers']} request process(es){', half speed' if r['half_speed'] else ''}"
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+    ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("offered load (x SLO capacity, 10 ms)")
+    ax.set_ylabel("goodput (x SLO capacity)")
+    ax.set_ylim(0, 1.3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's criteria, per setup."""
+    out = {}
+    for r in result["runs"]:
+        key = f"workers={r['workers']}{',half_speed' if r['half_speed'] else ''}"
+        o = r["overload"]
+        out[key] = {
+            "capacity_ratio_10ms": r["capacity"]["10ms"]["ratio"],
+            "capacity_rps_10ms": r["capacity"]["10ms"]["anytime"]["rps"],
+            "goodput_over_capacity": {k: v["goodput_over_capacity"] for k, v in o.items()},
+            "refusals_within_2ms": {k: v["refused_within_2ms"] for k, v in o.items()},
+            "late_200s": sum(v["late_200s"] for v in o.values()),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.slo`: this part of `make bench` alone (saturation and exit 1 measured first)."""
+    import argparse
+    import json
+    import os
+    import tempfile
+
+    from bench.workloads import fashion_images
+    from bench.wrk import run_wrk
+    from models.artifact import resolve_artifact
+    from tools.processes import ROOT
+
+    parser = argparse.ArgumentParser(prog="python -m bench.slo", description=__doc__)
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--speeds", choices=("full", "half"), nargs="+", default=["full", "half"])
+    parser.add_argument("--deadline-ms", type=float, default=10.0, help="the fixed deadline (10 ms in make bench)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "slo.json")
+    args = parser.parse_args(argv)
+    server_cpu, load_cpu = "0", 1
+    os.sched_setaffinity(0, {load_cpu})
+    with tempfile.TemporaryDirectory(prefix="anytime-slo-") as tmp:
+        work = Path(tmp)
+        images, labels = fashion_images(work / "fmnist", 200)
+        argv_ip = ["taskset", "-c", server_cpu, sys.executable, "-m", "bench.inprocess"]
+        argv_ip += [str(resolve_artifact(args.store, "fashion-mnist")), str(work / "fmnist"), "--seconds", "3"]
+        exit1 = json.loads(subprocess.run([*argv_ip, "--threshold", "0"], cwd=ROOT, capture_output=True, text=True,
+                                          check=True).stdout)["p50_ms"]  # fmt: skip
+        server = ServerProcess(args.store, "fashion-mnist", log_dir=work, cpus=server_cpu).wait_ready(timeout=300)
+        try:
+            saturation = run_wrk(f"{server.url}/classify", images, args.seconds, 16, cpu=load_cpu).throughput
+        finally:
+            server.stop()
+        deadlines = {"10ms": args.deadline_ms, "4x_exit1": round(4 * exit1, 2)}
+        runs = [
+            configuration(
+                args.store,
+                images,
+                labels,
+                args.seconds,
+                deadlines,
+                saturation,
+                w,
+                speed == "half",
+                server_cpu,
+                load_cpu,
+                work,
+            )  # fmt: skip
+            for speed in args.speeds
+            for w in args.workers
+        ]
+    result = {"deadlines_ms": deadlines, "exit1_p50_ms": exit1, "saturation_rps": saturation, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    sys.stdout.write("\n".join(table(result)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
