@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from models import build_model
 from tools.processes import ROOT, free_port
@@ -331,3 +332,53 @@ def test_the_study_trains_runs_in_parallel_processes(tmp_path: Path) -> None:
     assert reproduce(argv) == 0
     assert all((tmp_path / "runs" / f"{m}-seed0" / "results.json").is_file() for m in ("standard", "dsn"))
     assert "| dsn |" in (tmp_path / "study.md").read_text()
+
+
+def test_ramps_keeps_the_epoch_whose_shallow_exits_are_best(tmp_path: Path) -> None:
+    """`ramps` freezes the backbone and the final exit, so the final exit's validation accuracy never moves:
+    best.pt is chosen by the mean of the shallow exits it trains (it held epoch 1 however long the run)."""
+    Trainer(_cfg(tmp_path / "standard", method="standard", epochs=2)).fit()
+    init = str(tmp_path / "standard" / "best.pt")
+    Trainer(_cfg(tmp_path / "ramps", method="ramps", init=init, epochs=4, lr=0.05)).fit()
+    epochs = [json.loads(line) for line in (tmp_path / "ramps" / "metrics.jsonl").read_text().splitlines()]
+    shallow = [(e["val_acc_exit1"] + e["val_acc_exit2"]) / 2 for e in epochs]
+    assert len({e["val_acc_exit3"] for e in epochs}) == 1  # the frozen final exit
+    best = torch.load(tmp_path / "ramps" / "best.pt", weights_only=True)
+    assert best["epoch"] == max(range(len(shallow)), key=lambda i: (shallow[i], -i))
+    assert best["best_val"] == pytest.approx(max(shallow))
+
+
+def test_a_mistyped_data_dir_is_an_error_not_another_copy(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no Fashion-MNIST IDX files there"):
+        load_data("fashion-mnist", data_dir=str(tmp_path / "typo"), allow_download=False)
+
+
+def _folder(root: Path, layout: dict[str, list[str]], bad: str | None = None) -> Path:
+    for split, classes in layout.items():
+        for c, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 30), (60 * c, 10 * i, 90)).save(root / split / cls / f"{i}.png")
+    if bad:
+        (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def test_image_folder_splits_share_train_s_class_mapping(tmp_path: Path) -> None:
+    """val/ without class b: its c is still class 2, as in train/ (each split built its own mapping, so c was 1)."""
+    data = _folder(tmp_path / "d", {"train": ["a", "b", "c"], "val": ["a", "c"]})
+    bundle = load_data("imagefolder", data_dir=str(data), val_size=2)
+    assert bundle.classes == ["a", "b", "c"]
+    labels = {Path(p).parent.name: y for p, y in bundle.test.samples}
+    assert labels == {"a": 0, "c": 2}
+    extra = _folder(tmp_path / "e", {"train": ["a", "b"], "val": ["a", "z"]})
+    with pytest.raises(DataError, match="classes that train/ lacks: z"):
+        load_data("imagefolder", data_dir=str(extra), val_size=2)
+
+
+def test_a_corrupt_image_is_an_error_naming_its_file(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "d", {"train": ["a", "b"], "val": ["a", "b"]}, bad="val/b/9.png")
+    bundle = load_data("imagefolder", data_dir=str(data), val_size=2)
+    index = [i for i, (p, _) in enumerate(bundle.test.samples) if p.endswith("9.png")][0]
+    with pytest.raises(DataError, match=r"9\.png is not a readable image"):
+        bundle.test[index]

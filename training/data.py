@@ -8,6 +8,7 @@ held out of the training set with its own fixed seed; the test set is only ever 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -26,6 +28,7 @@ from torchvision.transforms import v2
 from models.artifact import InputSpec
 from models.preprocess import Preprocess, load_image_file, to_mode
 
+log = logging.getLogger("anytime.train")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -110,7 +113,12 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_dir(data_dir: str | None, allow_download: bool) -> Path:
-    """Where the Fashion-MNIST IDX files are: --data-dir, $ANYTIME_DATA_DIR, Debian's package, download."""
+    """Where the Fashion-MNIST IDX files are: --data-dir, $ANYTIME_DATA_DIR, Debian's package, download.
+    A directory that was named (--data-dir) must hold them: a typo is an error, never a fall-back to
+    another copy."""
+    if data_dir and not (_find_idx(Path(data_dir), "train-images-idx3-ubyte") and
+                         _find_idx(Path(data_dir), "t10k-labels-idx1-ubyte")) and not allow_download:  # fmt: skip
+        raise DataError(f"--data-dir {data_dir}: no Fashion-MNIST IDX files there (train-images-idx3-ubyte[.gz], …)")
     candidates = [Path(p) for p in (data_dir, os.environ.get("ANYTIME_DATA_DIR")) if p]
     candidates.append(DEBIAN_FASHION_MNIST)
     for c in candidates:
@@ -233,8 +241,10 @@ def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size:
         ]
     )
 
+    classes = _folder_classes(Path(data_dir))
+
     def folder(split: str, transform: Callable[[Image.Image], torch.Tensor]) -> datasets.ImageFolder:
-        return datasets.ImageFolder(str(Path(data_dir) / split), transform=transform, loader=load_image_file)
+        return _OneMapping(str(Path(data_dir) / split), classes, transform=transform, loader=_checked_image)
 
     train_full, eval_full, test = folder("train", train_tf), folder("train", eval_tf), folder("val", eval_tf)
     if not 0 < val_size < len(train_full):
@@ -252,6 +262,42 @@ def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size:
         std,
         resize=resize,
     )
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """The class names of `train/`, the one mapping every split uses: `val/` may not have a class that
+    `train/` lacks (every later label would shift); a class of `train/` missing from `val/` is a warning."""
+
+    def names(split: str) -> set[str]:
+        return {d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith(".")}
+
+    train, val = names("train"), names("val")
+    if extra := sorted(val - train):
+        raise DataError(f"{root / 'val'} has classes that train/ lacks: {', '.join(extra)}")
+    if missing := sorted(train - val):
+        log.warning("%s has no images of classes %s: they are trained but not tested", root / "val", ", ".join(missing))
+    return sorted(train)
+
+
+class _OneMapping(datasets.ImageFolder):
+    """An ImageFolder whose classes are given (train/'s), not read from its own directory."""
+
+    def __init__(self, root: str, classes: list[str], **kwargs: Any) -> None:
+        self._given = classes
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = {d.name for d in Path(directory).iterdir() if d.is_dir()}
+        mapping = {c: i for i, c in enumerate(self._given) if c in present}
+        return list(self._given), mapping
+
+
+def _checked_image(path: str) -> Image.Image:
+    """A training image, or a DataError naming the file that is not one."""
+    try:
+        return load_image_file(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise DataError(f"{path} is not a readable image: {exc}") from exc
 
 
 def load_synthetic(num_classes: int = 4, size: int = 16, channels: int = 3, n: int = 256, seed: int = 0) -> DataBundle:
