@@ -100,12 +100,13 @@ def configuration(store: Path, images: list[Path], labels: list[int], seconds: f
                 out["capacity"][name] = {"deadline_ms": d, "anytime": anytime, "full": full, "ratio": ratio}
             d = deadlines["10ms"]
             cap = out["capacity"]["10ms"]["anytime"]["rps"]
+            rate = max(cap, 1.0)  # a capacity of 0 still gets Poisson overload (rate 0 would mean closed loop)
             for factor in OVERLOADS:
-                out["overload"][f"{factor:g}x"] = overload(*_run(server, images, labels, seconds, factor * cap, d,
+                out["overload"][f"{factor:g}x"] = overload(*_run(server, images, labels, seconds, factor * rate, d,
                                                                   load_cpu), cap)  # fmt: skip
             resend = _run(server, images, labels, seconds, 0.0, d, load_cpu, connections=RESENDERS)
             out["overload"]["resend"] = overload(*resend, cap)
-            after = _run(server, images, labels, seconds, cap, d, load_cpu)  # back at capacity right after
+            after = _run(server, images, labels, seconds, rate, d, load_cpu)  # back at capacity right after
             out["after_overload_in_time"] = in_time(after[0])
     finally:
         server.stop()

@@ -29,6 +29,7 @@ from models.artifact import InputSpec
 from models.preprocess import Preprocess, load_image_file, to_mode
 
 log = logging.getLogger("anytime.train")
+FETCH_HINT = "`apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/fashion-mnist/)."
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -118,7 +119,10 @@ def fashion_mnist_dir(data_dir: str | None, allow_download: bool) -> Path:
     another copy."""
     if data_dir and not (_find_idx(Path(data_dir), "train-images-idx3-ubyte") and
                          _find_idx(Path(data_dir), "t10k-labels-idx1-ubyte")) and not allow_download:  # fmt: skip
-        raise DataError(f"--data-dir {data_dir}: no Fashion-MNIST IDX files there (train-images-idx3-ubyte[.gz], …)")
+        raise DataError(
+            f"--data-dir {data_dir}: no Fashion-MNIST IDX files there (train-images-idx3-ubyte[.gz], …). Fix one "
+            f"of: pass --data-dir DIR holding the IDX files; set ANYTIME_DATA_DIR; or {FETCH_HINT}"
+        )
     candidates = [Path(p) for p in (data_dir, os.environ.get("ANYTIME_DATA_DIR")) if p]
     candidates.append(DEBIAN_FASHION_MNIST)
     for c in candidates:
@@ -137,8 +141,7 @@ def fashion_mnist_dir(data_dir: str | None, allow_download: bool) -> Path:
     raise DataError(
         "Fashion-MNIST not found. Looked in: "
         + ", ".join(str(c) for c in candidates)
-        + f" ({reason}). Fix one of: pass --data-dir DIR holding the IDX files; set ANYTIME_DATA_DIR; "
-        "or `apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/fashion-mnist/)."
+        + f" ({reason}). Fix one of: pass --data-dir DIR holding the IDX files; set ANYTIME_DATA_DIR; or {FETCH_HINT}"
     )
 
 
