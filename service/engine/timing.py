@@ -36,6 +36,7 @@ class StageTimes:
         self._baseline: list[dict[int, float]] = [{} for _ in range(num_stages)]
         self._seen = [clock()] * num_stages  # when each stage was last measured
         self._memo: list[dict[int, float]] = [{} for _ in range(num_stages)]  # predictions since the last change
+        self._base_memo: list[dict[int, float]] = [{} for _ in range(num_stages)]  # `baseline`, until a `set`
         self._lock = threading.Lock()
 
     @classmethod
@@ -67,6 +68,7 @@ class StageTimes:
             self._table[stage][batch] = self._baseline[stage][batch] = seconds
             self._seen[stage] = self.clock()
             self._memo[stage].clear()
+            self._base_memo[stage].clear()
 
     def predict(self, stage: int, batch: int) -> float:
         """Predicted seconds of stage `stage` (0-based) and its exit for `batch` samples; 0 if unknown.
@@ -107,16 +109,19 @@ class StageTimes:
 
     def baseline(self, stage: int, batch: int) -> float:
         """The warm-up's (or the manifest's) figure for (stage, batch), interpolated as `predict` does;
-        the current estimate where there is none."""
+        the current estimate where there is none. Remembered until the next `set` (admission asks per request)."""
         with self._lock:
             base = self._baseline[stage]
             if not base:
                 return self._predict(stage, batch)
-            table, self._table[stage] = self._table[stage], base
-            try:
-                return self._predict(stage, batch)
-            finally:
-                self._table[stage] = table
+            memo = self._base_memo[stage]
+            if batch not in memo:
+                table, self._table[stage] = self._table[stage], base
+                try:
+                    memo[batch] = self._predict(stage, batch)
+                finally:
+                    self._table[stage] = table
+            return memo[batch]
 
     def snapshot(self) -> list[dict[int, float]]:
         """A copy of the current estimates (for /v1/model and tests)."""
