@@ -16,7 +16,7 @@ from PIL import Image
 from models import build_model
 from tools.processes import ROOT, free_port
 from training.cli import main as train_cli
-from training.config import TrainConfig
+from training.config import TrainConfig, config_from_args
 from training.data import DataError, load_data
 from training.trainer import Trainer, train_step
 
@@ -200,6 +200,13 @@ def test_cli_end_to_end_writes_checkpoint_log_and_table(tmp_path: Path, capsys: 
         assert (tmp_path / name).is_file(), name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and "val_acc_exit3" in records[0]
+    # Where the run came from: the code version and the libraries, in config.yaml (as comments, so that it
+    # still reads back with --config) and in every checkpoint.
+    config = (tmp_path / "config.yaml").read_text()
+    assert config.startswith("# code_version: ") and f"# torch: {torch.__version__}" in config
+    assert config_from_args(["--config", str(tmp_path / "config.yaml")]).model == "test_tiny"
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert state["provenance"]["code_version"] == config.split("\n")[0].removeprefix("# code_version: ")
 
 
 def test_cli_rejects_bad_settings_clearly(capsys: pytest.CaptureFixture[str]) -> None:

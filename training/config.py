@@ -118,8 +118,11 @@ class TrainConfig(BaseSettings):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
         return v
 
-    def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+    def save(self, path: Path, provenance: dict[str, Any] | None = None) -> None:
+        """The resolved settings as YAML (what `--config` reads back), headed by where the run came from as
+        comments (so that the file still reads back as settings)."""
+        head = "".join(f"# {k}: {v}\n" for k, v in (provenance or {}).items())
+        path.write_text(head + yaml.safe_dump(self.model_dump(), sort_keys=False))
 
 
 def _arg_type(annotation: Any) -> tuple[Any, bool]:

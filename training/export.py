@@ -7,7 +7,6 @@ reported (per-exit accuracy and what the chosen policy gives there).
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +45,7 @@ from training.config import build_parser, settings_error
 from training.data import DataError, load_data
 from training.evaluate import accuracies, collect_logits
 from training.exit_selection import select_exits
+from training.provenance import code_version
 from training.report import write_report
 from training.thresholds import PolicyResult, agreement_by_exit, evaluate_policy, select_thresholds
 
@@ -79,28 +79,6 @@ class ExportConfig(BaseSettings):
         if self.mode == "budget" and self.budget is None:
             raise ValueError("--mode budget needs --budget")
         return self
-
-
-def code_version() -> str:
-    """`git describe` of the working tree when available, else the package version."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("anytime-serve")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _conf_and_correct(

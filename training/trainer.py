@@ -27,6 +27,7 @@ from training.data import DataBundle, load_data
 from training.device_data import DeviceData, device_data
 from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
 from training.losses import accuracy_counts, compute_loss, hinted_exits
+from training.provenance import provenance
 from training.wrapper import TrainNet
 
 log = logging.getLogger("anytime.train")
@@ -212,6 +213,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.start_epoch = 0
         self.best_val = -1.0
+        self.provenance = provenance()  # the code and library versions, in config.yaml and every checkpoint
         if cfg.resume:
             self._restore(load_checkpoint(self.out / "last.pt"))
         self.net: nn.Module = self.train_net
@@ -385,6 +387,7 @@ class Trainer:
             "config": self.cfg.model_dump(),
             "model_spec": self.spec.model_dump(),
             "data_spec": data_spec(self.bundle),
+            "provenance": self.provenance,
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -403,7 +406,7 @@ class Trainer:
         main = self.ctx.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.out / "config.yaml")
+            self.cfg.save(self.out / "config.yaml", self.provenance)
         end = self.cfg.epochs
         if self.cfg.stop_after is not None:
             end = min(end, self.start_epoch + self.cfg.stop_after)
