@@ -1,4 +1,4 @@
--- wrk script of the deadline sweep in `make bench`: Poisson-like arrivals with a deadline, and every
+-- wrk script of the deadline runs in `make bench` (bench/slo.py): Poisson-like arrivals with a deadline, and every
 -- request timed and scored on the client side.
 --
 -- Run with as many threads as connections (-tN -cN): each thread then has one connection, so a
