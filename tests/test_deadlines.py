@@ -84,10 +84,12 @@ def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: 
         message = too_short.json()["error"]["message"]
         assert too_short.status_code == 504 and "of the 20.0 ms budget" in message and "exit 1 needs about" in message
         t0 = time.perf_counter()
-        answered = httpx.post(f"{liar.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "90"})
+        # 105 ms: exit 1 at 60 ms leaves room for the first job of a server without warm-up, whose cold path
+        # over an engine process's link took 18 ms more (a fresh-clone CI run missed 90 ms once, 2026-12-01).
+        answered = httpx.post(f"{liar.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "105"})
         took = time.perf_counter() - t0
         body = answered.json()
         assert answered.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
-        assert body["latency_ms"] <= 90 + 2 and took < 0.2  # at the deadline, not after stage 2 (at 120 ms)
+        assert body["latency_ms"] <= 105 + 2 and took < 0.2  # at the deadline, not after stage 2 (at 120 ms)
     finally:
         assert honest.stop() == 0 and liar.stop() == 0
