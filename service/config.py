@@ -15,7 +15,11 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANYTIME_", extra="ignore", protected_namespaces=())
 
     model_store: Path = Field(Path("model_store"), description="directory of artifacts <name>/<version>/")
-    model_name: str = Field("fashion-mnist", description="the default model: what /classify answers with")
+    model_name: str | None = Field(
+        None,
+        description="the default model: what /classify answers with; unset: the one model ANYTIME_MODELS names "
+        "or the store holds (an error naming them when there are several)",
+    )
     model_version: str | None = Field(None, description="pinned version of the default model; newest when unset")
     models: str | None = Field(
         None,

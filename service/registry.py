@@ -99,7 +99,7 @@ class ModelRegistry:
         self.settings, self.metrics, self.device = settings, metrics, device
         self.engine_process = engine_process  # the engine process of several request processes
         self.store = Path(settings.model_store)
-        self.default = settings.model_name
+        self.default = settings.model_name or ""  # resolved by start_sync when unset
         self.slots: dict[str, Slot] = {}
         self._retiring: set[asyncio.Task] = set()
         self.on_change: Callable[[], object] | None = (
@@ -117,6 +117,20 @@ class ModelRegistry:
         if self.settings.model_version is not None:
             wanted[self.default] = self.settings.model_version
         return wanted
+
+    def _default(self) -> str:
+        """ANYTIME_MODEL_NAME, else the only model ANYTIME_MODELS names or the store holds."""
+        if self.settings.model_name:
+            return self.settings.model_name
+        names = [n for n, _ in self.settings.model_pins()] if self.settings.models else self._store_names()
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ArtifactError(f"the model store {self.store} holds no model (ANYTIME_MODEL_STORE)")
+        raise ArtifactError(
+            f"the model store {self.store} holds {len(names)} models ({', '.join(names)}): "
+            "set ANYTIME_MODEL_NAME to the one /classify answers with"
+        )
 
     def _store_names(self) -> list[str]:
         if not self.store.is_dir():
@@ -188,6 +202,7 @@ class ModelRegistry:
 
     def start_sync(self) -> None:
         """At start-up: load every wanted model; the default one must load (its error is raised)."""
+        self.default = self._default()
         for name, pinned in self.wanted().items():
             slot = self.slots.setdefault(name, Slot(name, pinned))
             version = self.target(slot)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.artifact import read_manifest, resolve_artifact
+from models.artifact import ArtifactError, read_manifest, resolve_artifact
 from service.config import ServiceSettings
 from service.metrics import Metrics
 from service.registry import ModelRegistry, freeze_heap
@@ -229,3 +229,30 @@ def test_a_retired_version_is_freed_although_the_heap_was_frozen_once_warm(tmp_p
     finally:
         asyncio.run(registry.stop())
         gc.unfreeze()
+
+
+def test_the_default_model_follows_the_store(tmp_path: Path) -> None:
+    """No ANYTIME_MODEL_NAME: the store's one model is the default; several, or none, is a clear error."""
+
+    def registry(**settings: object) -> ModelRegistry:
+        fields = {"model_store": tmp_path, "model_name": None, "model_poll_s": 0, "warmup": False, **settings}
+        return ModelRegistry(ServiceSettings(**fields), Metrics(), torch.device("cpu"))
+
+    with pytest.raises(ArtifactError, match="holds no model"):
+        registry().start_sync()
+    make_artifact(tmp_path, "photos")
+    only = registry()
+    only.start_sync()
+    try:
+        assert only.default == "photos" and only.get().name == "photos"
+    finally:
+        asyncio.run(only.stop())
+    make_artifact(tmp_path, "sketches")
+    with pytest.raises(ArtifactError, match=r"holds 2 models \(photos, sketches\): set ANYTIME_MODEL_NAME"):
+        registry().start_sync()
+    named = registry(models="sketches")  # the one model ANYTIME_MODELS names
+    named.start_sync()
+    try:
+        assert named.default == "sketches" and [m.name for m in named.served()] == ["sketches"]
+    finally:
+        asyncio.run(named.stop())

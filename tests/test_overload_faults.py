@@ -153,4 +153,7 @@ def test_missing_or_corrupt_artifact_exits_non_zero_with_a_clear_message(tmp_pat
     (path / "manifest.json").write_text("{")
     truncated = _serve(tmp_path, "tiny")
     assert truncated.returncode == 2 and "not valid JSON" in truncated.stderr
-    assert "Traceback" not in missing.stderr + corrupt.stderr + truncated.stderr
+    make_artifact(tmp_path, "tiny2", "test_tiny")
+    several = _serve(tmp_path, "")  # no default named, and the store holds two models
+    assert several.returncode == 2 and "holds 2 models (tiny, tiny2): set ANYTIME_MODEL_NAME" in several.stderr
+    assert "Traceback" not in missing.stderr + corrupt.stderr + truncated.stderr + several.stderr

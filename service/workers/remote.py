@@ -107,7 +107,7 @@ class RemoteRegistry:
         self.address, self.authkey, self.index = address, authkey, index
         self.worker = str(index)  # the label of anytime_worker_requests_total
         self.store = Path(settings.model_store)
-        self.default = settings.model_name
+        self.default = settings.model_name or ""  # the engine process's, once its first state comes
         self.slots: dict[str, RemoteServedModel] = {}
         self.connected = False
         self.host_ready = False  # every request process has warmed up once
