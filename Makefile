@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus and HAProxy, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose haproxy
 
-.PHONY: serve test lint venv debs install-debs reproduce default-model bench bench-gpu cluster docker-smoke
+.PHONY: serve test lint venv debs install-debs reproduce default-model bench bench-gpu bench-triton cluster docker-smoke
 
 venv: $(STAMP)
 
@@ -84,6 +84,12 @@ bench: venv debs
 	@$(MAKE) --no-print-directory install-debs DEBS="wrk"
 	$(BIN)/python -m pip install -q 'torchserve>=0.12,<0.13' 'torch-model-archiver>=0.12,<0.13'
 	$(BIN)/python -m bench.run
+
+# Triton's perf_analyzer against /v2 (docs/benchmarks.md, "Triton's perf_analyzer"): HTTP and gRPC, both inputs,
+# anytime and full depth. Where glibc is older than 2.38 perf_analyzer runs in a Debian 13 root (root, debootstrap).
+bench-triton: venv debs
+	@$(MAKE) --no-print-directory install-debs DEBS="debootstrap"
+	$(BIN)/python -m bench.triton
 
 # The GPU benchmark (docs/benchmarks.md, "GPU"): in-process engine, ceilings, compute-bound mixes, HTTP rows.
 # On a machine without CUDA it runs the same code at small sizes.

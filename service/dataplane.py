@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import time
@@ -64,6 +65,30 @@ class Protocol:
 
     name: str
     status: Callable[[Kind], int]
+
+
+@dataclass(slots=True)
+class Phases:
+    """One request's moments on the monotonic clock, for its time by phase (`anytime_request_phase_seconds`,
+    Triton's inference statistics): read and decoded until the first job goes to the engine, queued until
+    the first of its jobs starts, computed until the last answer, then the response."""
+
+    start: float
+    submitted: float = math.inf
+    started: float = math.inf
+    answered: float = 0.0
+
+    def parts(self, end: float) -> tuple[float, float, float, float] | None:
+        """compute_input, queue, compute_infer and compute_output seconds; None if nothing was answered."""
+        if not self.answered:
+            return None
+        submitted = min(self.submitted, self.answered)
+        started = min(max(self.started, submitted), self.answered)
+        return submitted - self.start, started - submitted, self.answered - started, end - self.answered
+
+
+# The phases of the request this task serves (set by `DataPlane.call`, filled in by `infer`).
+_PHASES: ContextVar[Phases | None] = ContextVar("anytime_phases", default=None)
 
 
 class DataPlane:
@@ -142,6 +167,8 @@ class DataPlane:
         start = time.monotonic()
         served: Served | None = None
         status = 500
+        phases = Phases(start)
+        token = _PHASES.set(phases)
         try:
             self.check_serving()
             async with self.registry.lease(name, version) as model:
@@ -161,15 +188,19 @@ class DataPlane:
             status = protocol.status(error.kind)
             raise error from None
         finally:
+            _PHASES.reset(token)
             if not _warming():
-                self._meter(protocol, served, status, time.monotonic() - start)
+                self._meter(protocol, served, status, phases, time.monotonic())
 
-    def _meter(self, protocol: Protocol, served: Served | None, status: int, seconds: float) -> None:
+    def _meter(self, protocol: Protocol, served: Served | None, status: int, phases: Phases, end: float) -> None:
+        seconds = end - phases.start
         if self._worker_requests is not None:
             self._worker_requests.inc()
         if served is not None:
             served.metrics.request(protocol.name, status)
             served.metrics.request_latency.observe(seconds)
+            ok = status == 200
+            served.metrics.phases(ok, seconds, phases.parts(end) if ok else None)
         else:
             self.metrics.requests.labels("", "", protocol.name, str(status)).inc()
             self.metrics.request_latency.labels("", "").observe(seconds)
@@ -232,6 +263,9 @@ class DataPlane:
             raise ServiceError(f"max_exit: the model has {model.num_exits} exits", INVALID_OPTION)
         job = Job(x, options, shadow=not _warming())
         metrics = model.metrics
+        phases = _PHASES.get()
+        if phases is not None:
+            phases.submitted = min(phases.submitted, time.monotonic())
         try:
             answer = await self._answer(model, job, model.engine.submit(job))
         except (DeadlineUnreachable, QueueFull):
@@ -239,6 +273,9 @@ class DataPlane:
                 metrics.deadline("rejected")
             raise
         now = time.monotonic()
+        if phases is not None:
+            phases.started = min(phases.started, options.received + answer.queue_s)
+            phases.answered = max(phases.answered, now)
         if not _warming():
             metrics.answered(answer.exit, answer.reason.value, now - options.received)
             if options.client_deadline:

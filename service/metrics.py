@@ -13,9 +13,19 @@ how it combines (`MODES`). Counters of a process that died keep their totals.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond to seconds: a shallow exit of a small model answers in well under 1 ms.
@@ -25,6 +35,8 @@ MV = ["model", "version"]
 # How a gauge combines over processes in multiprocess mode: the engine process alone sets the
 # per-model ones (the most recent value of a live process), every request process its in-flight count.
 SUM, RECENT = "livesum", "livemostrecent"
+# The phases of `anytime_request_phase_seconds`: the whole request, then the parts of an answered one.
+PHASES = ("success", "fail", "compute_input", "queue", "compute_infer", "compute_output")
 
 
 def multiprocess() -> bool:
@@ -101,6 +113,24 @@ class Metrics:
         self.batch_size = Histogram(
             "anytime_batch_size", "Requests per engine batch", MV, buckets=BATCH_BUCKETS, registry=r
         )
+        # Triton's inference statistics (GET /v2/models/{m}/stats) are read from these three.
+        self.phases = Summary(
+            "anytime_request_phase_seconds",
+            "Inference requests by phase: success and fail (the whole request), queue, compute_input "
+            "(reading and decoding), compute_infer (the engine), compute_output (the response)",
+            [*MV, "phase"],
+            registry=r,
+        )
+        self.stage_runs = Summary(
+            "anytime_stage_run_seconds", "Stage runs by the rows they computed", [*MV, "rows"], registry=r
+        )
+        self.last_inference = Gauge(
+            "anytime_last_inference_timestamp_seconds",
+            "When the version last answered a request (Unix time)",
+            MV,
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.model_info = Gauge(
             "anytime_model_info",
             "A model version being served (1 per served version)",
@@ -153,11 +183,18 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The /metrics page and its content type (summed over every process in multiprocess mode)."""
+        return generate_latest(self._source()), CONTENT_TYPE_LATEST
+
+    def collect(self) -> list[Metric]:
+        """Every metric family as /metrics shows it (summed over processes in multiprocess mode)."""
+        return list(self._source().collect())
+
+    def _source(self) -> CollectorRegistry:
         if multiprocess():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return registry
+        return self.registry
 
     def for_model(self, name: str, version: str, device: str) -> ModelMetrics:
         """The children of one served version, and its `anytime_model_info` series set to 1."""
@@ -184,6 +221,9 @@ class ModelMetrics:
         self._stages: dict[int, Histogram] = {}
         self._stage_rows: dict[int, Histogram] = {}
         self._deadlines = {o: m.deadlines.labels(*mv, o) for o in ("met", "missed", "rejected")}
+        self._phases = {p: m.phases.labels(*mv, p) for p in PHASES}
+        self._stage_runs: dict[int, Summary] = {}
+        self.last_inference = m.last_inference.labels(*mv)
         self._per_exit_gauges: set[tuple[Gauge, str]] = set()
 
     def answered(self, exit_: int, reason: str, seconds: float) -> None:
@@ -196,6 +236,19 @@ class ModelMetrics:
 
     def deadline(self, outcome: str) -> None:
         self._deadlines[outcome].inc()
+
+    def phases(self, ok: bool, total: float, parts: tuple[float, float, float, float] | None) -> None:
+        """One request's time, whole (as `success` or `fail`) and, when answered, by phase (`PHASES[2:]`)."""
+        self._phases["success" if ok else "fail"].observe(total)
+        if parts is not None:
+            for phase, seconds in zip(PHASES[2:], parts, strict=True):
+                self._phases[phase].observe(max(0.0, seconds))
+            self.last_inference.set(time.time())
+
+    def stage_run(self, rows: int, seconds: float) -> None:
+        if rows not in self._stage_runs:
+            self._stage_runs[rows] = self.metrics.stage_runs.labels(self.name, self.version, str(rows))
+        self._stage_runs[rows].observe(seconds)
 
     def stage(self, k: int) -> Histogram:
         """The `anytime_stage_seconds` child of 0-based stage `k`."""

@@ -63,7 +63,7 @@ def test_rest_health_and_metadata_with_tritonclient(server: ServerProcess) -> No
     model = client.get_model_metadata("fashion-mnist")
     assert model["versions"] == [served] and model["platform"] == "pytorch"
     assert {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]} == {
-        "image": ("BYTES", [-1]), "input": ("FP32", [-1, 1, 28, 28]),
+        "image": ("BYTES", [-1, 1]), "input": ("FP32", [-1, 1, 28, 28]),
     }  # fmt: skip
     assert {t["name"]: t["shape"] for t in model["outputs"]}["probabilities"] == [-1, 10]
     assert client.get_model_metadata("fashion-mnist", served)["name"] == "fashion-mnist"

@@ -190,7 +190,8 @@ class Worker:
         self.times.observe(k, self.runner.bucket(n), now - t0)
         self._stage_hist[k].observe(now - t0)
         self._stage_rows[k].observe(n)
-        if k == 0:
+        self.metrics.stage_run(n, now - t0)
+        if k == 0 and any(j.shadow for j in rows.jobs):  # a batch of warm-up traffic alone is no execution
             self.metrics.batch_size.observe(n)
         thr: float | np.ndarray = self._thresholds()[k]
         if rows.override is not None:

@@ -4,7 +4,7 @@
 (`inference.GRPCInferenceService`) parse a request into an `InferCall` and write its `OutputTensor`s;
 everything between is here and goes through the same data plane as `/classify`.
 
-A model takes one of two inputs: `image`, BYTES [N] of encoded images (PNG, JPEG, …), or `input`,
+A model takes one of two inputs: `image`, BYTES [N, 1] (or [N]) of encoded images (PNG, JPEG, …), or `input`,
 FP32 [N, C, H, W] already preprocessed as the manifest's input spec says. It answers with the
 outputs `label` (BYTES), `class_index` (INT64), `confidence` (FP32), `exit` (INT32), `reason`
 (BYTES) and `probabilities` (FP32 [N, classes]), each [N] unless said; all of them when the request
@@ -17,6 +17,7 @@ deadline of `timeout`, `deadline_ms`, X-Deadline-Ms and the gRPC deadline wins (
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ from service.engine import Answer
 from service.errors import INVALID_REQUEST, TOO_MANY_ITEMS, ServiceError
 from service.options import budget_ms, option_fields
 from service.served import Served
+from service.statistics import model_statistics
 
 SERVER_NAME = "anytime"
-EXTENSIONS = ["binary_tensor_data", "classification", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "classification", "parameters", "model_configuration", "statistics"]
 PLATFORM = "pytorch"
 IMAGE_INPUT, TENSOR_INPUT = "image", "input"
 OUTPUTS = {
@@ -254,7 +256,8 @@ def model_metadata(model: Served) -> dict[str, Any]:
         "versions": [model.version],
         "platform": PLATFORM,
         "inputs": [
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            # [-1, 1], not [-1]: Triton's tools give every item a shape of at least one dimension
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1, 1]},
             {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.size, spec.size]},
         ],
         "outputs": [
@@ -264,5 +267,74 @@ def model_metadata(model: Served) -> dict[str, Any]:
     }
 
 
+def statistics(plane: DataPlane, name: str | None, version: str | None) -> dict[str, Any]:
+    """Triton's statistics response: every served version, or the one `name` (and `version`) names (404 if none)."""
+    if name is None:
+        plane.check_ready()
+        served = plane.registry.served()
+    else:
+        served = [plane.model(name, version)]
+    return {"model_stats": model_statistics(plane.metrics, [(m.name, m.version) for m in served])}
+
+
 def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+TRITON_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32"}
+
+
+def _tensor_config(name: str, datatype: str, dims: list[int], optional: bool | None = None) -> dict[str, Any]:
+    """One input or output in Triton's model configuration, `dims` without the batch dimension."""
+    entry: dict[str, Any] = {"name": name, "data_type": TRITON_TYPES[datatype], "dims": dims}
+    if optional is not None:
+        entry["optional"] = optional
+    return entry
+
+
+def model_config(model: Served) -> dict[str, Any]:
+    """Triton's model configuration (`model_config.proto` field names, JSON as Triton writes it): what
+    perf_analyzer and `tritonclient.get_model_config` read. Both inputs are optional: a request sends one."""
+    spec, settings, m = model.input, model.settings, model.manifest
+    classes = len(model.classes)
+    outputs = [_tensor_config(name, dt, [classes] if name == "probabilities" else []) for name, dt in OUTPUTS.items()]
+    exits = m.exits
+    facts = {
+        "exits": len(exits),
+        "thresholds": [e.threshold for e in exits],
+        "flops_fraction": [e.served_flops_fraction or e.flops_fraction for e in exits],
+        "val_accuracy": [e.val_accuracy for e in exits],
+        "classes": model.classes,
+    }
+    gpu = model.device.startswith("cuda")
+    return {
+        "name": model.name,
+        "platform": PLATFORM,
+        "backend": SERVER_NAME,
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": settings.max_batch,
+        "input": [
+            _tensor_config(IMAGE_INPUT, "BYTES", [1], optional=True),
+            _tensor_config(TENSOR_INPUT, "FP32", [spec.channels, spec.size, spec.size], optional=True),
+        ],
+        "output": outputs,
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": 0,
+                "allow_timeout_override": True,
+                "max_queue_size": settings.queue_size,
+            },
+        },
+        "instance_group": [
+            {
+                "name": f"{model.name}_0",
+                "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                "count": 1,
+                "gpus": [int(model.device.partition(":")[2] or 0)] if gpu else [],
+            }
+        ],
+        "model_transaction_policy": {"decoupled": False},
+        "parameters": {key: {"string_value": json.dumps(value)} for key, value in facts.items()},
+    }

@@ -1,10 +1,11 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, in the server's process.
 
 The six core RPCs (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer)
-on grpc.aio, on the same event loop and engines as HTTP, listening on ANYTIME_HOST:ANYTIME_GRPC_PORT.
-The message and service classes are the generated modules `tritonclient[grpc]` ships (Triton's
-service is the same `inference.GRPCInferenceService`, a superset of KServe's; the other RPCs answer
-UNIMPLEMENTED). The call's gRPC deadline is a latency budget like X-Deadline-Ms. Errors are the
+and Triton's ModelConfig and ModelStatistics on grpc.aio, on the same event loop and engines as HTTP,
+listening on ANYTIME_HOST:ANYTIME_GRPC_PORT. The message and service classes are the generated
+modules `tritonclient[grpc]` ships (Triton's service is the same `inference.GRPCInferenceService`,
+a superset of KServe's; the other RPCs answer UNIMPLEMENTED with a sentence). The call's gRPC
+deadline is a latency budget like X-Deadline-Ms. Errors are the
 error table's gRPC codes (service/errors.py) with the message; while draining (service/drain.py)
 ServerReady says false, and once HTTP has closed its listener new calls get UNAVAILABLE and calls
 in flight finish.
@@ -17,6 +18,8 @@ import time
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -122,6 +125,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        try:
+            config = v2.model_config(self.plane.model(request.name, request.version or None))
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        try:
+            stats = v2.statistics(self.plane, request.name or None, request.version or None)
+        except Exception as exc:
+            await abort(context, exc)
+        # `exit_stats` is Anytime's own and has no field in Triton's message: REST alone carries it.
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         received = time.monotonic()
         plane = self.plane
@@ -133,6 +151,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return encode(call, model.name, model.version, outputs)
         except Exception as exc:
             await abort(context, exc)
+
+
+def _unimplemented(rpc: str) -> Any:
+    async def answer(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc} is not implemented by this server (see GET /v2)")
+        raise AssertionError("context.abort returns by raising")
+
+    answer.__name__ = rpc
+    return answer
+
+
+# The service's other RPCs answer UNIMPLEMENTED with a sentence (the generated base class's answer is
+# a Python exception's text).
+UNIMPLEMENTED = sorted(
+    name
+    for name in dir(pb_grpc.GRPCInferenceServiceServicer)
+    if not name.startswith("_") and name not in vars(InferenceServicer)
+)
+for _rpc in UNIMPLEMENTED:
+    setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
 
 
 async def start(plane: DataPlane, settings: ServiceSettings) -> grpc.aio.Server:

@@ -254,8 +254,17 @@ async def model_ready(request: Request) -> Response:
     return JSONResponse({"name": model.name, "ready": model.engine.alive})
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ProtocolError} for s in statuses}
+async def config(request: Request) -> Response:
+    """Triton's model configuration: batching, inputs and outputs with dims (no batch dimension), and
+    Anytime's exits, thresholds, FLOPs fractions and accuracies as `parameters`."""
+    return JSONResponse(v2.model_config(_model(request)))
+
+
+async def statistics(request: Request) -> Response:
+    """Triton's inference statistics: counts and cumulative times by phase, batch statistics, and per-exit
+    counts in `exit_stats` (Anytime's own); from the same samples as /metrics."""
+    params = request.path_params
+    return JSONResponse(v2.statistics(plane(request), params.get("name"), params.get("version")))
 
 
 _TAGS = ["Open Inference Protocol"]
@@ -279,6 +288,11 @@ ROUTES = [
     Route("/v2", server_metadata, render, doc={"response_model": ServerMetadata, "tags": _TAGS}),
     Route("/v2/health/live", live, render, doc={"tags": _TAGS}),
     Route("/v2/health/ready", ready, render, doc={"responses": {503: {"description": "not ready"}}, "tags": _TAGS}),
+    Route("/v2/models/stats", statistics, render, doc=_READY),
+    Route("/v2/models/{name}/stats", statistics, render, doc=_READY),
+    Route("/v2/models/{name}/versions/{version}/stats", statistics, render, doc=_READY),
+    Route("/v2/models/{name}/config", config, render, doc=_READY),
+    Route("/v2/models/{name}/versions/{version}/config", config, render, doc=_READY),
     Route("/v2/models/{name}", metadata, render, doc=_META),
     Route("/v2/models/{name}/versions/{version}", metadata, render, doc=_META),
     Route("/v2/models/{name}/ready", model_ready, render, doc=_READY),

@@ -1,0 +1,163 @@
+"""Triton's tools against Anytime: the model configuration and the inference statistics extensions,
+with tritonclient over REST and gRPC, in both process models; the RPCs not implemented say so."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from google.protobuf import json_format
+from PIL import Image
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from models.artifact import read_manifest, resolve_artifact
+from tests.helpers import ROOT, ServerProcess, free_port, metric, png_bytes
+
+PNG = png_bytes(Image.new("L", (28, 28), 90))
+MANIFEST = read_manifest(resolve_artifact(ROOT / "model_store", "fashion-mnist"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, workers: int) -> Iterator[ServerProcess]:
+    log_dir = tmp_path_factory.mktemp("triton")
+    srv = ServerProcess(
+        ROOT / "model_store", "fashion-mnist", log_dir=log_dir, grpc_port=free_port(), workers=workers, max_batch=8
+    ).wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+def _clients(server: ServerProcess) -> tuple[thttp.InferenceServerClient, tgrpc.InferenceServerClient]:
+    assert server.grpc_address is not None
+    return thttp.InferenceServerClient(server.url.removeprefix("http://")), tgrpc.InferenceServerClient(
+        server.grpc_address
+    )
+
+
+def test_the_model_configuration_is_tritons_and_equal_over_rest_and_grpc(server: ServerProcess) -> None:
+    rest, rpc = _clients(server)
+    assert {"model_configuration", "statistics"} <= set(rest.get_server_metadata()["extensions"])
+    config = rest.get_model_config("fashion-mnist")
+    assert config["name"] == "fashion-mnist" and config["max_batch_size"] == 8
+    inputs = {t["name"]: t for t in config["input"]}
+    assert inputs["image"]["data_type"] == "TYPE_STRING" and inputs["image"]["dims"] == [1]
+    assert inputs["input"]["dims"] == [1, 28, 28] and all(t["optional"] for t in config["input"])
+    outputs = {t["name"]: t["dims"] for t in config["output"]}
+    assert outputs["probabilities"] == [10] and outputs["label"] == [1]
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 256
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert len(json.loads(config["parameters"]["thresholds"]["string_value"])) == len(MANIFEST.exits)
+    # gRPC: the same configuration, as Triton's ModelConfig message
+    grpc_config = json_format.MessageToDict(
+        rpc.get_model_config("fashion-mnist", MANIFEST.version).config, preserving_proto_field_name=True
+    )
+    assert grpc_config["max_batch_size"] == 8 and grpc_config["input"][1]["dims"] == ["1", "28", "28"]
+    assert grpc_config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 256
+    assert grpc_config["parameters"] == config["parameters"]
+    with pytest.raises(InferenceServerException, match="no model named"):
+        rest.get_model_config("nothing")
+    with pytest.raises(InferenceServerException, match="NOT_FOUND"):
+        rpc.get_model_config("nothing")
+
+
+def _stats(rest: thttp.InferenceServerClient) -> dict:
+    [entry] = rest.get_inference_statistics("fashion-mnist")["model_stats"]
+    return entry
+
+
+def test_statistics_count_every_request_once_over_both_transports(server: ServerProcess) -> None:
+    rest, rpc = _clients(server)
+    before = _stats(rest)
+    image = thttp.InferInput("image", [3], "BYTES")
+    image.set_data_from_numpy(np.array([PNG] * 3, dtype=object))
+    for _ in range(4):
+        rest.infer("fashion-mnist", [image])
+    tensor = tgrpc.InferInput("input", [2, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((2, 1, 28, 28), np.float32))
+    for _ in range(3):
+        rpc.infer("fashion-mnist", [tensor])
+    for _ in range(2):
+        assert httpx.post(f"{server.url}/classify", content=PNG, headers={"content-type": "image/png"}).is_success
+    wrong = thttp.InferInput("input", [1, 1, 2, 2], "FP32")  # not the model's input shape: 400
+    wrong.set_data_from_numpy(np.zeros((1, 1, 2, 2), np.float32))
+    with pytest.raises(InferenceServerException):
+        rest.infer("fashion-mnist", [wrong])
+    after = _stats(rest)
+    grpc_after = json_format.MessageToDict(
+        rpc.get_inference_statistics("fashion-mnist"), preserving_proto_field_name=True
+    )["model_stats"][0]
+
+    def delta(*path: str) -> int:
+        a, b = after, before
+        for key in path:
+            a, b = a[key], b[key]
+        return int(a) - int(b)
+
+    assert delta("inference_stats", "success", "count") == 4 + 3 + 2  # requests, not items
+    assert delta("inference_stats", "fail", "count") == 1
+    assert delta("inference_count") == 4 * 3 + 3 * 2 + 2  # items answered
+    assert 1 <= delta("execution_count") <= 4 * 3 + 3 * 2 + 2
+    for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", phase, "ns") > 0, phase
+    parts = ("queue", "compute_input", "compute_infer", "compute_output")
+    for phase in parts:
+        assert delta("inference_stats", phase, "count") == 9, phase
+    parts_ns = sum(delta("inference_stats", p, "ns") for p in parts)
+    assert parts_ns <= delta("inference_stats", "success", "ns")  # the phases partition a request's time
+    assert after["last_inference"] > 0
+    assert sum(b["compute_infer"]["count"] for b in after["batch_stats"]) > 0
+    assert sum(e["count"] for e in after["exit_stats"]) == after["inference_count"]
+    # gRPC reads the same samples: equal figures (no request in between), int64 as JSON strings
+    assert grpc_after["inference_stats"]["success"]["count"] == str(after["inference_stats"]["success"]["count"])
+    assert int(grpc_after["inference_count"]) == after["inference_count"]
+    # ... which /metrics shows too
+    text = httpx.get(f"{server.url}/metrics").text
+    count = metric(text, "anytime_request_phase_seconds_count", model="fashion-mnist", phase="success")
+    assert count == after["inference_stats"]["success"]["count"]
+
+
+def test_statistics_of_every_model_and_the_errors(server: ServerProcess) -> None:
+    rest, rpc = _clients(server)
+    every = rest.get_inference_statistics()["model_stats"]
+    assert [(e["name"], e["version"]) for e in every] == [("fashion-mnist", MANIFEST.version)]
+    assert rest.get_inference_statistics("fashion-mnist", MANIFEST.version)["model_stats"][0]["name"] == "fashion-mnist"
+    r = httpx.get(f"{server.url}/v2/models/nothing/stats")
+    assert r.status_code == 404 and r.json()["code"] == "model_not_found"
+    r = httpx.get(f"{server.url}/v2/models/fashion-mnist/versions/99/config")
+    assert r.status_code == 404 and r.json()["code"] == "model_not_found"
+    with pytest.raises(InferenceServerException, match="NOT_FOUND"):
+        rpc.get_inference_statistics("nothing")
+
+
+def test_rpcs_not_implemented_say_so_in_a_sentence(server: ServerProcess) -> None:
+    assert server.grpc_address is not None
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.details() == "RepositoryIndex is not implemented by this server (see GET /v2)"
+
+
+def test_perf_analyzer_input_data_is_tritons_serialization(tmp_path: Path) -> None:
+    from tritonclient.utils import serialize_byte_tensor
+
+    from bench.triton import input_data
+    from models.preprocess import Preprocess
+
+    files = input_data([PNG, PNG[:-1] + b"x"], Preprocess(MANIFEST.input), tmp_path)
+    image = json.loads(files["image"].read_text())["data"]
+    serialized = serialize_byte_tensor(np.array([PNG], dtype=object)).item()
+    assert base64.b64decode(image[0]["image"]["b64"]) == serialized and len(image) == 2
+    tensor = json.loads(files["tensor"].read_text())["data"][0]["input"]
+    assert tensor["shape"] == [1, 28, 28] and len(tensor["content"]) == 784
