@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,15 @@ class ServiceSettings(BaseSettings):
         description="a request without a deadline is scheduled as if due this long after it arrived "
         "(earliest deadline first, without starving it); also how long rows may wait to merge into fuller batches",
     )
+    priority_levels: int = Field(
+        2, ge=1, le=16, description="a request's `priority` is 1 (the highest) to this (Triton's priority_levels)"
+    )
+    default_priority: int = Field(2, ge=1, description="the level of a request that names none (or 0)")
+    priority_step_ms: float = Field(
+        10.0,
+        ge=0,
+        description="each level below the highest counts as this much less urgent in the queues (deadlines stay)",
+    )
     cuda_graphs: bool = Field(True, description="on CUDA, replay each stage as a CUDA graph (false: eager kernels)")
     overload: Literal["shed", "degrade"] = Field(
         "shed", description="shed: refuse what cannot make its deadline; degrade: answer from earlier exits first"
@@ -94,6 +103,14 @@ class ServiceSettings(BaseSettings):
     shadow_queue: int = Field(64, ge=1, description="shadow checks waiting beyond this are dropped (and counted)")
     adapt: bool = Field(False, description="let the drift guard raise (and lower back) exit thresholds")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _default_level(self) -> ServiceSettings:
+        if self.default_priority > self.priority_levels:
+            raise ValueError(
+                f"default_priority {self.default_priority} is above priority_levels {self.priority_levels}"
+            )
+        return self
 
     def model_pins(self) -> list[tuple[str, str | None]]:
         """ANYTIME_MODELS as (name, pinned version or None) pairs, in order."""

@@ -211,7 +211,14 @@ class DataPlane:
         """The request's options: its fields, and its deadline by the one budget rule (service/options.py)."""
         s = self.settings
         return inference_options(
-            received, fields, budgets, s.default_deadline_ms, s.request_timeout_s, probabilities=probabilities
+            received,
+            fields,
+            budgets,
+            s.default_deadline_ms,
+            s.request_timeout_s,
+            probabilities=probabilities,
+            priority_levels=s.priority_levels,
+            default_priority=s.default_priority,
         )
 
     async def _answer(self, model: Served, job: Job, future: asyncio.Future[Answer]) -> Answer:

@@ -44,6 +44,9 @@ class OptionFields(BaseModel):
     top_k: Integer = Field(1, ge=1, le=1000, description="how many classes to return (clamped to the class count)")
     max_exit: Integer | None = Field(None, ge=1, description="answer at this exit at the latest (1-based)")
     probabilities: bool = Field(False, description="also return every class's calibrated probability")
+    priority: Integer | None = Field(
+        None, ge=0, description="priority level, 1 the highest (Triton's schedule policy); 0 or none: the default"
+    )
 
 
 NO_OPTIONS = OptionFields()
@@ -97,6 +100,7 @@ class InferenceOptions:
     max_exit: int | None = None
     top_k: int = 1
     probabilities: bool = False
+    priority: int = 0  # the level, 1 the highest (0: none given, as the default level of in-process callers)
 
     @property
     def budget_ms(self) -> float:
@@ -130,9 +134,17 @@ def inference_options(
     default_deadline_ms: float | None,
     cap_s: float,
     probabilities: bool = False,
+    priority_levels: int = 1,
+    default_priority: int = 1,
 ) -> InferenceOptions:
-    """The one request type, from validated fields and every budget the request gave."""
+    """The one request type, from validated fields and every budget the request gave; a priority of 0 or
+    none is `default_priority`, one above `priority_levels` is refused."""
     deadline, client = resolve_deadline(received, [fields.deadline_ms, *budgets], default_deadline_ms, cap_s)
+    if fields.priority is not None and fields.priority > priority_levels:
+        raise ServiceError(
+            f"priority: {fields.priority} is not a level of this server (1, the highest, to {priority_levels})",
+            INVALID_OPTION,
+        )
     return InferenceOptions(
         received=received,
         deadline=deadline,
@@ -141,4 +153,5 @@ def inference_options(
         max_exit=fields.max_exit,
         top_k=fields.top_k,
         probabilities=probabilities or fields.probabilities,
+        priority=fields.priority or default_priority,
     )

@@ -44,6 +44,8 @@ def engine_config(settings: ServiceSettings, engine_process: bool = False) -> En
         cuda_graphs=settings.cuda_graphs,
         overload=settings.overload,
         brownout_floor_pp=settings.brownout_floor_pp,
+        default_priority=settings.default_priority,
+        priority_step_ms=settings.priority_step_ms,
     )
 
 

@@ -5,10 +5,14 @@ Stage times are set by hand and the clock is a number the test moves, so every d
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from service.engine.admission import Admission
+from service.engine.brownout import Brownout
 from service.engine.jobs import Job
 from service.engine.scheduler import Chunk, Scheduler
 from service.engine.timing import STALE_S, AnswerMargin, StageTimes
@@ -211,3 +215,40 @@ def test_dropped_and_passed_jobs_teach_the_slowdown() -> None:
     s.add(untimed)
     s.waited([untimed], 10.0)
     assert s.slowdown.factor(10.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def _level(job: Job, level: int) -> Job:
+    job.options = dataclasses.replace(job.options, priority=level)
+    return job
+
+
+def test_a_higher_priority_goes_first_among_jobs_about_as_urgent() -> None:
+    s = Scheduler(3, 1, _scheduler().times, lambda n: n, 0.5, queue_size=100, priority_step_s=0.010)
+    low = _level(_job(0.0, 0.100), 2)
+    high = _level(_job(0.0, 0.100), 1)
+    urgent_low = _level(_job(0.0, 0.080), 2)  # 20 ms sooner: more than one step, so it goes first all the same
+    for job in (low, high, urgent_low):
+        s.add(job)
+    order = [s.plan(t).batch.jobs[0] for t in (0.0, 0.01, 0.02)]
+    assert order == [urgent_low, high, low]
+    # admission counts the higher level ahead of a new job of the lower one, not behind
+    s2 = Scheduler(3, 1, _scheduler().times, lambda n: n, 0.5, queue_size=100, priority_step_s=0.010)
+    s2.add(_level(_job(0.0, 0.100), 1))
+    assert s2.exit1_eta(s2.priority(_level(_job(0.0, 0.100), 2).options), 0.0) == pytest.approx(0.020)
+    assert s2.exit1_eta(s2.priority(_level(_job(0.0, 0.095), 1).options), 0.0) == pytest.approx(0.010)
+
+
+def test_a_brownout_degrades_the_default_level_and_spares_a_higher_one() -> None:
+    s = _scheduler(max_batch=4)
+    brownout = Brownout(3, floor=1, enabled=True)
+    brownout.level = 1  # new work answers by exit 2 at the latest
+    cut: list[Chunk] = []
+    admission = Admission(s, brownout, 100, cut.extend, default_priority=2)
+    high, default = _level(_job(0.0, 1.0), 1), _level(_job(0.0, 1.0), 2)
+    admission.admit(high, 0.0)
+    admission.admit(default, 0.0)
+    assert high.max_exit is None and default.max_exit == 2
+    # rows already past exit 2 when the brownout steps down: the default level's leave, the higher one's stay
+    s.waiting[2] = [_chunk(3, [high, default])]
+    admission.brownout_changed()
+    assert [j for c in cut for j in c.jobs] == [default] and s.waiting[2][0].jobs == [high]

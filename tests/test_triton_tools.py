@@ -54,6 +54,7 @@ def test_the_model_configuration_is_tritons_and_equal_over_rest_and_grpc(server:
     assert inputs["input"]["dims"] == [1, 28, 28] and all(t["optional"] for t in config["input"])
     outputs = {t["name"]: t["dims"] for t in config["output"]}
     assert outputs["probabilities"] == [10] and outputs["label"] == [1]
+    assert {t["name"]: t.get("reshape") for t in config["output"]}["label"] == {"shape": []}
     assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 256
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     assert len(json.loads(config["parameters"]["thresholds"]["string_value"])) == len(MANIFEST.exits)
@@ -137,6 +138,25 @@ def test_statistics_of_every_model_and_the_errors(server: ServerProcess) -> None
     assert r.status_code == 404 and r.json()["code"] == "model_not_found"
     with pytest.raises(InferenceServerException, match="NOT_FOUND"):
         rpc.get_inference_statistics("nothing")
+
+
+def test_the_priority_parameter_is_a_level_of_the_server(server: ServerProcess) -> None:
+    rest, rpc = _clients(server)
+    assert rest.get_model_config("fashion-mnist")["dynamic_batching"]["priority_levels"] == 2
+    image = thttp.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([PNG], dtype=object))
+    assert rest.infer("fashion-mnist", [image], priority=1).as_numpy("exit").shape == (1,)
+    tensor = tgrpc.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    assert rpc.infer("fashion-mnist", [tensor], priority=2).as_numpy("exit").shape == (1,)
+    with pytest.raises(
+        InferenceServerException, match=r"priority: 3 is not a level of this server \(1, the highest, to 2\)"
+    ):
+        rest.infer("fashion-mnist", [image], priority=3)
+    r = httpx.post(f"{server.url}/classify?priority=1", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    r = httpx.post(f"{server.url}/classify?priority=-1", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_option"
 
 
 def test_rpcs_not_implemented_say_so_in_a_sentence(server: ServerProcess) -> None:

@@ -78,7 +78,7 @@ def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float)
     if error is not None:
         raise error
     if options.client_deadline:
-        eta = forecast.exit1_eta(min(options.deadline, options.received + forecast.aging_s), now)
+        eta = forecast.exit1_eta(forecast.priority(options), now)
         if eta > options.deadline:
             raise late_for_exit_1(eta, options.deadline, now, forecast.retry_after_s)
 
@@ -92,10 +92,16 @@ class Admission:
         brownout: Brownout,
         queue_size: int,
         on_brownout: Callable[[list[Chunk]], None],
+        default_priority: int = 1,
     ) -> None:
         self.scheduler, self.brownout, self.queue_size = scheduler, brownout, queue_size
         self.on_brownout = on_brownout  # answers the rows a lower limit cut (the engine's)
+        self.default_priority = default_priority
         self.stopping = False
+
+    def spared(self, job: Job) -> bool:
+        """A job of a higher level than the default: the last a brownout degrades (never, while it holds)."""
+        return 0 < job.options.priority < self.default_priority
 
     def precheck(self, options: InferenceOptions, now: float) -> None:
         """Refuse now what admission would refuse, admitting nothing. While a brownout can still go a
@@ -106,7 +112,7 @@ class Admission:
     def admit(self, job: Job, now: float) -> None:
         """Queue `job` for stage 1, or raise QueueFull (503), DeadlineUnreachable (504), EngineStopped (503)."""
         job.max_exit = job.options.max_exit
-        if self.brownout.enabled and self.brownout.level:
+        if self.brownout.enabled and self.brownout.level and not self.spared(job):
             job.max_exit = min(job.max_exit or self.scheduler.num_stages, self.brownout.max_exit)
         wait = self._decide(job.options, now, admitting=True)
         self.scheduler.add(job, now, wait)
@@ -144,4 +150,4 @@ class Admission:
         """The brownout moved: rows queued beyond its new limit are answered from the exit they passed."""
         limit = self.brownout.max_exit
         log.warning("brownout level %d: new work answers by exit %d at the latest", self.brownout.level, limit)
-        self.on_brownout(self.scheduler.cut(limit))  # stage index k feeds exit k + 1 > limit
+        self.on_brownout(self.scheduler.cut(limit, self.spared))  # stage index k feeds exit k + 1 > limit

@@ -56,6 +56,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     overload: Literal["shed", "degrade"] = "shed"
     brownout_floor_pp: float = 2.0
+    default_priority: int = 1  # requests above this level (a smaller number) are the last a brownout degrades
+    priority_step_ms: float = 0.0  # each level below the highest counts as this much less urgent
     worker_nice: int = 0  # CPU: the worker thread's nice value (it shares the cores with the event loop)
 
 
@@ -88,10 +90,11 @@ class Engine:
             config.aging_ms / 1e3,
             config.queue_size,
             config.max_wait_ms / 1e3,
+            config.priority_step_ms / 1e3,
         )
         floor = floor_exit([e.val_accuracy for e in manifest.exits], config.brownout_floor_pp)
         self.brownout = Brownout(self.num_exits, floor, config.overload == "degrade")
-        self.admission = Admission(self.scheduler, self.brownout, config.queue_size, self._cut)
+        self.admission = Admission(self.scheduler, self.brownout, config.queue_size, self._cut, config.default_priority)
         epsilon = (manifest.policy.epsilon_pp or 0.0) / 100
         expected = [e.expected_agreement for e in manifest.exits]
         self.guard = DriftGuard(self.thresholds, expected, epsilon, config.adapt, on_change=self.set_thresholds)

@@ -4,7 +4,10 @@ New jobs wait in stage 1's queue; rows that go on past exit k wait in stage k+1'
 `Chunk` (their activations, and the probabilities of the exit they passed) and merge there with
 the rows other batches sent on, so deep stages run full batches instead of remnants (E3's
 constant batch size). Every row has a priority: its deadline, or, for a request without one,
-its arrival plus `aging_s` (so it cannot starve). `plan` picks what the worker runs next:
+its arrival plus `aging_s` (so it cannot starve); a request of a lower level than the highest
+(Triton's `priority`: 1 the highest) counts as `priority_step_s` less urgent per level, so among
+jobs about as urgent the higher level goes first (its deadline does not move: a lower level is
+still refused, or answered from its exit, by its own deadline). `plan` picks what the worker runs next:
 
 1. stage 1, when one more run of anything else would make one of its jobs miss exit 1 (each job
    finishes after the batches ahead of it in the queue): a job without an exit has no answer at
@@ -51,6 +54,12 @@ HEAP_SLACK = 64
 URGENCY_BATCHES = 8
 
 
+def queue_priority(options: InferenceOptions, aging_s: float, step_s: float) -> float:
+    """A request's place in the queues: its deadline, or its arrival plus the aging time if sooner, made
+    `step_s` later per level below the highest."""
+    return min(options.deadline, options.received + aging_s) + max(options.priority - 1, 0) * step_s
+
+
 @dataclass(eq=False)
 class Chunk:
     """Rows waiting for stage `stage`: their jobs, activations and what exit `stage - 1` gave them."""
@@ -94,8 +103,13 @@ class Forecast:
     batch_cost_s: np.ndarray  # [n]: seconds to run n rows of stage 1 (n < max_batch), overhead included
     full_batch_s: float  # seconds of one full stage-1 batch, overhead included
     priorities: np.ndarray  # stage 1's queue, sorted
-    aging_s: float  # a request's priority: min(deadline, received + aging_s), as `Scheduler.priority`
+    aging_s: float  # a request's place in the queues is `queue_priority` with these two
+    priority_step_s: float
     slowdown: Slowdown
+
+    def priority(self, options: InferenceOptions) -> float:
+        """`Scheduler.priority` from these figures."""
+        return queue_priority(options, self.aging_s, self.priority_step_s)
 
     def exit1_eta(self, priority: float, now: float) -> float:
         """`Scheduler.exit1_eta` from these figures."""
@@ -135,11 +149,13 @@ class Scheduler:
         aging_s: float,
         queue_size: int,
         max_wait_s: float = 0.0,
+        priority_step_s: float = 0.0,
     ) -> None:
         self.num_stages = num_stages
         self.max_batch = max_batch
         self.times, self.bucket = times, bucket
         self.aging_s, self.queue_size, self.max_wait_s = aging_s, queue_size, max_wait_s
+        self.priority_step_s = priority_step_s
         self._new: list[tuple[float, int, Job]] = []  # stage 1's queue, sorted by (priority, seq)
         self._by_deadline: list[tuple[float, int, Job]] = []  # the same jobs as a heap by deadline (lazy)
         self.waiting: list[list[Chunk]] = [[] for _ in range(num_stages)]  # index 0 unused
@@ -163,8 +179,8 @@ class Scheduler:
         return len(self._new) + sum(len(c) for k in range(1, self.num_stages) for c in self.waiting[k])
 
     def priority(self, options: InferenceOptions) -> float:
-        """A request's place in the queues: its deadline, or its arrival plus the aging time if sooner."""
-        return min(options.deadline, options.received + self.aging_s)
+        """A request's place in the queues (`queue_priority`)."""
+        return queue_priority(options, self.aging_s, self.priority_step_s)
 
     def cost(self, stage: int, rows: int) -> float:
         """Predicted seconds to run `rows` rows through stage `stage` in full batches."""
@@ -243,6 +259,7 @@ class Scheduler:
             full_batch_s=self.cost(0, self.max_batch),
             priorities=np.array([p for p, _, _ in self._new]),
             aging_s=self.aging_s,
+            priority_step_s=self.priority_step_s,
             slowdown=Slowdown.restored(self.slowdown.state),
         )
 
@@ -308,12 +325,24 @@ class Scheduler:
         """Rows that went on past an exit join the next stage's queue."""
         self.waiting[chunk.stage].append(chunk)
 
-    def cut(self, first: int) -> list[Chunk]:
-        """Take every row waiting for stage `first` or deeper (a brownout lowered the deepest exit)."""
+    def cut(self, first: int, spared: Callable[[Job], bool] | None = None) -> list[Chunk]:
+        """Take every row waiting for stage `first` or deeper (a brownout lowered the deepest exit), but
+        those of `spared` jobs."""
         cut: list[Chunk] = []
         for k in range(max(1, first), self.num_stages):
-            cut += self.waiting[k]
-            self.waiting[k] = []
+            if spared is None:
+                cut += self.waiting[k]
+                self.waiting[k] = []
+                continue
+            kept = []
+            for chunk in self.waiting[k]:
+                keep = np.array([spared(j) for j in chunk.jobs], dtype=bool)
+                ok, gone = chunk.split(keep)
+                if keep.any():
+                    kept.append(ok)
+                if gone is not None:
+                    cut.append(gone)
+            self.waiting[k] = kept
         return cut
 
     def drain(self) -> tuple[list[Job], list[Chunk]]:

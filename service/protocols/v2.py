@@ -10,7 +10,7 @@ outputs `label` (BYTES), `class_index` (INT64), `confidence` (FP32), `exit` (INT
 (BYTES) and `probabilities` (FP32 [N, classes]), each [N] unless said; all of them when the request
 names none. The classification extension (`classification: k` on a requested output) turns that
 output into BYTES [N, k] of "score:index:label" (k clamped to the number of classes). Request
-parameters: `timeout` (microseconds, Triton's), `deadline_ms`, `threshold`, `max_exit`; the earliest
+parameters: `timeout` (microseconds, Triton's), `deadline_ms`, `threshold`, `max_exit`, `priority`; the earliest
 deadline of `timeout`, `deadline_ms`, X-Deadline-Ms and the gRPC deadline wins (service/options.py).
 """
 
@@ -35,7 +35,14 @@ from service.served import Served
 from service.statistics import model_statistics
 
 SERVER_NAME = "anytime"
-EXTENSIONS = ["binary_tensor_data", "classification", "parameters", "model_configuration", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "parameters",
+    "model_configuration",
+    "statistics",
+    "schedule_policy",
+]
 PLATFORM = "pytorch"
 IMAGE_INPUT, TENSOR_INPUT = "image", "input"
 OUTPUTS = {
@@ -47,6 +54,7 @@ OUTPUTS = {
     "probabilities": "FP32",
 }
 NUMPY = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}
+V2_OPTIONS = ("threshold", "max_exit", "priority")  # request parameters that are options (the budgets aside)
 
 
 def bad_request(message: str) -> ServiceError:
@@ -207,8 +215,8 @@ async def execute(
     outputs = outputs_wanted(call, model)
     params = call.parameters
     fields = option_fields(
-        {k: params[k] for k in ("threshold", "max_exit") if params.get(k) is not None},
-        names={"threshold": "parameters.threshold", "max_exit": "parameters.max_exit"},
+        {k: params[k] for k in V2_OPTIONS if params.get(k) is not None},
+        names={k: f"parameters.{k}" for k in V2_OPTIONS},
     )
     top_k = max([o.classification or 1 for o in outputs])
     want_probs = any(o.name == "probabilities" and o.classification is None for o in outputs)
@@ -297,7 +305,12 @@ def model_config(model: Served) -> dict[str, Any]:
     perf_analyzer and `tritonclient.get_model_config` read. Both inputs are optional: a request sends one."""
     spec, settings, m = model.input, model.settings, model.manifest
     classes = len(model.classes)
-    outputs = [_tensor_config(name, dt, [classes] if name == "probabilities" else []) for name, dt in OUTPUTS.items()]
+    # An output of one value per item is [N] in the metadata: Triton's dims [1] reshaped to [].
+    outputs = [
+        _tensor_config(name, dt, [classes]) if name == "probabilities" else
+        {**_tensor_config(name, dt, [1]), "reshape": {"shape": []}}
+        for name, dt in OUTPUTS.items()
+    ]  # fmt: skip
     exits = m.exits
     facts = {
         "exits": len(exits),
@@ -320,6 +333,8 @@ def model_config(model: Served) -> dict[str, Any]:
         "output": outputs,
         "dynamic_batching": {
             "max_queue_delay_microseconds": int(settings.max_wait_ms * 1000),
+            "priority_levels": settings.priority_levels,
+            "default_priority_level": settings.default_priority,
             "default_queue_policy": {
                 "timeout_action": "REJECT",
                 "default_timeout_microseconds": 0,

@@ -89,7 +89,7 @@ class ForecastBoard:
     request processes read it before decoding. A sequence number, odd while a write is under way,
     tells a reader to read again."""
 
-    _HEAD = 12  # seq, stopping, full, retry after, exit 1, busy until, deep, full batch, aging, factor, seen, n
+    _HEAD = 13  # seq, stopping, full, retry after, exit 1, busy until, deep, full batch, aging, step, factor, seen, n
 
     def __init__(self, shm: SharedMemory, max_batch: int, queue_size: int, owner: bool) -> None:
         self.shm, self.max_batch, self.queue_size, self.owner = shm, max_batch, queue_size, owner
@@ -118,7 +118,7 @@ class ForecastBoard:
         n = min(len(f.priorities), self.queue_size)
         a[0] += 1
         a[1:h] = (f.stopping, f.full, f.retry_after_s, f.exit1_s, f.busy_until, f.deep_s, f.full_batch_s,
-                  f.aging_s, *f.slowdown.state, n)  # fmt: skip
+                  f.aging_s, f.priority_step_s, *f.slowdown.state, n)  # fmt: skip
         a[h : h + b] = f.batch_cost_s[:b]
         a[h + b : h + b + n] = f.priorities[:n]
         a[0] += 1
@@ -131,11 +131,11 @@ class ForecastBoard:
             if seq == 0 or seq % 2:
                 continue
             head = a[1:h].copy()
-            n = int(head[10])
+            n = int(head[11])
             costs, priorities = a[h : h + b].copy(), a[h + b : h + b + n].copy()
             if a[0] != seq:
                 continue
-            slowdown = Slowdown.restored((float(head[8]), float(head[9])))
+            slowdown = Slowdown.restored((float(head[9]), float(head[10])))
             return Forecast(
                 stopping=bool(head[0]),
                 full=bool(head[1]),
@@ -147,6 +147,7 @@ class ForecastBoard:
                 full_batch_s=float(head[6]),
                 priorities=priorities,
                 aging_s=float(head[7]),
+                priority_step_s=float(head[8]),
                 slowdown=slowdown,
             )
         return None
