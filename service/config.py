@@ -27,6 +27,11 @@ class ServiceSettings(BaseSettings):
         "default: every model in the store",
     )
     model_poll_s: float = Field(10.0, ge=0, description="how often the store is checked for new versions; 0: never")
+    model_control: Literal["poll", "explicit"] = Field(
+        "poll",
+        description="poll: the store is read every ANYTIME_MODEL_POLL_S; explicit: only at start and when "
+        "asked to load or unload (Triton's --model-control-mode)",
+    )
     max_models_bytes: int = Field(
         0, ge=0, description="memory budget of all served models (weights + warm-up estimate); 0: no limit"
     )

@@ -46,6 +46,8 @@ DEADLINE_EXCEEDED = Kind("deadline_exceeded", 504, "DEADLINE_EXCEEDED")
 INFERENCE_FAILED = Kind("inference_failed", 500, "INTERNAL")
 INTERNAL_ERROR = Kind("internal_error", 500, "INTERNAL")
 BAD_REQUEST = Kind("bad_request", 400, "INVALID_ARGUMENT")
+MODEL_CONTROL_REFUSED = Kind("model_control_refused", 409, "FAILED_PRECONDITION")
+LOAD_FAILED = Kind("load_failed", 400, "INVALID_ARGUMENT")
 
 TABLE: tuple[Kind, ...] = tuple(k for k in globals().values() if isinstance(k, Kind))
 _BY_STATUS = {

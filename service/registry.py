@@ -1,13 +1,15 @@
 """The models a server serves, read from the model store on disk and kept current without a restart.
 
-The store is the only source (Triton's "poll" model-control mode): no request can name a file
-or load code. Each model has a slot holding the one version it serves (the newest, or a pinned
-one). `refresh` compares the slots with the store; a new complete version is loaded, verified
-(schema, sha256), warmed up in a thread, and only then swapped in; the version it replaces
-finishes the requests it accepted (they hold a lease) before its engine stops. A version that
-fails to load is logged and counted (`anytime_model_load_failures_total`) and never replaces the
-one serving; it is tried again only once its files change. Removing the serving version rolls
-back to the newest one left.
+The store is the only source: no request can name a file or load code. In Triton's "poll"
+model-control mode (the default) it is read every ANYTIME_MODEL_POLL_S; in "explicit" mode only at
+start (every model, as Triton's `--load-model=*`) and when a request asks to load a model (from the
+store, its newest or pinned version) or to unload one (its requests finish first). Each model has
+a slot holding the one version it serves (the newest, or a pinned one). `refresh` compares the
+slots with the store; a new complete version is loaded, verified (schema, sha256), warmed up in a
+thread, and only then swapped in; the version it replaces finishes the requests it accepted (they
+hold a lease) before its engine stops. A version that fails to load is logged and counted
+(`anytime_model_load_failures_total`) and never replaces the one serving; it is tried again only
+once its files change. Removing the serving version rolls back to the newest one left.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from models.artifact import MANIFEST, WEIGHTS, Artifact, ArtifactError, list_versions, load_artifact
 from service.config import ServiceSettings
-from service.errors import MODEL_NOT_FOUND, ServiceError
+from service.errors import LOAD_FAILED, MODEL_CONTROL_REFUSED, MODEL_NOT_FOUND, ServiceError
 from service.metrics import Metrics
 from service.served import ServedModel, held
 
@@ -88,6 +90,7 @@ class Slot:
     serving: ServedModel | None = None
     failed: dict[str, tuple[float, ...]] = field(default_factory=dict)  # version → signature when it failed
     bytes: int = 0
+    error: str = ""  # why the last load failed (the repository index's reason)
 
 
 class ModelRegistry:
@@ -106,6 +109,7 @@ class ModelRegistry:
             None  # called after every swap (the engine process tells its request processes)
         )
         self._refresh_lock = asyncio.Lock()
+        self._unloaded: set[str] = set()  # explicit mode: unloaded on request, not served again until loaded
 
     # -- what to serve -------------------------------------------------------------------------
     def wanted(self) -> dict[str, str | None]:
@@ -116,7 +120,7 @@ class ModelRegistry:
         wanted.setdefault(self.default, self.settings.model_version)
         if self.settings.model_version is not None:
             wanted[self.default] = self.settings.model_version
-        return wanted
+        return {name: pin for name, pin in wanted.items() if name not in self._unloaded}
 
     def _default(self) -> str:
         """ANYTIME_MODEL_NAME, else the only model ANYTIME_MODELS names or the store holds."""
@@ -176,6 +180,7 @@ class ModelRegistry:
 
     def _failed(self, slot: Slot, version: str, exc: Exception) -> None:
         slot.failed[version] = signature(self.store / slot.name / version)
+        slot.error = f"version {version}: {exc}"
         self.metrics.load_failures.labels(model=slot.name).inc()
         log.error("model %s version %s not served: %s", slot.name, version, exc)
 
@@ -244,14 +249,87 @@ class ModelRegistry:
                 slot.failed.pop(version, None)
                 self._install(slot, served)
 
+    # -- explicit model control (Triton's repository extension) --------------------------------
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Every model of the store and every one served: the version served (else the newest on disk),
+        READY or UNAVAILABLE, and why not (Triton's repository index)."""
+        entries = []
+        for name in sorted(set(self._store_names()) | set(self.slots)):
+            slot = self.slots.get(name)
+            if slot is not None and slot.serving is not None:
+                entries.append({"name": name, "version": slot.serving.version, "state": "READY", "reason": ""})
+                continue
+            versions = list_versions(self.store, name)
+            reason = "unloaded" if name in self._unloaded else (slot.error if slot and slot.error else "not loaded")
+            version = versions[-1] if versions else ""
+            entries.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason})
+        return entries
+
+    async def load(self, name: str) -> None:
+        """Serve `name` from the store at its newest (or pinned) version, replacing the version serving when
+        there is a newer one; a load that fails raises `load_failed` and leaves the version serving."""
+        self._control_allowed()
+        async with self._refresh_lock:
+            slot = self.slots.get(name) or Slot(name, dict(self.settings.model_pins()).get(name))
+            version = self.target(slot)
+            if version is None:
+                if name not in self._store_names():
+                    raise ModelNotFound(f"the model store holds no model named {name!r}")
+                raise ServiceError(f"{name} failed to load: {self._missing(name, slot.pinned)}", LOAD_FAILED)
+            if slot.serving is None or slot.serving.version != version:
+                try:
+                    served = await asyncio.to_thread(self.load_sync, name, version)
+                except (ArtifactError, BudgetExceeded) as exc:
+                    self._failed(slot, version, exc)
+                    self.slots.setdefault(name, slot)
+                    kept = f"; still serving version {slot.serving.version}" if slot.serving else ""
+                    raise ServiceError(f"{name}/{version} failed to load: {exc}{kept}", LOAD_FAILED) from None
+                slot.failed.pop(version, None)
+                slot.error = ""
+                self.slots[name] = slot
+                self._install(slot, served)
+            self._unloaded.discard(name)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests for it get 404, those it accepted are answered first. The
+        default model stays (/classify answers with it)."""
+        self._control_allowed()
+        if name == self.default:
+            raise ServiceError(
+                f"{name} is the default model (what /classify answers with) and stays loaded; "
+                "serve another as the default (ANYTIME_MODEL_NAME) to unload it",
+                MODEL_CONTROL_REFUSED,
+            )
+        async with self._refresh_lock:
+            slot = self.slots.get(name)
+            if slot is None and name not in self._store_names():
+                raise ModelNotFound(f"no model named {name!r} is served or in the store")
+            self._unloaded.add(name)
+            old = slot.serving if slot is not None else None
+            if slot is None or old is None:
+                return
+            slot.serving, slot.bytes = None, 0
+            log.info("unloaded %s version %s", name, old.version)
+            if self.on_change is not None:
+                self.on_change()
+        await self._retire(old)
+
+    def _control_allowed(self) -> None:
+        if self.settings.model_control != "explicit":
+            raise ServiceError(
+                "loading and unloading on request needs ANYTIME_MODEL_CONTROL=explicit; this server reads its "
+                "model store every ANYTIME_MODEL_POLL_S seconds",
+                MODEL_CONTROL_REFUSED,
+            )
+
     # -- what the app's lifespan asks of a registry (service/workers/remote.py has the other kind) --
     available = True  # the models are here, in this process
     server_ready = False  # one process: its own readiness is the server's
     worker: str | None = None  # the request process's label (several request processes only)
 
     async def background(self, stop: Callable[[], bool]) -> None:
-        """Watch the store (every ANYTIME_MODEL_POLL_S seconds; never when 0) until `stop()`."""
-        if self.settings.model_poll_s > 0:
+        """Watch the store (every ANYTIME_MODEL_POLL_S seconds; never when 0, or in explicit mode) until `stop()`."""
+        if self.settings.model_poll_s > 0 and self.settings.model_control == "poll":
             await self.watch(self.settings.model_poll_s, stop)
 
     async def wait_connected(self) -> None:

@@ -39,7 +39,6 @@ def test_fuzzed_requests_never_break_the_server(fuzz_server: ServerProcess) -> N
     assert {op.label for op in operations} >= {"POST /classify", "POST /classify/batch", "GET /readyz"}
     counted: dict[str, int] = {}
     for operation in operations:
-
         examples = EXAMPLES_WITH_BODY if operation.body else EXAMPLES_WITHOUT
 
         @given(case=operation.as_strategy())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from models.artifact import read_manifest, resolve_artifact
-from tests.helpers import ROOT, ServerProcess, free_port, metric, png_bytes
+from tests.helpers import ROOT, ServerProcess, free_port, make_artifact, metric, png_bytes
 
 PNG = png_bytes(Image.new("L", (28, 28), 90))
 MANIFEST = read_manifest(resolve_artifact(ROOT / "model_store", "fashion-mnist"))
@@ -164,9 +166,19 @@ def test_rpcs_not_implemented_say_so_in_a_sentence(server: ServerProcess) -> Non
     with grpc.insecure_channel(server.grpc_address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            stub.RepositoryIndex(pb.RepositoryIndexRequest())
+            stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert info.value.details() == "RepositoryIndex is not implemented by this server (see GET /v2)"
+    assert info.value.details() == "SystemSharedMemoryStatus is not implemented by this server (see GET /v2)"
+
+
+def test_loading_on_request_needs_explicit_model_control(server: ServerProcess) -> None:
+    rest, rpc = _clients(server)
+    assert [(m["name"], m["state"]) for m in rest.get_model_repository_index()] == [("fashion-mnist", "READY")]
+    r = httpx.post(f"{server.url}/v2/repository/models/fashion-mnist/load")
+    assert r.status_code == 409 and r.json()["code"] == "model_control_refused"
+    assert "ANYTIME_MODEL_CONTROL=explicit" in r.json()["error"]
+    with pytest.raises(InferenceServerException, match="FAILED_PRECONDITION"):
+        rpc.unload_model("fashion-mnist")
 
 
 def test_perf_analyzer_input_data_is_tritons_serialization(tmp_path: Path) -> None:
@@ -181,3 +193,64 @@ def test_perf_analyzer_input_data_is_tritons_serialization(tmp_path: Path) -> No
     assert base64.b64decode(image[0]["image"]["b64"]) == serialized and len(image) == 2
     tensor = json.loads(files["tensor"].read_text())["data"][0]["input"]
     assert tensor["shape"] == [1, 28, 28] and len(tensor["content"]) == 784
+
+
+@pytest.fixture(scope="module")
+def explicit(tmp_path_factory: pytest.TempPathFactory, workers: int) -> Iterator[tuple[ServerProcess, Path]]:
+    """Explicit model control over a store of two models: `tiny` (the default) and `sleepy` (slow stages)."""
+    store = tmp_path_factory.mktemp("explicit")
+    make_artifact(store, "tiny")
+    make_artifact(store, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[150] * 4)
+    srv = ServerProcess(
+        store, "tiny", grpc_port=free_port(), workers=workers, model_control="explicit", warmup="false", max_batch=1
+    ).wait_ready()
+    yield srv, store
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+def test_repository_index_load_and_unload_in_explicit_mode(explicit: tuple[ServerProcess, Path]) -> None:
+    server, store = explicit
+    rest, rpc = _clients(server)
+    index = {m["name"]: (m["version"], m["state"]) for m in rest.get_model_repository_index()}
+    assert index == {"sleepy": ("1", "READY"), "tiny": ("1", "READY")}
+    grpc_index = {m.name: m.state for m in rpc.get_model_repository_index().models}
+    assert grpc_index == {"sleepy": "READY", "tiny": "READY"}
+    # a request in flight while its model unloads is answered; the next is 404
+    slow: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: slow.append(httpx.post(f"{server.url}/v1/models/sleepy/classify", content=PNG,
+                                              headers={"content-type": "image/png"}, timeout=30))
+    )  # fmt: skip
+    sender.start()
+    time.sleep(0.3)  # inside its 600 ms of stages
+    rest.unload_model("sleepy")
+    sender.join()
+    assert slow[0].status_code == 200 and slow[0].json()["exit"] == 4
+    gone = httpx.post(f"{server.url}/v1/models/sleepy/classify", content=PNG, headers={"content-type": "image/png"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert not rest.is_model_ready("sleepy")
+    entry = [m for m in rest.get_model_repository_index() if m["name"] == "sleepy"][0]
+    assert (entry["state"], entry["reason"]) == ("UNAVAILABLE", "unloaded")
+    ready = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}).json()
+    assert [m["name"] for m in ready] == ["tiny"]
+    # loaded again over gRPC; then a broken version 2 fails to load and version 1 keeps serving
+    rpc.load_model("sleepy")
+    assert rest.is_model_ready("sleepy", "1")
+    path = make_artifact(store, "sleepy", "test_sleepy", version="2")
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    r = httpx.post(f"{server.url}/v2/repository/models/sleepy/load", json={})
+    assert r.status_code == 400 and r.json()["code"] == "load_failed", r.text
+    assert "sleepy/2 failed to load" in r.json()["error"] and "still serving version 1" in r.json()["error"]
+    assert rest.is_model_ready("sleepy", "1")
+    entry = [m for m in rest.get_model_repository_index() if m["name"] == "sleepy"][0]
+    assert entry["state"] == "READY" and entry["version"] == "1"
+    # what cannot be done says so
+    r = httpx.post(f"{server.url}/v2/repository/models/tiny/unload")
+    assert r.status_code == 409 and "is the default model" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/repository/models/nothing/load")
+    assert r.status_code == 404 and r.json()["code"] == "model_not_found"
+    r = httpx.post(f"{server.url}/v2/repository/models/sleepy/load", json={"parameters": {"config": "{}"}})
+    assert r.status_code == 400 and "not supported" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v2/repository/index", content=b"{")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"

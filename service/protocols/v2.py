@@ -42,6 +42,7 @@ EXTENSIONS = [
     "model_configuration",
     "statistics",
     "schedule_policy",
+    "model_repository",
 ]
 PLATFORM = "pytorch"
 IMAGE_INPUT, TENSOR_INPUT = "image", "input"
@@ -283,6 +284,26 @@ def statistics(plane: DataPlane, name: str | None, version: str | None) -> dict[
     else:
         served = [plane.model(name, version)]
     return {"model_stats": model_statistics(plane.metrics, [(m.name, m.version) for m in served])}
+
+
+async def repository_index(plane: DataPlane, ready_only: bool) -> list[dict[str, str]]:
+    """Triton's repository index: every model of the store and every one served, READY or UNAVAILABLE."""
+    plane.check_serving()
+    entries = await plane.registry.repository_index()
+    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+
+async def control(plane: DataPlane, action: str, name: str, parameters: Mapping[str, Any]) -> None:
+    """Load or unload `name` (explicit model control). The store is the only source of a model, so the
+    parameters that would give a configuration or files are refused; `unload_dependents` has nothing to act on."""
+    plane.check_serving()
+    unknown = sorted(set(parameters) - ({"unload_dependents"} if action == "unload" else set()))
+    if unknown:
+        raise bad_request(
+            f"{action} parameters {', '.join(map(repr, unknown))} are not supported: models come from the model "
+            "store alone (write a version there, then load)"
+        )
+    await (plane.registry.load(name) if action == "load" else plane.registry.unload(name))
 
 
 def server_metadata() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, in the server's process.
 
 The six core RPCs (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer)
-and Triton's ModelConfig and ModelStatistics on grpc.aio, on the same event loop and engines as HTTP,
+and Triton's ModelConfig, ModelStatistics and repository RPCs on grpc.aio, on the same event loop and engines as HTTP,
 listening on ANYTIME_HOST:ANYTIME_GRPC_PORT. The message and service classes are the generated
 modules `tritonclient[grpc]` ships (Triton's service is the same `inference.GRPCInferenceService`,
 a superset of KServe's; the other RPCs answer UNIMPLEMENTED with a sentence). The call's gRPC
@@ -48,6 +48,11 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
 def _parameter(p: pb.InferParameter) -> Any:
     choice = p.WhichOneof("parameter_choice")
     return getattr(p, choice) if choice else None
+
+
+def _parameters(params: Any) -> dict[str, Any]:
+    """A map of InferParameter or ModelRepositoryParameter as plain values."""
+    return {key: _parameter(value) for key, value in params.items()}
 
 
 def parse(request: pb.ModelInferRequest) -> InferCall:
@@ -139,6 +144,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, exc)
         # `exit_stats` is Anytime's own and has no field in Triton's message: REST alone carries it.
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        try:
+            entries = await v2.repository_index(self.plane, request.ready)
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await v2.control(self.plane, "load", request.model_name, _parameters(request.parameters))
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await v2.control(self.plane, "unload", request.model_name, _parameters(request.parameters))
+        except Exception as exc:
+            await abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         received = time.monotonic()

@@ -98,6 +98,53 @@ class RestInferResponse(BaseModel):
     outputs: list[RestOutputTensor]
 
 
+class RepositoryIndexRequest(BaseModel):
+    repository_name: str = ""
+    ready: bool = False
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class ModelControlRequest(BaseModel):
+    parameters: dict[str, Any] = {}
+
+
+def _body(raw: bytes, model: type[BaseModel]) -> Any:
+    """The JSON body as `model` (an empty body is the defaults); 400 when it is not."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise bad_request(f"request: {'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}") from None
+
+
+async def repository_index(request: Request) -> Response:
+    """Triton's repository index: each model of the store (and each served) with its version and state
+    (READY, or UNAVAILABLE and why); `{"ready": true}` lists the ready ones only."""
+    body = _body(await request.body(), RepositoryIndexRequest)
+    return JSONResponse(await v2.repository_index(plane(request), body.ready))
+
+
+async def load_model(request: Request) -> Response:
+    """Load the model from the store (its newest or pinned version), or roll it to a newer one; needs
+    ANYTIME_MODEL_CONTROL=explicit. A load that fails leaves the version serving."""
+    body = _body(await request.body(), ModelControlRequest)
+    await v2.control(plane(request), "load", request.path_params["name"], body.parameters)
+    return Response(status_code=200)
+
+
+async def unload_model(request: Request) -> Response:
+    """Unload the model once the requests it accepted are answered; needs ANYTIME_MODEL_CONTROL=explicit."""
+    body = _body(await request.body(), ModelControlRequest)
+    await v2.control(plane(request), "unload", request.path_params["name"], body.parameters)
+    return Response(status_code=200)
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ProtocolError} for s in statuses}
 
@@ -282,12 +329,27 @@ _INFER_DOC: dict[str, Any] = {
 }
 _META = {"response_model": ModelMetadata, "responses": _errors(404, 503), "tags": _TAGS}
 _READY = {"responses": _errors(404, 503), "tags": _TAGS}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+_REPOSITORY_INDEX = {
+    "responses": {200: {"model": list[RepositoryModel]}, **_errors(400, 503)},
+    "openapi_extra": _json_body(RepositoryIndexRequest),
+    "tags": _TAGS,
+}
+_CONTROL = {"responses": _errors(400, 404, 409, 503), "openapi_extra": _json_body(ModelControlRequest), "tags": _TAGS}
 ROUTES = [
     Route("/v2/models/{name}/infer", infer, render, methods=("POST",), hot=True, doc=_INFER_DOC),
     Route("/v2/models/{name}/versions/{version}/infer", infer, render, methods=("POST",), hot=True, doc=_INFER_DOC),
     Route("/v2", server_metadata, render, doc={"response_model": ServerMetadata, "tags": _TAGS}),
     Route("/v2/health/live", live, render, doc={"tags": _TAGS}),
     Route("/v2/health/ready", ready, render, doc={"responses": {503: {"description": "not ready"}}, "tags": _TAGS}),
+    Route("/v2/repository/index", repository_index, render, methods=("POST",), doc=_REPOSITORY_INDEX),
+    Route("/v2/repository/models/{name}/load", load_model, render, methods=("POST",), doc=_CONTROL),
+    Route("/v2/repository/models/{name}/unload", unload_model, render, methods=("POST",), doc=_CONTROL),
     Route("/v2/models/stats", statistics, render, doc=_READY),
     Route("/v2/models/{name}/stats", statistics, render, doc=_READY),
     Route("/v2/models/{name}/versions/{version}/stats", statistics, render, doc=_READY),

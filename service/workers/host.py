@@ -120,6 +120,8 @@ class WorkerLink:
                 self.host.worker_ready(self)
             elif kind == "view":
                 self._view(*message[1:])
+            elif kind == "control":
+                self._control(*message[1:])
             elif kind == "released":
                 self._released(*message[1:])
         self.host.drop(self)
@@ -166,6 +168,30 @@ class WorkerLink:
             self.link.send(("view", call_id, body, None))
         except ServiceError as exc:
             self.link.send(("view", call_id, None, exc.message))
+
+    def _control(self, call_id: int, action: str, name: str) -> None:
+        """Repository control (index, load, unload) on the engine process's event loop; the answer goes
+        after the new state, so the request process knows of a load when it hears it is done."""
+        loop = self.host.loop
+        if loop is None:
+            self.link.send(("control", call_id, None, NOT_READY.code, "the engine process is starting"))
+            return
+
+        async def run() -> None:
+            registry = self.host.registry
+            try:
+                if action == "index":
+                    result: Any = await registry.repository_index()
+                else:
+                    result = await (registry.load(name) if action == "load" else registry.unload(name))
+            except Exception as exc:
+                error = to_error(exc) or internal_error()
+                self.link.send(("control", call_id, None, error.code, error.message))
+                return
+            self.host.broadcast()
+            self.link.send(("control", call_id, result, None, None))
+
+        asyncio.run_coroutine_threadsafe(run(), loop)
 
 
 class EngineHost:

@@ -11,9 +11,11 @@ pickled tuples:
     request → engine   ("hello", index, pid, arena name, slot bytes)   ("ready",)
                        ("infer", [JobRecord, ...])
                        ("view", call id, model, version)   ("released", model, version)
+                       ("control", call id, "index" | "load" | "unload", model)
     engine → request   ("state", ready, [ModelState, ...], default model)
                        ("answers", [Outcome, ...])   ("passed", [Passed, ...])
                        ("view", call id, ModelView as JSON or None, error message)
+                       ("control", call id, result, error code or None, error message)
 
 Runs in both kinds of process: links are used by the event loop (sending) and reader threads.
 """

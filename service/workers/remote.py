@@ -42,6 +42,7 @@ from service.workers.ipc import KINDS, Arena, ForecastBoard, JobRecord, Link, Mo
 
 log = logging.getLogger("anytime.worker")
 SLOTS = 128  # inputs in flight per request process before they travel inline instead
+CONTROL_TIMEOUT_S = 600.0  # a load warms the model up (minutes for a large one on a CPU); an unload drains it
 
 
 class RemoteEngine:
@@ -218,6 +219,34 @@ class RemoteRegistry:
         body = await asyncio.wait_for(future, 10)
         return ModelView.model_validate(body)
 
+    # -- repository control: done by the engine process's registry ------------------------------------
+    async def repository_index(self) -> list[dict[str, str]]:
+        return await self._control("index", "")
+
+    async def load(self, name: str) -> None:
+        await self._control("load", name)
+
+    async def unload(self, name: str) -> None:
+        await self._control("unload", name)
+
+    async def _control(self, action: str, name: str) -> Any:
+        if self._link is None or not self.connected:
+            raise ServiceError("the engine process is not reachable; retry shortly", NOT_READY)
+        future = asyncio.get_running_loop().create_future()
+        call_id = -next(self._ids) - 1  # negative: never a job id
+        self._pending[call_id] = (future, None, None)
+        self._link.send(("control", call_id, action, name))
+        return await asyncio.wait_for(future, CONTROL_TIMEOUT_S)
+
+    def _on_control(self, call_id: int, result: Any, code: str | None, message: str | None) -> None:
+        pending = self._pending.pop(call_id, None)
+        if pending is None or pending[0].done():
+            return
+        if code is None:
+            pending[0].set_result(result)
+        else:
+            pending[0].set_exception(ServiceError(message or code, KINDS.get(code)))
+
     # -- the link ----------------------------------------------------------------------------------
     async def background(self, stop: Callable[[], bool]) -> None:
         """Keep the link up: connect, serve until it drops, fail what was in flight, reconnect."""
@@ -257,6 +286,8 @@ class RemoteRegistry:
             elif kind == "view":
                 _, call_id, body, error = message
                 loop.call_soon_threadsafe(self._on_view, call_id, body, error)
+            elif kind == "control":
+                loop.call_soon_threadsafe(self._on_control, *message[1:])
         link.close()
         loop.call_soon_threadsafe(dropped.set)
 
