@@ -389,3 +389,40 @@ def test_a_corrupt_image_is_an_error_naming_its_file(tmp_path: Path) -> None:
     index = [i for i, (p, _) in enumerate(bundle.test.samples) if p.endswith("9.png")][0]
     with pytest.raises(DataError, match=r"9\.png is not a readable image"):
         bundle.test[index]
+
+
+def test_an_image_folder_of_ones_own_at_64_px_with_a_missing_class_and_a_corrupt_file(tmp_path: Path) -> None:
+    """What a user's folder looks like: val/ lacks a class, one file is broken, photos are not 224 px."""
+    from models.artifact import load_artifact
+    from training.export import main as export_cli
+
+    data = _folder(tmp_path / "d", {"train": ["a", "b", "c"], "val": ["a", "c"]}, bad="train/b/9.png")
+    run = tmp_path / "run"
+    argv = ["--model", "test_tiny", "--dataset", "imagefolder", "--data-dir", str(data), "--image-size", "64",
+            "--augment", "erasing", "--normalization", "computed", "--skip-bad-images", "--val-size", "3",
+            "--epochs", "1", "--batch-size", "4", "--out-dir", str(run), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert train_cli(argv) == 0
+    assert (run / "bad_images.txt").read_text() == f"{data / 'train' / 'b' / '9.png'}\n"
+    state = torch.load(run / "best.pt", weights_only=False)
+    spec = state["data_spec"]
+    assert spec["size"] == 64 and spec["resize"] == 73 and spec["mean"] != [0.485, 0.456, 0.406]
+    assert state["model_spec"]["stem"] == "cifar"  # 64 px: the stem that keeps the resolution
+    assert export_cli([str(run / "best.pt"), "--store", str(tmp_path / "store"), "--name", "mine"]) == 0
+    manifest = load_artifact(tmp_path / "store" / "mine" / "1").manifest
+    assert (manifest.input.size, manifest.input.mean) == (64, spec["mean"]) and manifest.classes == ["a", "b", "c"]
+    # without --skip-bad-images the broken file stops the run with its name
+    strict = [a for a in argv if a != "--skip-bad-images"]
+    strict[strict.index("--out-dir") + 1] = str(tmp_path / "strict")
+    with pytest.raises(DataError, match=r"9\.png is not a readable image"):
+        Trainer(config_from_args(strict)).fit()
+
+
+def test_the_stem_follows_the_input_size_unless_given() -> None:
+    from training.trainer import default_stem, model_spec
+
+    bundle = load_data("synthetic")
+    assert default_stem(224) == "imagenet" and default_stem(64) == default_stem(28) == "cifar"
+    assert model_spec(TrainConfig(model="test_tiny"), bundle).stem == "cifar"
+    assert model_spec(TrainConfig(model="test_tiny", stem="imagenet"), bundle).stem == "imagenet"
+    with pytest.raises(ValueError, match="--mean and --std go together"):
+        TrainConfig(mean=[0.5, 0.5, 0.5])

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.data import AUGMENTATIONS, DATASETS
+from training.data import AUGMENTATIONS, DATASETS, FolderOptions
 from training.losses import METHODS
 
 
@@ -23,7 +23,9 @@ class TrainConfig(BaseSettings):
 
     # What to train.
     model: str = Field("resnet_fmnist", description="registered model name (python -m models list)")
-    stem: Literal["cifar", "imagenet"] = Field("cifar", description="network stem")
+    stem: Literal["cifar", "imagenet"] | None = Field(
+        None, description="network stem; default: imagenet for inputs larger than 64 px, else cifar"
+    )
     exit_style: Literal["conv", "sepconv", "light"] = Field("conv", description="exit head style")
     exits: list[int] | None = Field(
         None,
@@ -57,6 +59,19 @@ class TrainConfig(BaseSettings):
     split_seed: int = Field(0, description="seed of the validation split (kept apart from the training seed)")
     augment: Literal[AUGMENTATIONS] = Field(
         "standard", description="none; standard: random crop + flip; erasing adds random erasing; autoaugment..."
+    )
+    image_size: int = Field(224, ge=8, le=1024, description="imagefolder: side of the square input, pixels")
+    mean: list[float] | None = Field(
+        None, description="imagefolder: per-channel mean (with --std); default: --normalization"
+    )
+    std: list[float] | None = Field(None, description="imagefolder: per-channel std (with --mean)")
+    normalization: Literal["imagenet", "computed"] = Field(
+        "imagenet",
+        description="imagefolder without --mean/--std: ImageNet's statistics (what pretrained weights expect) "
+        "or computed from the training split",
+    )
+    skip_bad_images: bool = Field(
+        False, description="imagefolder: leave out files that are no readable image (listed in bad_images.txt)"
     )
     allow_download: bool = Field(True, description="fashion-mnist: fall back to torchvision's download")
     # Optimisation.
@@ -100,6 +115,16 @@ class TrainConfig(BaseSettings):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> TrainConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("--mean and --std go together")
+        return self
+
+    def folder_options(self) -> FolderOptions:
+        """How an image folder is read (the other datasets ignore it)."""
+        return FolderOptions(self.image_size, self.mean, self.std, self.normalization, self.skip_bad_images)
 
     @model_validator(mode="after")
     def _ramps_needs_init(self) -> TrainConfig:

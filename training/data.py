@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -221,50 +222,136 @@ def load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, 
     return DataBundle(name, train, val, TensorImages(*tensors(te), eval_tf), list(tr.classes), 3, 32, mean, std)
 
 
-def load_imagefolder(data_dir: str | None, val_size: int, split_seed: int, size: int = 224) -> DataBundle:
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+STATS_IMAGES = 2000  # training images that `normalization: computed` averages over (a random sample)
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """How an image folder is read: the input side, its normalisation, and what to do with bad files."""
+
+    size: int = 224
+    mean: list[float] | None = None  # with `std`: given; else by `normalization`
+    std: list[float] | None = None
+    normalization: str = "imagenet"  # imagenet: ImageNet's statistics; computed: the training split's
+    skip_bad_images: bool = False  # a file that is no readable image is left out and listed, not an error
+
+
+def _folder_train_transform(size: int, mean: list[float], std: list[float], augment: str) -> v2.Transform:
+    """A training photo: "none" as evaluation (resize, centre crop); otherwise torchvision's recipe for
+    photos (random resized crop and flip), "erasing" adding random erasing and "autoaugment" ImageNet's
+    AutoAugment policy."""
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"Unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
+    if augment == "none":
+        return Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=int(size * 256 / 224), mean=mean,
+                                    std=std))  # fmt: skip
+    steps: list[Any] = [v2.Lambda(partial(to_mode, mode="RGB")), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+    if augment.startswith("autoaugment"):
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if augment.endswith("erasing"):
+        steps.append(v2.RandomErasing())
+    return v2.Compose(steps)
+
+
+def load_imagefolder(
+    data_dir: str | None,
+    val_size: int,
+    split_seed: int,
+    augment: str = "standard",
+    options: FolderOptions | None = None,
+) -> DataBundle:
     """`train/` and `val/` class folders (ImageNet layout); `val/` is the reported test set.
 
-    Training: random resized crop and flip (torchvision's ImageNet recipe). Evaluation: exactly what
-    the server applies to a photo (models/preprocess.py): RGB, shorter side to 256, centre crop 224,
-    ImageNet mean/std. Every image is read upright by its EXIF orientation.
+    Training: the `augment` recipe for photos (`_folder_train_transform`). Evaluation: exactly what the
+    server applies to a photo (models/preprocess.py): RGB, shorter side to 256/224 of the input size,
+    centre crop, the normalisation. Every image is read upright by its EXIF orientation.
     """
+    o = options or FolderOptions()
     if not data_dir or not (Path(data_dir) / "train").is_dir() or not (Path(data_dir) / "val").is_dir():
         raise DataError(f"imagefolder needs --data-dir with train/ and val/ class folders, got {data_dir!r}")
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    resize = int(size * 256 / 224)
-    eval_tf = Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=resize, mean=mean, std=std))
-    train_tf = v2.Compose(
-        [
-            v2.Lambda(partial(to_mode, mode="RGB")),
-            v2.RandomResizedCrop(size),
-            v2.RandomHorizontalFlip(),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    root = Path(data_dir)
+    classes = _folder_classes(root)
+    resize = int(o.size * 256 / 224)
+    bad: set[str] = set()
 
-    classes = _folder_classes(Path(data_dir))
+    def folder(split: str, transform: Callable[[Image.Image], Any]) -> datasets.ImageFolder:
+        ds = _OneMapping(str(root / split), classes, transform=transform, loader=_checked_image)
+        if bad:
+            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in bad]
+            ds.targets = [y for _, y in ds.samples]
+        return ds
 
-    def folder(split: str, transform: Callable[[Image.Image], torch.Tensor]) -> datasets.ImageFolder:
-        return _OneMapping(str(Path(data_dir) / split), classes, transform=transform, loader=_checked_image)
-
-    train_full, eval_full, test = folder("train", train_tf), folder("train", eval_tf), folder("val", eval_tf)
-    if not 0 < val_size < len(train_full):
-        raise DataError(f"val_size must be between 1 and {len(train_full) - 1} for this folder, got {val_size}")
-    order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    if o.skip_bad_images:
+        bad.update(_bad_images([folder("train", _identity), folder("val", _identity)]))
+    plain = folder("train", _identity)
+    if not 0 < val_size < len(plain):
+        raise DataError(f"val_size must be between 1 and {len(plain) - 1} for this folder, got {val_size}")
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    if o.mean is not None and o.std is not None:
+        mean, std = list(o.mean), list(o.std)
+    elif o.normalization == "computed":
+        mean, std = _channel_stats(plain, order[val_size:], o.size, resize)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != 3 or len(std) != 3 or any(v <= 0 for v in std):
+        raise DataError(f"an image folder is read as RGB: --mean and --std take 3 values (std > 0), got {mean}, {std}")
+    eval_tf = Preprocess(InputSpec(size=o.size, channels=3, color_mode="RGB", resize=resize, mean=mean, std=std))
+    train_full = folder("train", _folder_train_transform(o.size, mean, std, augment))
     return DataBundle(
         "imagefolder",
         Subset(train_full, order[val_size:]),
-        Subset(eval_full, order[:val_size]),
-        test,
+        Subset(folder("train", eval_tf), order[:val_size]),
+        folder("val", eval_tf),
         list(train_full.classes),
         3,
-        size,
+        o.size,
         mean,
         std,
         resize=resize,
+        extra={"bad_images": sorted(bad)},
     )
+
+
+def _identity(image: Image.Image) -> Image.Image:
+    return image
+
+
+def _bad_images(folders: list[datasets.ImageFolder]) -> list[str]:
+    """Every file of `folders` that is no readable image (each decoded once, in threads), sorted."""
+
+    def unreadable(path: str) -> bool:
+        try:
+            _checked_image(path)
+        except DataError:
+            return True
+        return False
+
+    paths = [p for f in folders for p, _ in f.samples]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        flags = list(pool.map(unreadable, paths))
+    found = sorted(p for p, b in zip(paths, flags, strict=True) if b)
+    if found:
+        log.warning("left out %d files that are no readable image (the run lists them in bad_images.txt)", len(found))
+    return found
+
+
+def _channel_stats(
+    ds: datasets.ImageFolder, indices: list[int], size: int, resize: int
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to STATS_IMAGES training images as evaluation reads them (RGB,
+    resized and centre-cropped, scaled to 0–1)."""
+    read = Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=resize, mean=[0.0] * 3, std=[1.0] * 3))
+    total, total_sq, n = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for i in indices[:STATS_IMAGES]:
+        x = read(_checked_image(ds.samples[i][0])).double()
+        total += x.sum(dim=(1, 2))
+        total_sq += (x * x).sum(dim=(1, 2))
+        n += x.shape[1] * x.shape[2]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt().clamp_min(1 / 255)  # a flat channel: one grey level
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
 def _folder_classes(root: Path) -> list[str]:
@@ -334,14 +421,15 @@ def load_data(
     split_seed: int = 0,
     augment: str = "standard",
     allow_download: bool = True,
+    folder: FolderOptions | None = None,
 ) -> DataBundle:
-    """Load one of `DATASETS` by name."""
+    """Load one of `DATASETS` by name (`folder`: how an image folder is read)."""
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, val_size, split_seed, allow_download, augment)
     if name in CIFAR_STATS:
         return load_cifar(name, data_dir, val_size, split_seed, augment)
     if name == "imagefolder":
-        return load_imagefolder(data_dir, val_size, split_seed)
+        return load_imagefolder(data_dir, val_size, split_seed, augment, folder)
     if name == "synthetic":
         return load_synthetic()
     raise DataError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -42,7 +42,7 @@ from models.multi_exit import MultiExitNet
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
 from training.config import build_parser, settings_error
-from training.data import DataError, load_data
+from training.data import DataError, FolderOptions, load_data
 from training.evaluate import accuracies, collect_logits
 from training.exit_selection import select_exits
 from training.provenance import code_version
@@ -215,9 +215,14 @@ def export(cfg: ExportConfig) -> Path:
     model.load_state_dict(state["model"])
     model.eval()
     data_dir = cfg.data_dir or train_cfg["data_dir"]
-    bundle = load_data(
-        train_cfg["dataset"], data_dir, train_cfg["val_size"], train_cfg["split_seed"], train_cfg["augment"], False
+    # An image folder is read as in training: its size and normalisation as recorded (a computed mean stays).
+    folder = FolderOptions(
+        data["size"], data["mean"], data["std"], skip_bad_images=bool(train_cfg.get("skip_bad_images"))
     )
+    bundle = load_data(
+        train_cfg["dataset"], data_dir, train_cfg["val_size"], train_cfg["split_seed"], train_cfg["augment"], False,
+        folder,
+    )  # fmt: skip
     device = torch.device("cpu")
     val_logits, val_y = collect_logits(model, DataLoader(bundle.val, batch_size=512), device)
     test_logits, test_y = collect_logits(model, DataLoader(bundle.test, batch_size=512), device)
