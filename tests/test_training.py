@@ -311,6 +311,26 @@ def test_larger_batches_scale_the_learning_rate_and_warm_up() -> None:
     assert default.base_lr() == pytest.approx(0.1 * 16 / 128) and default.warmup_epochs() == 0
 
 
+def test_schedules_count_optimiser_steps_not_epochs(tmp_path: Path) -> None:
+    """Two epochs of 8 steps: cosine takes 16 values (a per-epoch schedule was a 2-step staircase), and a
+    resumed run carries on from the same step."""
+    trainer = Trainer(_cfg(tmp_path / "c", schedule="cosine", warmup_epochs=1))
+    assert trainer.steps_per_epoch() == 8
+    lrs = []
+    for _ in range(16):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert len(set(lrs)) == 16 and lrs[:9] == sorted(lrs[:9]) and lrs[8:] == sorted(lrs[8:], reverse=True)
+    Trainer(_cfg(tmp_path / "r", schedule="cosine", stop_after=1)).fit()
+    resumed = Trainer(_cfg(tmp_path / "r", schedule="cosine", resume=True))
+    fresh = Trainer(_cfg(tmp_path / "f", schedule="cosine"))
+    for _ in range(8):
+        fresh.optimizer.step()
+        fresh.scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+
+
 def test_the_study_trains_runs_in_parallel_processes(tmp_path: Path) -> None:
     from training.reproduce import main as reproduce
 

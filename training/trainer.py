@@ -297,15 +297,27 @@ class Trainer:
         warmup = self.cfg.kd_warmup_epochs
         return self.cfg.alpha * min(1.0, (epoch + 1) / warmup) if warmup else self.cfg.alpha
 
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch (the schedules count in steps)."""
+        cfg = self.cfg
+        if self.device_data is not None:
+            steps = self.device_data.size // cfg.batch_size
+        else:
+            steps = len(self._loader(self.bundle.train, 0))
+        return max(1, min(steps, cfg.max_steps) if cfg.max_steps is not None else steps)
+
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning rate by optimiser step: a linear warm-up over the warm-up epochs' steps, then cosine
+        over the remaining steps or steps down at the milestones (a fraction of the run, at an epoch's start)."""
         sched = torch.optim.lr_scheduler
-        warm = self.warmup_epochs()
+        spe = self.steps_per_epoch()
+        warm = self.warmup_epochs() * spe
         main: sched.LRScheduler
         if self.cfg.schedule == "cosine":
-            main = sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs - warm)
+            main = sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs * spe - warm)
         else:
-            milestones = sorted({max(1, round(f * self.cfg.epochs) - warm) for f in self.cfg.milestones})
-            main = sched.MultiStepLR(self.optimizer, milestones, gamma=self.cfg.gamma)
+            epochs = sorted({max(1, round(f * self.cfg.epochs)) for f in self.cfg.milestones})
+            main = sched.MultiStepLR(self.optimizer, [max(1, e * spe - warm) for e in epochs], gamma=self.cfg.gamma)
         if not warm:
             return main
         ramp = sched.LinearLR(self.optimizer, start_factor=1 / (warm + 1), total_iters=warm)
@@ -357,6 +369,7 @@ class Trainer:
             terms, correct = train_step(
                 self.net, x, y, self.optimizer, self.scaler, self.cfg, self.amp_dtype, self.teacher, self._alpha(epoch)
             )
+            self.scheduler.step()
             n = len(y)
             sums[:4] += torch.stack([terms[k].double() * n for k in names])
             sums[4:-1] += correct.double()
@@ -392,6 +405,7 @@ class Trainer:
             "adapters": self.train_net.adapters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "schedule_unit": "step",
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": epoch,
             "best_val": self.best_val,
@@ -406,7 +420,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.train_net.adapters.load_state_dict(state.get("adapters") or {})
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("schedule_unit") == "step":
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # a checkpoint from when the schedule stepped per epoch: the same point, counted in steps
+            for _ in range((int(state["epoch"]) + 1) * self.steps_per_epoch()):
+                self.scheduler.step()
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
@@ -426,9 +444,8 @@ class Trainer:
         if self.cfg.stop_after is not None:
             end = min(end, self.start_epoch + self.cfg.stop_after)
         for epoch in range(self.start_epoch, end):
+            lr = self.optimizer.param_groups[0]["lr"]  # at the epoch's first step
             metrics = self._train_epoch(epoch)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
             if main:
                 val = self.evaluate("val")
                 record = {"epoch": epoch + 1, "lr": lr, **metrics, **{f"val_acc_{k}": v for k, v in val.items()}}
