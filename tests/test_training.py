@@ -446,3 +446,19 @@ def test_the_stem_follows_the_input_size_unless_given() -> None:
     assert model_spec(TrainConfig(model="test_tiny", stem="imagenet"), bundle).stem == "imagenet"
     with pytest.raises(ValueError, match="--mean and --std go together"):
         TrainConfig(mean=[0.5, 0.5, 0.5])
+
+
+def test_a_run_logs_each_exit_s_loss_for_tensorboard_and_draws_its_curves(tmp_path: Path) -> None:
+    Trainer(_cfg(tmp_path / "run", tensorboard=True, epochs=2)).fit()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    exits = [k for k in log[0] if k.startswith("loss_exit")]
+    assert exits == ["loss_exit1", "loss_exit2", "loss_exit3"]
+    assert sum(log[0][k] for k in exits) == pytest.approx(log[0]["loss"], rel=1e-6)  # the shares add up
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"loss/exit1", "val_acc/exit3", "train_acc/exit2", "train/lr"} <= set(tags)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("# code_version: ")  # the commit

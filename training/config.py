@@ -107,7 +107,8 @@ class TrainConfig(BaseSettings):
     out_dir: str = Field("runs/run", description="run directory: checkpoints, logs, config, results")
     resume: bool = Field(False, description="continue from out_dir/last.pt")
     stop_after: int | None = Field(None, gt=0, description="end this invocation after N epochs (resume later)")
-    progress: bool = Field(True, description="tqdm progress bars")
+    progress: bool | None = Field(None, description="tqdm progress bars; default: when stderr is a terminal")
+    tensorboard: bool = Field(False, description="also log every epoch's figures for TensorBoard (OUT_DIR/tensorboard)")
 
     @field_validator("method")
     @classmethod

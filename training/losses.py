@@ -1,7 +1,8 @@
 """Training losses as pure functions of logits, features and labels, each returning named terms.
 
-Every function returns ``{"loss", "ce", "kd", "feature"}`` (terms a method does not use are 0),
-so the trainer logs the same keys whatever the method.
+Every function returns ``{"loss", "ce", "kd", "feature", "per_exit"}`` (terms a method does not use
+are 0; ``per_exit`` is each exit's share of the loss, as weighted in it, and sums to ``loss``), so the
+trainer logs the same keys whatever the method.
 """
 
 from __future__ import annotations
@@ -57,11 +58,16 @@ def hinted_exits(num_exits: int, hint: str, exits: Sequence[int] | None = None) 
     return shallow if hint == "l2" else shallow[:-1] or shallow
 
 
-def _terms(ce: Tensor, kd: Tensor | float = 0.0, feature: Tensor | float = 0.0) -> dict[str, Tensor]:
+def _terms(ce: Tensor, per_exit: Tensor, kd: Tensor | float = 0.0, feature: Tensor | float = 0.0) -> dict[str, Tensor]:
     zero = ce.new_zeros(())
     kd_t = kd if isinstance(kd, Tensor) else zero + kd
     feat_t = feature if isinstance(feature, Tensor) else zero + feature
-    return {"loss": ce + kd_t + feat_t, "ce": ce, "kd": kd_t, "feature": feat_t}
+    return {"loss": ce + kd_t + feat_t, "ce": ce, "kd": kd_t, "feature": feat_t, "per_exit": per_exit}
+
+
+def _last_only(logits: Sequence[Tensor], term: Tensor) -> Tensor:
+    """A per-exit vector of zeros but the deepest exit's `term`."""
+    return torch.cat([term.new_zeros(len(logits) - 1), term.detach().reshape(1)])
 
 
 def byot_loss(
@@ -87,29 +93,33 @@ def byot_loss(
     if hint not in HINTS:
         raise ValueError(f"Unknown hint {hint!r}; known: {', '.join(HINTS)}")
     teacher_z, teacher_f = logits[-1].detach(), features[-1].detach()
-    ce = F.cross_entropy(logits[-1], target)
-    kd = ce.new_zeros(())
-    feat = ce.new_zeros(())
+    final = F.cross_entropy(logits[-1], target)
+    zero = final.new_zeros(())
+    ce, kd, feat = final, zero, zero
     ce_weight = (1 - alpha) if use_kd else 1.0
     hinted = set(hinted_exits(len(logits), hint, hint_exits))
     distance = batch_l2_hint if hint == "reference" else feature_hint
+    shares = []
     for i, (z, f) in enumerate(zip(logits[:-1], features[:-1], strict=True)):
-        ce = ce + ce_weight * F.cross_entropy(z, target)
-        if use_kd:
-            kd = kd + alpha * distillation_kl(z, teacher_z, temperature, kd_scale)
-        if i in hinted:
-            feat = feat + feature_weight * distance(f, teacher_f)
-    return _terms(ce, kd, feat)
+        ce_i = ce_weight * F.cross_entropy(z, target)
+        kd_i = alpha * distillation_kl(z, teacher_z, temperature, kd_scale) if use_kd else zero
+        feat_i = feature_weight * distance(f, teacher_f) if i in hinted else zero
+        ce, kd, feat = ce + ce_i, kd + kd_i, feat + feat_i
+        shares.append((ce_i + kd_i + feat_i).detach())
+    shares.append(final.detach())
+    return _terms(ce, torch.stack(shares), kd, feat)
 
 
 def dsn_loss(logits: Sequence[Tensor], target: Tensor) -> dict[str, Tensor]:
     """Deep supervision: cross-entropy at every exit, nothing else."""
-    return _terms(sum((F.cross_entropy(z, target) for z in logits), logits[0].new_zeros(())))
+    each = torch.stack([F.cross_entropy(z, target) for z in logits])
+    return _terms(each.sum(), each.detach())
 
 
 def standard_loss(logits: Sequence[Tensor], target: Tensor) -> dict[str, Tensor]:
     """The paper's baseline: cross-entropy at the deepest exit only."""
-    return _terms(F.cross_entropy(logits[-1], target))
+    ce = F.cross_entropy(logits[-1], target)
+    return _terms(ce, _last_only(logits, ce))
 
 
 def kd_loss(
@@ -122,7 +132,8 @@ def kd_loss(
 ) -> dict[str, Tensor]:
     """Two-step distillation: a trained teacher's logits teach the student's deepest exit."""
     ce = (1 - alpha) * F.cross_entropy(logits[-1], target)
-    return _terms(ce, alpha * distillation_kl(logits[-1], teacher_logits.detach(), temperature, kd_scale))
+    kd = alpha * distillation_kl(logits[-1], teacher_logits.detach(), temperature, kd_scale)
+    return _terms(ce, _last_only(logits, ce + kd), kd)
 
 
 def compute_loss(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from models.artifact import Manifest  # noqa: E402
+
+
+def plot_curves(metrics: Path, path: Path) -> None:
+    """A run's curves per exit from its metrics.jsonl: training loss share, training and validation accuracy."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+    exits = sorted({int(k.removeprefix("loss_exit")) for k in records[-1] if k.startswith("loss_exit")})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("loss_exit{}", "training loss (the exit's share)"), ("train_acc_exit{}", "training accuracy (%)"),
+              ("val_acc_exit{}", "validation accuracy (%)"))  # fmt: skip
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for k in exits:
+            values = [r.get(key.format(k)) for r in records]
+            ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, markersize=3, label=f"exit {k}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_exit_profile(manifest: Manifest, path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from training.device_data import DeviceData, device_data
 from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
 from training.losses import accuracy_counts, compute_loss, hinted_exits
 from training.provenance import provenance
+from training.report import plot_curves
 from training.wrapper import TrainNet
 
 log = logging.getLogger("anytime.train")
@@ -79,6 +81,14 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or cfg.amp == "off":
         return None
     return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def _tensorboard_tag(key: str) -> str:
+    """metrics.jsonl's key as a TensorBoard tag grouped by what it is: `val_acc_exit2` → `val_acc/exit2`."""
+    for prefix in ("val_acc_", "train_acc_", "loss_"):
+        if key.startswith(prefix):
+            return f"{prefix.rstrip('_')}/{key.removeprefix(prefix)}"
+    return f"train/{key}"
 
 
 def default_stem(image_size: int) -> str:
@@ -226,6 +236,7 @@ class Trainer:
         self.start_epoch = 0
         self.best_val = -1.0
         self.provenance = provenance()  # the code and library versions, in config.yaml and every checkpoint
+        self._writer: Any = None  # TensorBoard's SummaryWriter, made at the first epoch (--tensorboard)
         if cfg.resume:
             self._restore(load_checkpoint(self.out / "last.pt"))
         self.net: nn.Module = self.train_net
@@ -355,10 +366,12 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.net.train()
         batches, steps = self._batches(epoch)
-        sums = torch.zeros(4 + self.model.num_exits + 1 + 1, dtype=torch.float64, device=self.device)
+        e = self.model.num_exits
+        # the loss terms, each exit's share of the loss, correct counts per exit and ensemble, samples
+        sums = torch.zeros(4 + e + e + 1 + 1, dtype=torch.float64, device=self.device)
         names = ("loss", "ce", "kd", "feature")
         start = time.perf_counter()
-        show = self.ctx.is_main and self.cfg.progress
+        show = self.ctx.is_main and (self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty())
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not show)
         for step, (x, y) in enumerate(bar):
             if self.cfg.max_steps is not None and step >= self.cfg.max_steps:
@@ -372,7 +385,8 @@ class Trainer:
             self.scheduler.step()
             n = len(y)
             sums[:4] += torch.stack([terms[k].double() * n for k in names])
-            sums[4:-1] += correct.double()
+            sums[4 : 4 + e] += terms["per_exit"].double() * n
+            sums[4 + e : -1] += correct.double()
             sums[-1] += n
             if show and step % 50 == 0:  # reading a value waits for the device: now and then only
                 bar.set_postfix(loss=f"{float(terms['loss']):.3f}", acc=f"{100 * float(correct[-2]) / n:.1f}")
@@ -383,7 +397,8 @@ class Trainer:
         count = max(float(totals[-1]), 1.0)
         metrics = {k: float(totals[i]) / count for i, k in enumerate(names)}
         exits = [f"exit{k + 1}" for k in range(self.model.num_exits)] + ["ensemble"]
-        metrics |= {f"train_acc_{n}": 100 * float(totals[4 + i]) / count for i, n in enumerate(exits)}
+        metrics |= {f"loss_exit{k + 1}": float(totals[4 + k]) / count for k in range(e)}
+        metrics |= {f"train_acc_{n}": 100 * float(totals[4 + e + i]) / count for i, n in enumerate(exits)}
         metrics["images_per_s"] = count / seconds
         return metrics
 
@@ -451,6 +466,7 @@ class Trainer:
                 record = {"epoch": epoch + 1, "lr": lr, **metrics, **{f"val_acc_{k}": v for k, v in val.items()}}
                 with (self.out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                self._follow(record)
                 score = self._selection_score(val)
                 if score > self.best_val:
                     self.best_val = score
@@ -465,7 +481,22 @@ class Trainer:
                 )
             if self.ctx.world_size > 1:
                 dist.barrier()
+        if self._writer is not None:
+            self._writer.close()
         return self.report() if main and end == self.cfg.epochs else {}
+
+    def _follow(self, record: dict[str, float]) -> None:
+        """An epoch's figures to TensorBoard (with --tensorboard) and the curves plot, redrawn."""
+        if self.cfg.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"))
+            for key, value in record.items():
+                if key != "epoch":
+                    self._writer.add_scalar(_tensorboard_tag(key), value, int(record["epoch"]))
+            self._writer.flush()
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
 
     def _selection_score(self, val: dict[str, float]) -> float:
         """What picks `best.pt`: the final exit's validation accuracy, or, for `ramps` (backbone and final
