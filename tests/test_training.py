@@ -462,3 +462,58 @@ def test_a_run_logs_each_exit_s_loss_for_tensorboard_and_draws_its_curves(tmp_pa
     assert {"loss/exit1", "val_acc/exit3", "train_acc/exit2", "train/lr"} <= set(tags)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("# code_version: ")  # the commit
+
+
+def _coloured(path: Path, c: int, i: int) -> None:
+    g = torch.Generator().manual_seed(1000 * c + i)
+    base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]][c], dtype=torch.float32).view(3, 1, 1)
+    pixels = (base + torch.randn(3, 32, 32, generator=g) * 40).clamp(0, 255).to(torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+
+
+def test_exit_heads_learn_from_unlabelled_images_and_export_picks_thresholds_by_agreement(tmp_path: Path) -> None:
+    """A model whose final exit alone was trained (labels), then ramps on unlabelled images: its shallow
+    exits come to agree with the final exit on held-out images, and export chooses thresholds for that."""
+    from models.artifact import load_artifact
+    from training.evaluate import collect_logits
+    from training.export import main as export_cli
+
+    for split, n in (("train", 40), ("val", 10)):
+        for c, cls in enumerate(("red", "green", "blue")):
+            for i in range(n):
+                _coloured(tmp_path / "labelled" / split / cls / f"{i}.png", c, i + (500 if split == "val" else 0))
+    for i in range(150):
+        _coloured(tmp_path / "traffic" / f"day{i % 3}" / f"{i}.png", i % 3, 2000 + i)
+    common = ["--model", "test_tiny", "--image-size", "32", "--batch-size", "16", "--lr", "0.1", "--lr-scaling", "none",
+              "--schedule", "cosine", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert train_cli([*common, "--method", "standard", "--dataset", "imagefolder", "--data-dir",
+                      str(tmp_path / "labelled"), "--val-size", "12", "--epochs", "8",
+                      "--out-dir", str(tmp_path / "standard")]) == 0  # fmt: skip
+    assert train_cli([*common, "--method", "ramps", "--init", str(tmp_path / "standard" / "best.pt"),
+                      "--unlabelled", str(tmp_path / "traffic"), "--val-size", "25", "--epochs", "8",
+                      "--out-dir", str(tmp_path / "ramps")]) == 0  # fmt: skip
+    cfg = config_from_args(["--method", "ramps", "--init", str(tmp_path / "standard" / "best.pt"), "--unlabelled",
+                            str(tmp_path / "traffic"), "--val-size", "25", *common[:4]])  # fmt: skip
+    held_out = Trainer(cfg).bundle.test  # images neither run trained on
+
+    def agreement(checkpoint: Path) -> float:
+        from training.trainer import load_trained
+
+        model = load_trained(str(checkpoint))[0]
+        logits, _ = collect_logits(model, torch.utils.data.DataLoader(held_out, batch_size=64), torch.device("cpu"))
+        final = logits[-1].argmax(1)
+        return min(float((z.argmax(1) == final).float().mean()) for z in logits[:-1])
+
+    before, after = agreement(tmp_path / "standard" / "best.pt"), agreement(tmp_path / "ramps" / "best.pt")
+    print(f"shallow exits' agreement with the final exit on held-out images: {before:.0%} untrained, {after:.0%} after")
+    assert after >= 0.9 and after - before >= 0.3, (before, after)
+    log = [json.loads(line) for line in (tmp_path / "ramps" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["val_acc_exit3"] == 100.0  # scored against its own predictions: the final exit agrees with itself
+    assert export_cli([str(tmp_path / "ramps" / "best.pt"), "--store", str(tmp_path / "store"), "--name", "seen"]) == 0
+    manifest = load_artifact(tmp_path / "store" / "seen" / "1").manifest
+    assert manifest.dataset == "unlabelled" and manifest.classes == ["blue", "green", "red"]
+    assert manifest.exits[-1].val_accuracy == 100.0 and manifest.exits[0].threshold < 1.0  # exit 1 answers early
+    val = manifest.policy.val
+    print(f"exported: thresholds {[e.threshold for e in manifest.exits]}, val agreement {val.accuracy} %,")
+    print(f"exit rates {val.exit_rates}, FLOPs {val.mean_flops_fraction:.2f} of the full network")

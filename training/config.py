@@ -70,6 +70,14 @@ class TrainConfig(BaseSettings):
         description="imagefolder without --mean/--std: ImageNet's statistics (what pretrained weights expect) "
         "or computed from the training split",
     )
+    unlabelled: str | None = Field(
+        None,
+        description="a directory of images without labels: ramps trains the exits of --init by distillation "
+        "from its own final exit (alpha 1, no cross-entropy); accuracies are agreement with the final exit",
+    )
+    classes: list[str] | None = Field(
+        None, description="--unlabelled: the --init model's class names in its output order (default: its own)"
+    )
     skip_bad_images: bool = Field(
         False, description="imagefolder: leave out files that are no readable image (listed in bad_images.txt)"
     )
@@ -116,6 +124,16 @@ class TrainConfig(BaseSettings):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; known: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _unlabelled(self) -> TrainConfig:
+        if self.unlabelled is not None:
+            if self.method != "ramps":
+                raise ValueError("--unlabelled trains exit heads of a --init model: it needs --method ramps")
+            self.dataset, self.data_dir, self.alpha = "unlabelled", self.unlabelled, 1.0
+        elif self.dataset == "unlabelled":
+            raise ValueError("give the images with --unlabelled DIR")
+        return self
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> TrainConfig:

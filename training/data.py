@@ -44,7 +44,9 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "unlabelled", "synthetic")
+UNLABELLED = -1  # the label of an image without one: the final exit's prediction stands in (`targets_of`)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 AUGMENTATIONS = ("none", "standard", "erasing", "autoaugment", "autoaugment+erasing")
 
 
@@ -235,18 +237,25 @@ class FolderOptions:
     std: list[float] | None = None
     normalization: str = "imagenet"  # imagenet: ImageNet's statistics; computed: the training split's
     skip_bad_images: bool = False  # a file that is no readable image is left out and listed, not an error
+    channels: int = 3  # unlabelled images: 1 reads them grayscale (a model trained on grayscale input)
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
 
 
-def _folder_train_transform(size: int, mean: list[float], std: list[float], augment: str) -> v2.Transform:
+def _folder_train_transform(
+    size: int, mean: list[float], std: list[float], augment: str, mode: str = "RGB"
+) -> v2.Transform:
     """A training photo: "none" as evaluation (resize, centre crop); otherwise torchvision's recipe for
     photos (random resized crop and flip), "erasing" adding random erasing and "autoaugment" ImageNet's
     AutoAugment policy."""
     if augment not in AUGMENTATIONS:
         raise DataError(f"Unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
     if augment == "none":
-        return Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=int(size * 256 / 224), mean=mean,
-                                    std=std))  # fmt: skip
-    steps: list[Any] = [v2.Lambda(partial(to_mode, mode="RGB")), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+        return Preprocess(InputSpec(size=size, channels=len(mean), color_mode=mode, resize=int(size * 256 / 224),
+                                    mean=mean, std=std))  # fmt: skip
+    steps: list[Any] = [v2.Lambda(partial(to_mode, mode=mode)), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
     if augment.startswith("autoaugment"):
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -314,6 +323,86 @@ def load_imagefolder(
     )
 
 
+class ImageFiles(Dataset):
+    """Image files without labels: each sample is (image, UNLABELLED)."""
+
+    def __init__(self, paths: list[str], transform: Callable[[Image.Image], Any]) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.transform(_checked_image(self.paths[i])), UNLABELLED
+
+
+def load_unlabelled(
+    data_dir: str | None,
+    val_size: int,
+    split_seed: int,
+    classes: list[str],
+    augment: str = "standard",
+    options: FolderOptions | None = None,
+) -> DataBundle:
+    """Every image file under `data_dir` (any layout, no labels), read as an image folder is; `val_size`
+    of them for validation and as many for the test report, the rest for training. `classes` are the
+    model's (what its final exit predicts), which stands in for the labels."""
+    o = options or FolderOptions()
+    root = Path(data_dir) if data_dir else None
+    if root is None or not root.is_dir():
+        raise DataError(f"--unlabelled needs a directory of images, got {data_dir!r}")
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if o.skip_bad_images:
+        bad = set(_bad_images([_Listed(paths)]))
+        paths = [p for p in paths if p not in bad]
+    else:
+        bad = set()
+    if len(paths) < 2 * val_size + 1:
+        raise DataError(f"{root} holds {len(paths)} images; --val-size {val_size} needs at least {2 * val_size + 1}")
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    shuffled = [paths[i] for i in order]
+    resize = int(o.size * 256 / 224)
+    if o.mean is not None and o.std is not None:
+        mean, std = list(o.mean), list(o.std)
+    elif o.normalization == "computed" or o.channels != 3:
+        train = list(range(2 * val_size, len(shuffled)))
+        mean, std = _channel_stats(_Listed(shuffled), train, o.size, resize, o.mode)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != o.channels or len(std) != o.channels:
+        raise DataError(f"the model takes {o.channels} channels; --mean and --std give {len(mean)} and {len(std)}")
+    spec = InputSpec(size=o.size, channels=o.channels, color_mode=o.mode, resize=resize, mean=mean, std=std)
+    eval_tf = Preprocess(spec)
+    return DataBundle(
+        "unlabelled",
+        ImageFiles(shuffled[2 * val_size :], _folder_train_transform(o.size, mean, std, augment, o.mode)),
+        ImageFiles(shuffled[:val_size], eval_tf),
+        ImageFiles(shuffled[val_size : 2 * val_size], eval_tf),
+        list(classes),
+        o.channels,
+        o.size,
+        mean,
+        std,
+        resize=resize,
+        extra={"bad_images": sorted(bad)},
+    )
+
+
+class _Listed:
+    """File paths in the shape `_bad_images` and `_channel_stats` read (an ImageFolder's `samples`)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.samples = [(p, UNLABELLED) for p in paths]
+
+
+def targets_of(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """The labels to score against: `targets`, or for unlabelled samples the final exit's predictions
+    (so accuracies read as agreement with the final exit)."""
+    if len(targets) and bool((targets == UNLABELLED).all()):
+        return logits[-1].argmax(1)
+    return targets
+
+
 def _identity(image: Image.Image) -> Image.Image:
     return image
 
@@ -338,12 +427,13 @@ def _bad_images(folders: list[datasets.ImageFolder]) -> list[str]:
 
 
 def _channel_stats(
-    ds: datasets.ImageFolder, indices: list[int], size: int, resize: int
+    ds: Any, indices: list[int], size: int, resize: int, mode: str = "RGB"
 ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of up to STATS_IMAGES training images as evaluation reads them (RGB,
-    resized and centre-cropped, scaled to 0–1)."""
-    read = Preprocess(InputSpec(size=size, channels=3, color_mode="RGB", resize=resize, mean=[0.0] * 3, std=[1.0] * 3))
-    total, total_sq, n = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    """Per-channel mean and std of up to STATS_IMAGES training images as evaluation reads them (in
+    `mode`, resized and centre-cropped, scaled to 0–1)."""
+    c = 1 if mode == "L" else 3
+    read = Preprocess(InputSpec(size=size, channels=c, color_mode=mode, resize=resize, mean=[0.0] * c, std=[1.0] * c))
+    total, total_sq, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
     for i in indices[:STATS_IMAGES]:
         x = read(_checked_image(ds.samples[i][0])).double()
         total += x.sum(dim=(1, 2))
@@ -422,14 +512,20 @@ def load_data(
     augment: str = "standard",
     allow_download: bool = True,
     folder: FolderOptions | None = None,
+    classes: list[str] | None = None,
 ) -> DataBundle:
-    """Load one of `DATASETS` by name (`folder`: how an image folder is read)."""
+    """Load one of `DATASETS` by name (`folder`: how an image folder, or unlabelled images, are read;
+    `classes`: the model's, for unlabelled images)."""
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, val_size, split_seed, allow_download, augment)
     if name in CIFAR_STATS:
         return load_cifar(name, data_dir, val_size, split_seed, augment)
     if name == "imagefolder":
         return load_imagefolder(data_dir, val_size, split_seed, augment, folder)
+    if name == "unlabelled":
+        if not classes:
+            raise DataError("unlabelled images need the model's classes")
+        return load_unlabelled(data_dir, val_size, split_seed, classes, augment, folder)
     if name == "synthetic":
         return load_synthetic()
     raise DataError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -42,7 +42,7 @@ from models.multi_exit import MultiExitNet
 from training.calibration import ece_of_logits, fit_temperature
 from training.checkpoint import load_checkpoint
 from training.config import build_parser, settings_error
-from training.data import DataError, FolderOptions, load_data
+from training.data import DataError, FolderOptions, load_data, targets_of
 from training.evaluate import accuracies, collect_logits
 from training.exit_selection import select_exits
 from training.provenance import code_version
@@ -217,15 +217,19 @@ def export(cfg: ExportConfig) -> Path:
     data_dir = cfg.data_dir or train_cfg["data_dir"]
     # An image folder is read as in training: its size and normalisation as recorded (a computed mean stays).
     folder = FolderOptions(
-        data["size"], data["mean"], data["std"], skip_bad_images=bool(train_cfg.get("skip_bad_images"))
-    )
+        data["size"], data["mean"], data["std"], skip_bad_images=bool(train_cfg.get("skip_bad_images")),
+        channels=data["channels"],
+    )  # fmt: skip
     bundle = load_data(
         train_cfg["dataset"], data_dir, train_cfg["val_size"], train_cfg["split_seed"], train_cfg["augment"], False,
-        folder,
+        folder, data["classes"],
     )  # fmt: skip
     device = torch.device("cpu")
     val_logits, val_y = collect_logits(model, DataLoader(bundle.val, batch_size=512), device)
     test_logits, test_y = collect_logits(model, DataLoader(bundle.test, batch_size=512), device)
+    # Without labels the final exit's predictions are the targets: calibration, thresholds and every
+    # accuracy in the manifest are then agreement with the final exit (what the drift guard watches).
+    val_y, test_y = targets_of(val_logits, val_y), targets_of(test_logits, test_y)
     ev = Evaluated(val_logits, val_y, test_logits, test_y, [fit_temperature(z, val_y) for z in val_logits])
     input_spec = InputSpec.model_validate(data)
     input_shape = (input_spec.channels, input_spec.size, input_spec.size)

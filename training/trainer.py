@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from models.multi_exit import MultiExitNet
 from models.seed import seed_everything
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
-from training.data import DataBundle, load_data
+from training.data import DataBundle, FolderOptions, load_data, targets_of
 from training.device_data import DeviceData, device_data
 from training.evaluate import accuracies, autocast_for, collect_logits, format_accuracy_table
 from training.losses import accuracy_counts, compute_loss, hinted_exits
@@ -126,6 +127,33 @@ def data_spec(bundle: DataBundle) -> dict[str, Any]:
     }
 
 
+def unlabelled_reading(cfg: TrainConfig) -> tuple[list[str], FolderOptions]:
+    """The classes of the --init model and how to read unlabelled images for it: as the model was trained
+    (an artifact's input spec, a checkpoint's data spec) unless flags say otherwise; a torchvision import
+    knows neither, so ImageNet's reading and class0, class1, …"""
+    assert cfg.init is not None
+    p = Path(cfg.init)
+    if p.is_dir():
+        manifest = load_artifact(p).manifest
+        known: dict[str, Any] | None = {"classes": manifest.classes, **manifest.input.model_dump()}
+    else:
+        state = load_checkpoint(p)
+        known = state.get("data_spec")
+        num_classes = ArchitectureSpec.model_validate(state["model_spec"]).num_classes
+    classes = list(cfg.classes or (known["classes"] if known else [f"class{i}" for i in range(num_classes)]))
+    options = cfg.folder_options()
+    if known is not None:
+        given = cfg.model_fields_set
+        options = dataclasses.replace(
+            options,
+            size=cfg.image_size if "image_size" in given else int(known["size"]),
+            mean=cfg.mean if "mean" in given else list(known["mean"]),
+            std=cfg.std if "std" in given else list(known["std"]),
+            channels=int(known["channels"]),
+        )
+    return classes, options
+
+
 def load_trained(path: str) -> tuple[MultiExitNet, ArchitectureSpec]:
     """A trained network and its spec, from a trainer checkpoint (.pt) or an exported artifact directory."""
     p = Path(path)
@@ -170,6 +198,8 @@ def train_step(
     """
     with autocast_for(x.device, amp_dtype):
         out = model(x)
+        if cfg.dataset == "unlabelled":  # no labels: the final exit's own predictions are the targets
+            y = out.logits[-1].detach().argmax(1)
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
@@ -202,14 +232,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.backends.cudnn.benchmark = self.device.type == "cuda"
         seed_everything(cfg.seed)  # identical initial weights on every rank
+        folder, classes = cfg.folder_options(), None
+        if cfg.dataset == "unlabelled" and cfg.init:
+            classes, folder = unlabelled_reading(cfg)
         self.bundle = load_data(
-            cfg.dataset,
-            cfg.data_dir,
-            cfg.val_size,
-            cfg.split_seed,
-            cfg.augment,
-            cfg.allow_download,
-            cfg.folder_options(),
+            cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.augment, cfg.allow_download, folder, classes
         )
         self.device_data = self._device_data()
         self._eval_data: dict[str, DeviceData] = {}
@@ -412,7 +439,7 @@ class Trainer:
                 self._eval_data[split] = device_data(dataset, self.device, b.mean, b.std, "none")
             batches = self._eval_data[split].in_order(512)
         logits, targets = collect_logits(self.model, batches, self.device, self.amp_dtype, self.channels_last)
-        return accuracies(logits, targets)
+        return accuracies(logits, targets_of(logits, targets))
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
