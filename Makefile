@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages the test suite uses (real data, real Prometheus and HAProxy, compose validation).
 TEST_DEBS := dataset-fashion-mnist prometheus docker-compose haproxy
 
-.PHONY: serve test lint venv debs install-debs reproduce default-model bench bench-gpu bench-triton cluster docker-smoke
+.PHONY: serve test lint venv debs install-debs reproduce reproduce-cifar100 default-model bench bench-gpu bench-triton cluster docker-smoke
 
 venv: $(STAMP)
 
@@ -65,6 +65,18 @@ docker-smoke: venv
 STUDY_EPOCHS ?= 6
 reproduce: venv debs
 	$(BIN)/python -m training.reproduce --epochs $(STUDY_EPOCHS) --seeds 0 1 2 --threads 1 --no-progress
+
+# The paper's CIFAR-100 setting (docs/training.md): standard, DSN and BYOT on ResNet-18, three seeds,
+# resumable, the reference code's schedule (200 epochs, lr 0.1 divided by 10 at epochs 75, 130 and 180,
+# batch 128, crop + flip). A GPU run; CIFAR100_DIR is the extracted python version (never downloaded).
+CIFAR100_EPOCHS ?= 200
+CIFAR100_SEEDS ?= 0 1 2
+CIFAR100_ARGS ?=
+reproduce-cifar100: venv
+	@test -n "$(CIFAR100_DIR)" || { echo "make reproduce-cifar100 needs CIFAR100_DIR=<the extracted cifar-100-python directory or its parent>"; exit 2; }
+	$(BIN)/python -m training.reproduce --dataset cifar100 --data-dir $(CIFAR100_DIR) --model resnet18 \
+	  --methods standard dsn byot --epochs $(CIFAR100_EPOCHS) --seeds $(CIFAR100_SEEDS) --schedule multistep \
+	  --milestones 0.375 0.65 0.9 --out-dir runs/cifar100 --report results/cifar100.md --no-progress $(CIFAR100_ARGS)
 
 # Version 3 of the bundled model: an exit after every block (light heads), BYOT without the feature hint,
 # 20 epochs (about 40 min on 2 CPU cores); export keeps the exits that pay.

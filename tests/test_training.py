@@ -517,3 +517,38 @@ def test_exit_heads_learn_from_unlabelled_images_and_export_picks_thresholds_by_
     val = manifest.policy.val
     print(f"exported: thresholds {[e.threshold for e in manifest.exits]}, val agreement {val.accuracy} %,")
     print(f"exit rates {val.exit_rates}, FLOPs {val.mean_flops_fraction:.2f} of the full network")
+
+
+def _tiny_cifar100(root: Path, train: int = 180, test: int = 20) -> Path:
+    """A CIFAR-100 python-version directory in the standard format, with a few images of each split."""
+    import pickle
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", train), ("test", test)):
+        labels = torch.randint(0, 100, (n,), generator=g)
+        data = torch.randint(0, 256, (n, 3072), generator=g, dtype=torch.uint8)
+        batch = {b"data": data.numpy(), b"fine_labels": labels.tolist(), b"coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
+    return root
+
+
+@pytest.mark.slow
+def test_make_reproduce_cifar100_smoke_runs_on_a_tiny_directory(tmp_path: Path) -> None:
+    """The paper's setting as a user starts it, for one step of one epoch: every method trains, and the
+    report sets the paper's Table 1 beside ours."""
+    data = _tiny_cifar100(tmp_path / "cifar")
+    report = tmp_path / "cifar100.md"
+    extra = f"--max-steps 1 --val-size 20 --threads 2 --out-dir {tmp_path / 'runs'} --report {report}"
+    make = ["make", "--no-print-directory", "reproduce-cifar100", f"CIFAR100_DIR={data}", "CIFAR100_EPOCHS=1",
+            "CIFAR100_SEEDS=0", f"CIFAR100_ARGS={extra}"]  # fmt: skip
+    done = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    text = report.read_text()
+    assert text.startswith("# CIFAR-100: standard, dsn, byot") and "lr × 0.1 at 0.375, 0.65, 0.9 of the run" in text
+    assert "| paper: BYOT | 67.85 | 74.57 | 78.23 | 78.64 | 79.67 |" in text and "| ours: byot |" in text
+    missing = subprocess.run(["make", "--no-print-directory", "reproduce-cifar100"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and "needs CIFAR100_DIR=" in missing.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -208,20 +209,45 @@ def load_cifar(name: str, data_dir: str | None, val_size: int, split_seed: int, 
     root = data_dir or os.environ.get("ANYTIME_DATA_DIR")
     if not root:
         raise DataError(f"{name} needs --data-dir (or ANYTIME_DATA_DIR) pointing at the extracted python version")
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    try:
-        tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
-    except RuntimeError as exc:
-        raise DataError(f"{name} not found under {root}: {exc}") from exc
+    (train_x, train_y), (test_x, test_y), classes = _read_cifar(Path(root), name)
     mean, std = CIFAR_STATS[name]
     eval_tf = _tensor_transforms(False, 32, mean, std)
-
-    def tensors(ds: datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-
-    train_full = TensorImages(*tensors(tr), _tensor_transforms(True, 32, mean, std, augment))
+    train_full = TensorImages(train_x, train_y, _tensor_transforms(True, 32, mean, std, augment))
     train, val = _split(train_full, val_size, split_seed, eval_tf)
-    return DataBundle(name, train, val, TensorImages(*tensors(te), eval_tf), list(tr.classes), 3, 32, mean, std)
+    return DataBundle(name, train, val, TensorImages(test_x, test_y, eval_tf), classes, 3, 32, mean, std)
+
+
+CIFAR_FILES = {  # the python version's directory, its training and test batches, its meta file and label keys
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}  # fmt: skip
+
+
+Labelled = tuple[torch.Tensor, torch.Tensor]  # uint8 images N×C×H×W, labels
+
+
+def _read_cifar(root: Path, name: str) -> tuple[Labelled, Labelled, list[str]]:
+    """The standard python-pickle format read directly (`root` is the extracted directory or its parent):
+    uint8 N×3×32×32 images and labels of the training and test batches, and the class names. Unlike
+    torchvision's reader it checks no checksums, so a subset in the same format (a smoke test's) reads too."""
+    folder, train_files, test_files, meta, label_key, names_key = CIFAR_FILES[name]
+    base = root / folder if (root / folder).is_dir() else root
+
+    def load(file: str) -> dict:
+        try:
+            with (base / file).open("rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise DataError(f"{name}: {base / file} is not a readable batch of the python version: {exc}") from exc
+
+    def batches(files: list[str]) -> Labelled:
+        parts = [load(f) for f in files]
+        x = torch.cat([torch.as_tensor(p[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32) for p in parts])
+        return x, torch.tensor([y for p in parts for y in p[label_key]])
+
+    classes = [n.decode() for n in load(meta)[names_key]]
+    return batches(train_files), batches(test_files), classes
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -1,4 +1,5 @@
-"""`python -m training.reproduce`: the Fashion-MNIST study behind `make reproduce`.
+"""`python -m training.reproduce`: the Fashion-MNIST study behind `make reproduce`, and the paper's
+CIFAR-100 setting behind `make reproduce-cifar100`.
 
 Trains every method for every seed with one schedule (resumable: a finished run is skipped, an
 interrupted one continues from its `last.pt`), computes each run's accuracy–compute frontier,
@@ -10,6 +11,7 @@ Methods: `standard` (CE at the last exit), `dsn` (CE at every exit), `byot` (the
 code's loss: KD without T², adapter + batch-L2 hint on exits 1–2), `byot-nohint` (the same
 without the hint), `byot-l2` (the ICCV paper's squared per-sample hint on every shallow exit,
 KD × T²), and `ramps` (exit heads trained on the frozen `standard` network of the same seed).
+With `--dataset cifar100` and ResNet-18 the report also sets the paper's Table 1 beside ours.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def _config(args: argparse.Namespace, variant: str, seed: int, out: Path) -> Tra
         options["model"] = args.model
     return TrainConfig(
         **options,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        val_size=args.val_size,
+        milestones=args.milestones,
         epochs=args.epochs,
         seed=seed,
         schedule=args.schedule,
@@ -158,23 +164,52 @@ def _walls(args: argparse.Namespace, methods: list[str]) -> tuple[str, float]:
     return "; ".join(parts), total
 
 
+# The paper's CIFAR-100 top-1 accuracy (%), Table 1: the baseline (final exit alone) and BYOT per exit.
+PAPER_CIFAR100 = {
+    "resnet18": {"baseline": 77.09, "byot": [67.85, 74.57, 78.23, 78.64], "ensemble": 79.67},
+    "resnet50": {"baseline": 77.68, "byot": [68.23, 74.21, 75.23, 80.56], "ensemble": 81.04},
+}
+TITLES = {"fashion-mnist": "Fashion-MNIST", "cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}
+
+
+def _paper_table(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Ours beside the paper's Table 1 (CIFAR-100, ResNet-18/50): the baseline and BYOT at each exit."""
+    paper = PAPER_CIFAR100.get(args.model) if args.dataset == "cifar100" else None
+    if paper is None:
+        return []
+    n = len(paper["byot"])
+    head = "| | " + " | ".join(f"exit {k + 1}/{n}" for k in range(n)) + " | ensemble |"
+    lines = ["## Beside the paper (Table 1)", "", head, "|" + " --- |" * (n + 2)]
+    lines.append(f"| paper: baseline | {' | '.join(['–'] * (n - 1))} | {paper['baseline']:.2f} | – |")
+    lines.append(f"| paper: BYOT | {' | '.join(f'{v:.2f}' for v in paper['byot'])} | {paper['ensemble']:.2f} |")
+    for method, rs in runs.items():
+        cells = [_mean_spread([r["results"]["test"][f"exit{k + 1}"] for r in rs]) for k in range(n)]
+        ensemble = _mean_spread([r["results"]["test"]["ensemble"] for r in rs])
+        lines.append(f"| ours: {method} | " + " | ".join(cells) + f" | {ensemble} |")
+    return [*lines, ""]
+
+
 def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], command: str) -> str:
     """The Markdown report, and the frontier PNG beside it."""
     curves = {m: mean_curve([r["frontier"] for r in rs]) for m, rs in runs.items()}
     png = Path(args.report).with_name(Path(args.report).stem + "_frontier.png")
-    plot_frontiers(curves, png, f"Fashion-MNIST, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds")
+    title = TITLES.get(args.dataset, args.dataset)
+    plot_frontiers(curves, png, f"{title}, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds")
     walls, total = _walls(args, list(runs))
+    schedule = args.schedule + (f" (lr × 0.1 at {', '.join(f'{m:g}' for m in args.milestones)} of the run)"
+                                if args.schedule == "multistep" else "")  # fmt: skip
     return "\n".join(
         [
-            "# Fashion-MNIST: standard, deep supervision, BYOT variants and ramps",
+            f"# {title}: {', '.join(runs)}",
             "",
-            f"Model `{args.model}`, {args.epochs} epochs, {args.schedule} schedule, batch {args.batch_size}, "
+            f"Model `{args.model}`, {args.epochs} epochs, {schedule} schedule, batch {args.batch_size}, "
             f"lr {args.lr}, augmentation `{args.augment}`, seeds {', '.join(map(str, args.seeds))}. Test-set top-1 "
             "accuracy (%), mean ± standard deviation over seeds; each run's checkpoint is chosen by the validation "
-            "accuracy of its final exit (5,000 images held out of training).",
+            f"accuracy of its final exit ({args.val_size:,} images held out of training).",
             "",
             *_accuracy_table(runs),
             "",
+            *_paper_table(args, runs),
             "## Accuracy–compute frontier",
             "",
             f"![frontier]({png.name})",
@@ -196,6 +231,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], comm
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "cifar100"])
+    parser.add_argument("--data-dir", help="where the data set lives (CIFAR: the extracted python version)")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    parser.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75], help="multistep: fractions")
     parser.add_argument("--model", default="resnet_fmnist_narrow")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
