@@ -221,6 +221,31 @@ def test_amp_channels_last_training_on_cuda(tmp_path: Path) -> None:
     assert rows["test"]["exit3"] > 0
 
 
+def test_export_s_ensemble_is_that_of_the_exits_it_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ensemble's accuracy and its FLOPs over the same exits (the accuracy was over every exit trained)."""
+    from models.artifact import load_artifact
+    from training import export as export_module
+    from training.evaluate import accuracies, collect_logits
+    from training.exit_selection import Selection, select_exits
+
+    Trainer(_cfg(tmp_path / "run", epochs=2)).fit()
+
+    def without_exit_2(*args: object, **kwargs: object) -> Selection:
+        chosen = select_exits(*args, **kwargs)
+        return Selection([0, 2], chosen.result, chosen.steps)
+
+    monkeypatch.setattr(export_module, "select_exits", without_exit_2, raising=False)
+    assert export_module.main([str(tmp_path / "run" / "best.pt"), "--store", str(tmp_path / "s"), "--name", "e",
+                               "--latency-batch-sizes", "1", "--latency-repeats", "1"]) == 0  # fmt: skip
+    artifact = load_artifact(tmp_path / "s" / "e" / "1")
+    assert artifact.model.num_exits == 2
+    bundle = load_data("synthetic")
+    logits, y = collect_logits(
+        artifact.model, torch.utils.data.DataLoader(bundle.val, batch_size=64), torch.device("cpu")
+    )
+    assert artifact.manifest.ensemble.val_accuracy == pytest.approx(accuracies(logits, y)["ensemble"])
+
+
 def test_export_cli_writes_a_loadable_artifact_with_report(tmp_path: Path) -> None:
     from models.artifact import load_artifact
     from training.export import main as export_cli
