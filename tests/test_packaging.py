@@ -123,3 +123,13 @@ def test_images_install_the_project_by_its_extras(dockerfile: str) -> None:
     assert '".[serve]"' in stages["serve"] and '".[train]"' in stages["train"]
     assert "requirements" not in text and "PYTHONPATH" not in text
     assert 'CMD ["python", "-m", "service.main"]' in stages["serve"]
+
+
+def test_every_relative_link_of_the_documents_resolves() -> None:
+    """README.md and docs/*.md link files of the repository by paths relative to themselves."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not target.startswith(("http://", "https://", "mailto:")) and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} → {target}")
+    assert not broken, broken
