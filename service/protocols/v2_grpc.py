@@ -155,20 +155,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            await v2.control(self.plane, "load", request.model_name, _parameters(request.parameters))
-        except Exception as exc:
-            await abort(context, exc)
+        await self._control("load", request, context)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        await self._control("unload", request, context)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _control(self, action: str, request: Any, context: Any) -> None:
+        """A load or unload (the two requests carry the same fields); errors end the call."""
         try:
-            await v2.control(self.plane, "unload", request.model_name, _parameters(request.parameters))
+            await v2.control(self.plane, action, request.model_name, _parameters(request.parameters))
         except Exception as exc:
             await abort(context, exc)
-        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         received = time.monotonic()
