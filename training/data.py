@@ -324,14 +324,7 @@ def load_imagefolder(
     if not 0 < val_size < len(plain):
         raise DataError(f"val_size must be between 1 and {len(plain) - 1} for this folder, got {val_size}")
     order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(split_seed)).tolist()
-    if o.mean is not None and o.std is not None:
-        mean, std = list(o.mean), list(o.std)
-    elif o.normalization == "computed":
-        mean, std = _channel_stats(plain, order[val_size:], o.size, resize)
-    else:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if len(mean) != 3 or len(std) != 3 or any(v <= 0 for v in std):
-        raise DataError(f"an image folder is read as RGB: --mean and --std take 3 values (std > 0), got {mean}, {std}")
+    mean, std = _normalisation(o, plain, order[val_size:], resize)
     eval_tf = Preprocess(InputSpec(size=o.size, channels=3, color_mode="RGB", resize=resize, mean=mean, std=std))
     train_full = folder("train", _folder_train_transform(o.size, mean, std, augment))
     return DataBundle(
@@ -388,15 +381,7 @@ def load_unlabelled(
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(split_seed)).tolist()
     shuffled = [paths[i] for i in order]
     resize = int(o.size * 256 / 224)
-    if o.mean is not None and o.std is not None:
-        mean, std = list(o.mean), list(o.std)
-    elif o.normalization == "computed" or o.channels != 3:
-        train = list(range(2 * val_size, len(shuffled)))
-        mean, std = _channel_stats(_Listed(shuffled), train, o.size, resize, o.mode)
-    else:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if len(mean) != o.channels or len(std) != o.channels:
-        raise DataError(f"the model takes {o.channels} channels; --mean and --std give {len(mean)} and {len(std)}")
+    mean, std = _normalisation(o, _Listed(shuffled), list(range(2 * val_size, len(shuffled))), resize)
     spec = InputSpec(size=o.size, channels=o.channels, color_mode=o.mode, resize=resize, mean=mean, std=std)
     eval_tf = Preprocess(spec)
     return DataBundle(
@@ -427,6 +412,23 @@ def targets_of(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
     if len(targets) and bool((targets == UNLABELLED).all()):
         return logits[-1].argmax(1)
     return targets
+
+
+def _normalisation(o: FolderOptions, source: Any, train: list[int], resize: int) -> tuple[list[float], list[float]]:
+    """The mean and std images are normalised with: given, computed from the training images of `source`
+    (also for grayscale, which ImageNet's statistics do not fit), or ImageNet's; one value per channel."""
+    if o.mean is not None and o.std is not None:
+        mean, std = list(o.mean), list(o.std)
+    elif o.normalization == "computed" or o.channels != 3:
+        mean, std = _channel_stats(source, train, o.size, resize, o.mode)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != o.channels or len(std) != o.channels or any(v <= 0 for v in std):
+        raise DataError(
+            f"the input has {o.channels} channels: --mean and --std take {o.channels} values each (std > 0), "
+            f"got {mean} and {std}"
+        )
+    return mean, std
 
 
 def _identity(image: Image.Image) -> Image.Image:
