@@ -85,6 +85,7 @@ def build(
         if settings.warmup:
             assert stack is not None
             await warm_request_paths(stack, plane)
+        lag = asyncio.create_task(plane.lag.run())  # after start-up, whose blocking steps are no request's wait
         plane.serve()
         if not getattr(app.state, "ready_after_startup", False):  # no server to warm its socket (tests)
             plane.become_ready()
@@ -93,6 +94,7 @@ def build(
         finally:
             plane.drain()
             background.cancel()
+            lag.cancel()
             if grpc_server is not None:  # new calls get UNAVAILABLE; those in flight finish
                 await grpc_server.stop(grace=settings.drain_timeout_s)
             await reg.stop()

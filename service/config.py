@@ -75,6 +75,16 @@ class ServiceSettings(BaseSettings):
         description="degrade never below the shallowest exit within this many points of the final "
         "exit's validation accuracy",
     )
+    resend_hold_ms: float = Field(
+        200.0,
+        ge=0,
+        le=10_000,
+        description="a connection that resends at once after a refusal, twice in a row, gets its next refusal "
+        "without an admission attempt, held this long; 0: off",
+    )
+    resend_at_once_ms: float = Field(
+        5.0, gt=0, le=1000, description="a request this soon after a refusal on its connection came at once"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies are answered 413")
     max_image_pixels: int = Field(16_000_000, ge=1, description="larger images are answered 413")
     # A 28x28 PNG decodes in about 0.1 ms, less than the hop to a thread and back; a photo takes

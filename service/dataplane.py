@@ -16,8 +16,8 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
@@ -37,8 +37,10 @@ from service.errors import (
     internal_error,
     to_error,
 )
+from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.options import InferenceOptions, OptionFields, inference_options
+from service.pushback import Pushback
 from service.registry import ModelRegistry, freeze_heap
 
 if TYPE_CHECKING:
@@ -98,6 +100,10 @@ class DataPlane:
         self.settings, self.metrics, self.registry = settings, metrics, registry
         self.state = Lifecycle.STARTING
         self.margin = AnswerMargin()  # how early the deadline timer fires, so that its answer leaves in time
+        self.lag = LoopLag(report=metrics.loop_lag.set)  # the wait before a request is read (service/loop_lag.py)
+        self.pushback = Pushback(
+            settings.resend_hold_ms / 1e3, settings.resend_at_once_ms / 1e3, self.lag.current, metrics.resend_holds.inc
+        )
         worker = registry.worker
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
@@ -171,6 +177,8 @@ class DataPlane:
         token = _PHASES.set(phases)
         try:
             self.check_serving()
+            if _RESENT.get():
+                raise self.pushback.refusal()
             async with self.registry.lease(name, version) as model:
                 if not model.engine.alive:
                     raise ServiceError(f"model {model.name} is not running", NOT_READY)
@@ -211,7 +219,7 @@ class DataPlane:
         """The request's options: its fields, and its deadline by the one budget rule (service/options.py)."""
         s = self.settings
         return inference_options(
-            received,
+            received - self.lag.current(),  # it arrived before the loop could read it
             fields,
             budgets,
             s.default_deadline_ms,
@@ -291,6 +299,20 @@ class DataPlane:
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)
+# Set by the front door for a request resent at once after a refusal (service/pushback.py).
+_RESENT: ContextVar[bool] = ContextVar("anytime_resent", default=False)
+
+
+@contextmanager
+def resent_at_once() -> Iterator[None]:
+    """Inside: the request is refused without an attempt (the front door holds its refusal)."""
+    token = _RESENT.set(True)
+    try:
+        yield
+    finally:
+        _RESENT.reset(token)
+
+
 WARMUP_HEADER = "x-anytime-warmup"
 # One token per server (its request processes share the supervisor's): only its own warm-up carries it.
 WARMUP_TOKEN = os.environ.get("ANYTIME_INTERNAL_WARMUP_TOKEN") or secrets.token_hex(16)

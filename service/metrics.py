@@ -171,6 +171,17 @@ class Metrics:
             multiprocess_mode=RECENT,
         )
 
+        self.loop_lag = Gauge(
+            "anytime_event_loop_lag_seconds",
+            "How far behind its timers the event loop runs (mean over 20 ms): requests wait this long to be read",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.resend_holds = Counter(
+            "anytime_resend_holds",
+            "Requests resent at once after a refusal on the same connection: refused unattempted, the refusal held",
+            registry=r,
+        )
         self.worker_requests = Counter(
             "anytime_worker_requests",
             "Inference requests by the request process that answered them (several request processes only)",

@@ -192,6 +192,32 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         "Requests per second each replica answered; an even split means the balancer spreads the load.",
     ),
     (
+        "Event-loop lag",
+        "lines",
+        "s",
+        [
+            (
+                "{{instance}}",
+                'max by (instance) (anytime_event_loop_lag_seconds{instance=~"$instance"})',
+            )
+        ],
+        "How far behind its timers each replica's event loop runs: what a request waits before it is read, "
+        "and what its budget loses before admission (docs/server.md, Deadlines).",
+    ),
+    (
+        "Resends held",
+        "lines",
+        "reqps",
+        [
+            (
+                "{{instance}}",
+                f'sum by (instance) (rate(anytime_resend_holds_total{{instance=~"$instance"}}[{RATE}]))',
+            )
+        ],
+        "Refusals held per second because the client resent at once after refusals (ANYTIME_RESEND_HOLD_MS): "
+        "a retry loop without backoff.",
+    ),
+    (
         "Balancer",
         "lines",
         "short",

@@ -10,8 +10,10 @@ same `respond`, so an answer does not depend on which of the two served it (test
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from starlette.routing import Match
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, warming_up
+from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, resent_at_once, warming_up
 from service.errors import BODY_TOO_LARGE, ServiceError, internal_error, to_error
 
 log = logging.getLogger("anytime.api")
@@ -99,11 +101,26 @@ class FrontDoor:
             for matcher, route in self.routes:
                 match, child = matcher.matches(scope)
                 if match is Match.FULL:
-                    scope = {**scope, **child, "app": self.app}
-                    response = await respond(route, Request(scope, receive))
-                    await response(scope, receive, send)
+                    await self._serve(route, {**scope, **child, "app": self.app}, receive, send)
                     return
         await self.app(scope, receive, send)
+
+    async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        plane = getattr(self.app.state, "plane", None)
+        if plane is None:  # not started (tests without a lifespan)
+            response = await respond(route, Request(scope, receive))
+            await response(scope, receive, send)
+            return
+        pushback, client, start = plane.pushback, scope.get("client"), time.monotonic()
+        hold = pushback.hold_for(client, start)
+        if hold:
+            with resent_at_once():
+                response = await respond(route, Request(scope, receive))
+            await asyncio.sleep(max(0.0, start + hold - time.monotonic()))
+        else:
+            response = await respond(route, Request(scope, receive))
+        await response(scope, receive, send)
+        pushback.answered(client, response.status_code, time.monotonic(), held=bool(hold))
 
 
 class BodyLimit:
