@@ -3,13 +3,14 @@
 A request's budget counts from when it arrived, but the server first sees it when the event loop
 reads it; while the loop is busy (parsing and refusing other requests, or waiting for the worker
 thread's turn on the interpreter) the bytes wait in the socket, and a budget counted from the
-handler's start would promise time the client no longer has. `LoopLag` wakes every `period_s`
-and records how late it woke; the lag is the mean lateness over the last `window_s` (or how
-long the current wake-up is overdue, when that is more). A short window, so that a stall that has
-ended stops counting against the requests that come after it. The mean rather than the maximum: on a
-core shared with another process the loop is descheduled now and then for a time slice, and
-counting every request as if it had waited the longest slice refused 40 % of a light load (bench
-figures in docs/server.md, "Deadlines").
+handler's start would promise time the client no longer has. While requests come, `LoopLag` wakes
+every `period_s` and records how late it woke; after a second without one it stops (a timer every
+2 ms took 7 % of an idle core on this task's VM, every 10 ms 3 %), and an idle loop has no lag.
+The lag is the mean lateness over the last `window_s`, or how long the current wake-up is overdue
+when that is more: a short window, so that a stall that has ended stops counting against the
+requests after it, and the mean rather than the maximum, since on a core shared with another
+process the loop is descheduled now and then for a time slice, and counting every request as if
+it had waited the longest slice refused 42 % of a light load (docs/server.md, "Deadlines").
 """
 
 from __future__ import annotations
@@ -19,28 +20,43 @@ import collections
 import time
 from collections.abc import Callable
 
+IDLE_S = 1.0  # no request asked for this long: the timer stops until the next one
+
 
 class LoopLag:
     """Lateness of a short periodic timer on the event loop, averaged over a recent window."""
 
     def __init__(
-        self, period_s: float = 0.002, window_s: float = 0.02, report: Callable[[float], None] | None = None
+        self, period_s: float = 0.01, window_s: float = 0.05, report: Callable[[float], None] | None = None
     ) -> None:
         self.period_s, self.window_s, self.report = period_s, window_s, report
         self._samples: collections.deque[tuple[float, float]] = collections.deque()
         self._sum = 0.0
-        self._last: float | None = None  # the last wake-up (None: not measuring yet)
+        self._last: float | None = None  # the last wake-up (None: not measuring)
+        self._asked = 0.0  # when a request last asked
+        self._wanted = asyncio.Event()
 
     async def run(self) -> None:
-        """Measure until cancelled (a task of the app's lifespan)."""
-        reported, self._last = 0.0, time.monotonic()
+        """Measure until cancelled (a task of the app's lifespan), while requests come."""
+        reported = 0.0
         while True:
+            if self._last is None or time.monotonic() - self._asked > IDLE_S:
+                self._idle()
+                await self._wanted.wait()  # an idle loop keeps time: nothing to measure
+                self._last = time.monotonic()
             start = time.monotonic()
             await asyncio.sleep(self.period_s)
             self.sample(time.monotonic(), start + self.period_s)
             if self.report is not None and self._last - reported >= self.window_s:
-                self.report(self.current())
+                self.report(self._lag())
                 reported = self._last
+
+    def _idle(self) -> None:
+        self._samples.clear()
+        self._sum, self._last = 0.0, None
+        self._wanted.clear()
+        if self.report is not None:
+            self.report(0.0)
 
     def sample(self, now: float, due: float) -> None:
         """One wake-up at `now` of a timer due at `due`."""
@@ -52,7 +68,14 @@ class LoopLag:
             self._sum -= self._samples.popleft()[1]
 
     def current(self) -> float:
-        """The loop's lag in seconds (0 when it keeps time, or before it measures)."""
+        """The loop's lag in seconds (0 when it keeps time, or when it was idle: then it starts measuring)."""
+        self._asked = time.monotonic()
+        if self._last is None:
+            self._wanted.set()
+            return 0.0
+        return self._lag()
+
+    def _lag(self) -> float:
         if self._last is None:
             return 0.0
         overdue = max(0.0, time.monotonic() - self._last - self.period_s)

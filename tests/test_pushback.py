@@ -74,6 +74,7 @@ def test_the_loops_lag_widens_what_counts_as_at_once_and_the_table_stays_bounded
 
 def test_loop_lag_is_the_mean_lateness_over_its_window_or_the_wake_up_overdue() -> None:
     lag = LoopLag(period_s=0.002, window_s=0.05)
+    assert lag.current() == 0.0  # idle: no lag, and the timer is wanted from now on
     now = time.monotonic()
     for i, late in enumerate([0.0, 0.004, 0.002]):
         lag.sample(now - 2e-3 + i * 1e-3, now - 2e-3 + i * 1e-3 - late)  # the last one just now
@@ -83,6 +84,22 @@ def test_loop_lag_is_the_mean_lateness_over_its_window_or_the_wake_up_overdue() 
     stalled = LoopLag(period_s=0.002)
     stalled._last = time.monotonic() - 0.1  # the loop has not woken for 100 ms
     assert stalled.current() >= 0.09
+
+
+def test_the_lag_timer_runs_only_while_requests_come() -> None:
+    async def scenario() -> tuple[int, int, float]:
+        lag = LoopLag(period_s=0.002, window_s=0.02)
+        task = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.05)
+        idle = len(lag._samples)  # nobody asked: no timer
+        lag.current()
+        await asyncio.sleep(0.05)
+        busy = len(lag._samples)
+        task.cancel()
+        return idle, busy, lag.current()
+
+    idle, busy, now = asyncio.run(scenario())
+    assert idle == 0 and busy >= 3 and now < 0.05
 
 
 def test_a_client_resending_at_once_gets_held_refusals_between_attempts(tmp_path: Path, workers: int) -> None:
