@@ -173,7 +173,7 @@ class Metrics:
 
         self.loop_lag = Gauge(
             "anytime_event_loop_lag_seconds",
-            "How far behind its timers the event loop runs (mean over 20 ms): requests wait this long to be read",
+            "How far behind its timers the event loop runs (mean over 50 ms): requests wait this long to be read",
             registry=r,
             multiprocess_mode="livemax",
         )
