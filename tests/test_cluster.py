@@ -36,7 +36,7 @@ from tools.cluster import Cluster, ClusterSettings
 
 pytestmark = pytest.mark.slow
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "anytime.json"
-PER_REPLICA_PANELS = {"In flight per replica", "Throughput per replica", "Model"}
+PER_REPLICA_PANELS = {"In flight per replica", "Throughput per replica", "Model", "Event-loop lag", "Resends held"}
 REPLICA_ENV = {
     "ANYTIME_MODEL_STORE": str(ROOT / "model_store"), "ANYTIME_MODEL_NAME": "fashion-mnist",
     "ANYTIME_MODEL_POLL_S": "0", "ANYTIME_TORCH_THREADS": "1", "ANYTIME_LOG_LEVEL": "warning",
