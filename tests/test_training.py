@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -384,6 +385,19 @@ def test_the_study_trains_runs_in_parallel_processes(tmp_path: Path) -> None:
     assert reproduce(argv) == 0
     assert all((tmp_path / "runs" / f"{m}-seed0" / "results.json").is_file() for m in ("standard", "dsn"))
     assert "| dsn |" in (tmp_path / "study.md").read_text()
+
+
+def test_the_study_report_pairs_methods_by_seed() -> None:
+    """The study's claims rest on per-seed differences (the same split and initial weights), with their range."""
+    from training.reproduce import _paired_table
+
+    def run(e1: float, e2: float) -> dict[str, Any]:
+        return {"results": {"test": {"exit1": e1, "exit2": e2}}}
+
+    runs = {"dsn": [run(89.0, 91.0), run(90.0, 91.5)], "ramps": [run(85.0, 91.0), run(84.0, 91.7)]}
+    lines = _paired_table(runs, [0, 1])
+    assert lines[-1] == "| ramps − dsn | -5.00 (-6.00 to -4.00) | +0.10 (+0.00 to +0.20) |"
+    assert _paired_table(runs, [0]) == []  # one seed: nothing to pair
 
 
 def test_ramps_keeps_the_epoch_whose_shallow_exits_are_best(tmp_path: Path) -> None:

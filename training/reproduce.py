@@ -128,6 +128,32 @@ def _accuracy_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _paired_table(runs: dict[str, list[dict[str, Any]]], seeds: list[int]) -> list[str]:
+    """Per-seed differences between methods (the same seed's data split and initialisation), every later
+    method against every earlier one: the mean difference and its range over the seeds."""
+    if len(seeds) < 2 or len(runs) < 2:
+        return []
+    columns = list(next(iter(runs.values()))[0]["results"]["test"])
+    lines = [
+        "Paired by seed (method a − method b, the same seed's split and initial weights; mean, and the range "
+        "over seeds, in points): a difference whose range spans 0 is within the seeds' noise.",
+        "",
+        "| a − b | " + " | ".join(c.replace("exit", "exit ") for c in columns) + " |",
+        "|" + " --- |" * (len(columns) + 1),
+    ]
+    methods = list(runs)
+    for i, a in enumerate(methods):
+        for b in methods[:i]:
+            cells = []
+            for c in columns:
+                d = [
+                    ra["results"]["test"][c] - rb["results"]["test"][c] for ra, rb in zip(runs[a], runs[b], strict=True)
+                ]
+                cells.append(f"{statistics.mean(d):+.2f} ({min(d):+.2f} to {max(d):+.2f})")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _frontier_table(curves: dict[str, list[dict[str, float]]], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     last = f"exit{len(next(iter(runs.values()))[0]['frontier'][0].test_exit_rates)}"
     finals = {m: statistics.mean(r["results"]["test"][last] for r in rs) for m, rs in runs.items()}
@@ -208,6 +234,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], comm
             f"accuracy of its final exit ({args.val_size:,} images held out of training).",
             "",
             *_accuracy_table(runs),
+            "",
+            *_paired_table(runs, args.seeds),
             "",
             *_paper_table(args, runs),
             "## Accuracy–compute frontier",
