@@ -231,7 +231,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], comm
             f"Model `{args.model}`, {args.epochs} epochs, {schedule} schedule, batch {args.batch_size}, "
             f"lr {args.lr}, augmentation `{args.augment}`, seeds {', '.join(map(str, args.seeds))}. Test-set top-1 "
             "accuracy (%), mean ± standard deviation over seeds; each run's checkpoint is chosen by the validation "
-            f"accuracy of its final exit ({args.val_size:,} images held out of training).",
+            "accuracy of its final exit (`ramps`: the mean of its shallow exits; "
+            f"{args.val_size:,} images held out of training).",
             "",
             *_accuracy_table(runs),
             "",
