@@ -28,7 +28,9 @@ def test_refusals_come_before_decoding_and_are_counted_as_refusals(tmp_path: Pat
     one with 20 ms gets 504 (exit 1 alone needs 60 ms). Every refusal of a request with a deadline is
     counted as `rejected`, and the answers in time as `met`."""
     make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[60] * 4)
-    srv = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers).wait_ready()
+    # Its client sends refusal after refusal on one connection at once, which the pushback would hold
+    # (tests/test_pushback.py): off here, so that each is the check before decoding's own answer.
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers, resend_hold_ms=0).wait_ready()
     try:
 
         async def scenario() -> list[httpx.Response]:
