@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,21 +107,16 @@ class FrontDoor:
         await self.app(scope, receive, send)
 
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        plane = getattr(self.app.state, "plane", None)
-        if plane is None:  # not started (tests without a lifespan)
+        plane = getattr(self.app.state, "plane", None)  # None: not started (tests without a lifespan)
+        pushback, client, start = plane.pushback if plane else None, scope.get("client"), time.monotonic()
+        hold = pushback.hold_for(client, start) if pushback else 0.0
+        with resent_at_once() if hold else nullcontext():
             response = await respond(route, Request(scope, receive))
-            await response(scope, receive, send)
-            return
-        pushback, client, start = plane.pushback, scope.get("client"), time.monotonic()
-        hold = pushback.hold_for(client, start)
         if hold:
-            with resent_at_once():
-                response = await respond(route, Request(scope, receive))
             await asyncio.sleep(max(0.0, start + hold - time.monotonic()))
-        else:
-            response = await respond(route, Request(scope, receive))
         await response(scope, receive, send)
-        pushback.answered(client, response.status_code, time.monotonic(), held=bool(hold))
+        if pushback:
+            pushback.answered(client, response.status_code, time.monotonic(), held=bool(hold))
 
 
 class BodyLimit:
