@@ -5,11 +5,12 @@ requests get a 200 within D on the client's clock; it is found by bisection over
 bounded wrk run, bench/lua/deadlines.lua). It is measured for D = 10 ms and for D = 4x this machine's
 in-process exit-1 p50 (so the figure travels between machines), anytime and at full depth
 (`threshold=1`). Then **overload**: Poisson arrivals at 1.5x and 3x the anytime SLO capacity, and
-clients that resend at once after every answer or refusal (closed loop, many connections): goodput
-(200s within D per second) as a share of the capacity, the share of refusals within 2 ms, and the
-200s more than 1 ms after their deadline. Each configuration runs as it is, and at half speed: a busy
-loop at the same priority pinned to the server's core (a neighbour on a shared node). Servers run
-with one request process and with two (ANYTIME_WORKERS=2), pinned to the server core; wrk to the other.
+clients that resend a refused request at once and send the next one as soon as they have an answer
+(closed loop, many connections): goodput (200s within D per second) as a share of the capacity, the
+share of refusals within 2 ms, and the 200s more than 1 ms after their deadline. Each configuration
+runs as it is, and at half speed: a busy loop at the same priority pinned to the server's core (a
+neighbour on a shared node). Servers run with one request process and with two (ANYTIME_WORKERS=2),
+pinned to the server core; wrk to the other.
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def run_deadlines(
 ) -> DeadlineRun:
     """Poisson arrivals at `rate` with `deadline_ms`, one wrk thread per connection (enough connections that
     each waits about 100 ms between its requests, so that slow answers barely slow the arrivals). With
-    `rate` 0, `connections` clients that each resend as soon as they have an answer (a refusal included)."""
+    `rate` 0, `connections` clients that each send again as soon as they have an answer: the same image
+    after a refusal (a retry loop without backoff), the next after a 200."""
     if connections is None:
         connections = max(16, min(512, round(rate * 0.1)))
     env = {"BENCH_RATE": f"{rate:.3f}", "BENCH_CONNECTIONS": str(connections), "BENCH_DEADLINE_MS": f"{deadline_ms:g}"}

@@ -79,11 +79,14 @@ class ServiceSettings(BaseSettings):
         200.0,
         ge=0,
         le=10_000,
-        description="a connection that resends at once after a refusal, twice in a row, gets its next refusal "
+        description="a connection that sends a refused request again at once, twice in a row, gets its next refusal "
         "without an admission attempt, held this long; 0: off",
     )
     resend_at_once_ms: float = Field(
-        5.0, gt=0, le=1000, description="a request this soon after a refusal on its connection came at once"
+        5.0,
+        gt=0,
+        le=1000,
+        description="the same request this soon after its refusal on its connection was resent at once",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies are answered 413")
     max_image_pixels: int = Field(16_000_000, ge=1, description="larger images are answered 413")

@@ -16,8 +16,8 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
@@ -177,8 +177,6 @@ class DataPlane:
         token = _PHASES.set(phases)
         try:
             self.check_serving()
-            if _RESENT.get():
-                raise self.pushback.refusal()
             async with self.registry.lease(name, version) as model:
                 if not model.engine.alive:
                     raise ServiceError(f"model {model.name} is not running", NOT_READY)
@@ -299,20 +297,6 @@ class DataPlane:
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)
-# Set by the front door for a request resent at once after a refusal (service/pushback.py).
-_RESENT: ContextVar[bool] = ContextVar("anytime_resent", default=False)
-
-
-@contextmanager
-def resent_at_once() -> Iterator[None]:
-    """Inside: the request is refused without an attempt (the front door holds its refusal)."""
-    token = _RESENT.set(True)
-    try:
-        yield
-    finally:
-        _RESENT.reset(token)
-
-
 WARMUP_HEADER = "x-anytime-warmup"
 # One token per server (its request processes share the supervisor's): only its own warm-up carries it.
 WARMUP_TOKEN = os.environ.get("ANYTIME_INTERNAL_WARMUP_TOKEN") or secrets.token_hex(16)

@@ -1,33 +1,50 @@
-"""Pushback on clients that resend at once after a refusal.
+"""Pushback on clients that resend a refused request at once.
 
 A refusal costs the event loop about as much as parsing the request, so clients that resend the
 moment they are refused (a retry loop without backoff, ignoring Retry-After) can keep the loop
 busy refusing while admitted requests wait to be read and answered: goodput falls to nothing,
-however well admission predicts. A connection whose requests come at once after a refusal (within
+however well admission predicts. A connection that sends a refused request again at once (within
 `at_once_s`, plus the loop's current lag, of the refusal leaving), twice in a row, gets its next
 refusal without an admission attempt, held for `hold_s` before it leaves: the connection then has
 nothing to resend for that long, at the cost of a timer. The request after a held refusal is served
-as usual, so every such connection still gets an admission attempt per `hold_s`. An open-loop
-client's request follows a refusal that closely only now and then, and twice in a row rarely.
+as usual, so every such connection still gets an admission attempt per `hold_s`.
+
+"Again" means the same path and body. Timing alone cannot tell a retry loop from a client with a
+connection pool: at a few hundred requests a second its next request, another image, follows a
+refusal on the connection the refusal freed within milliseconds, and holding it made an open-loop
+client's refusals take 200 ms (docs/server.md, "Deadlines").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from starlette.types import Message, Receive, Scope
 
 from service.engine import QueueFull
 
 REFUSALS = (503, 504)
 STALE_S = 1.0  # entries older than this are dropped when the table is full
+SAMPLE_BYTES = 65_536  # a larger body is told apart by its length and its first and last this many bytes
+
+
+def fingerprint(path: str, chunks: Sequence[bytes]) -> int:
+    """What tells one request from another: its path and body (bounded work for large bodies)."""
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(body) > 2 * SAMPLE_BYTES:
+        return hash((path, len(body), body[:SAMPLE_BYTES], body[-SAMPLE_BYTES:]))
+    return hash((path, body))
 
 
 @dataclass(slots=True)
 class _Connection:
     refused_at: float  # when its last refusal left
     held: bool  # that refusal was a held one
-    resends: int = 0  # its requests in a row that came at once after a refusal
+    request: int  # the refused request's fingerprint
+    resends: int  # how many times in a row that request came again at once after its refusal
 
 
 class Pushback:
@@ -44,13 +61,25 @@ class Pushback:
         self.hold_s, self.at_once_s, self.lag, self.held, self.size = hold_s, at_once_s, lag, held, size
         self._last: dict[Any, _Connection] = {}
 
-    def hold_for(self, client: Any, now: float) -> float:
-        """How long this request's refusal is held (0: serve it as usual). `client` names its connection."""
-        if self.hold_s <= 0 or client is None or (c := self._last.get(client)) is None:
-            return 0.0
-        at_once = now - c.refused_at <= self.at_once_s + self.lag()
-        c.resends = c.resends + 1 if at_once else 0
-        if c.resends < 2 or c.held:
+    def watch(self, scope: Scope, receive: Receive) -> Watch | None:
+        """One HTTP request's side of the pushback (None: off, or no connection to name)."""
+        client = scope.get("client")
+        if self.hold_s <= 0 or client is None:
+            return None
+        return Watch(self, client, scope.get("path", ""), time.monotonic(), receive)
+
+    def resends(self, client: Any, start: float, request: int) -> int:
+        """How many times in a row the refused request has come again at once, counting this one (which
+        started at `start` and has fingerprint `request`); 0 when it is another request or came later."""
+        c = self._last.get(client)
+        if c is None or c.request != request or start - c.refused_at > self.at_once_s + self.lag():
+            return 0
+        return c.resends + 1
+
+    def hold_for(self, client: Any, resends: int) -> float:
+        """How long the refusal of a request resent `resends` times in a row is held (0: serve it)."""
+        c = self._last.get(client)
+        if c is None or resends < 2 or c.held:
             return 0.0
         self.held()
         return self.hold_s
@@ -63,8 +92,8 @@ class Pushback:
             retry_after_s=1.0,
         )
 
-    def answered(self, client: Any, status: int, now: float, held: bool) -> None:
-        """A response left on `client`'s connection."""
+    def answered(self, client: Any, status: int, now: float, held: bool, request: int, resends: int) -> None:
+        """A response left on `client`'s connection for the request with fingerprint `request`."""
         if client is None or self.hold_s <= 0:
             return
         if status not in REFUSALS:
@@ -72,5 +101,41 @@ class Pushback:
             return
         if len(self._last) >= self.size:
             self._last = {k: c for k, c in self._last.items() if now - c.refused_at < STALE_S}
-        previous = self._last.get(client)
-        self._last[client] = _Connection(now, held, previous.resends if previous else 0)
+        self._last[client] = _Connection(now, held, request, resends)
+
+
+class Watch:
+    """One request on a watched connection: keeps the body as the endpoint reads it and, once the body is
+    complete, raises the held refusal from `receive` if it is the refused request resent at once the
+    second time in a row (the endpoint renders it in its protocol's form, as it does a body too large)."""
+
+    def __init__(self, pushback: Pushback, client: Any, path: str, start: float, receive: Receive) -> None:
+        self.pushback, self.client, self.path, self.start, self._receive = pushback, client, path, start, receive
+        self.chunks: list[bytes] = []
+        self.hold_s = 0.0  # > 0: its refusal is held this long from `start`
+        self.resends = 0
+        self._request: int | None = None
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.chunks.append(message.get("body", b""))
+            if not message.get("more_body", False) and self.client in self.pushback._last:
+                self.resends = self.pushback.resends(self.client, self.start, self.request())
+                self.hold_s = self.pushback.hold_for(self.client, self.resends)
+                if self.hold_s:
+                    raise self.pushback.refusal()
+        return message
+
+    def request(self) -> int:
+        """This request's fingerprint (of the body read so far)."""
+        if self._request is None:
+            self._request = fingerprint(self.path, self.chunks)
+        return self._request
+
+    def answered(self, status: int, now: float) -> None:
+        """Its response has left."""
+        refused = status in REFUSALS
+        self.pushback.answered(
+            self.client, status, now, bool(self.hold_s), self.request() if refused else 0, self.resends
+        )

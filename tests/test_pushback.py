@@ -15,60 +15,71 @@ from PIL import Image
 from service.app import build
 from service.config import ServiceSettings
 from service.loop_lag import LoopLag
-from service.pushback import Pushback
+from service.pushback import Pushback, fingerprint
 from service.warmup import asgi_request
 from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
 
 PNG = png_bytes(Image.new("L", (28, 28), 90))
+OTHER_PNG = png_bytes(Image.new("L", (28, 28), 200))
 CLIENT = ("127.0.0.1", 50_000)
 
 
-def test_a_connection_resending_at_once_twice_in_a_row_is_held_and_the_request_after_is_attempted() -> None:
+A, B = fingerprint("/classify", [b"image a"]), fingerprint("/classify", [b"image b"])
+
+
+def _resend(p: Pushback, start: float, request: int = A, client: tuple[str, int] = CLIENT) -> tuple[int, float]:
+    """A request on `client` at `start`: (its count of resends at once, how long its refusal is held)."""
+    resends = p.resends(client, start, request)
+    return resends, p.hold_for(client, resends)
+
+
+def test_a_request_resent_at_once_twice_in_a_row_is_held_and_the_one_after_is_attempted() -> None:
     held: list[int] = []
     p = Pushback(0.2, at_once_s=1e-3, held=lambda: held.append(1))
-    assert p.hold_for(CLIENT, 10.0) == 0.0  # nothing refused yet
-    p.answered(CLIENT, 503, 10.0, held=False)
-    assert p.hold_for(CLIENT, 10.0005) == 0.0  # at once, the first time: attempted
-    p.answered(CLIENT, 504, 10.001, held=False)  # a 504 is a refusal too
-    assert p.hold_for(CLIENT, 10.0015) == 0.2  # at once, twice in a row: held
-    p.answered(CLIENT, 503, 10.2, held=True)
-    assert p.hold_for(CLIENT, 10.2001) == 0.0  # after a held refusal: a real attempt
-    p.answered(CLIENT, 503, 10.201, held=False)
-    assert p.hold_for(CLIENT, 10.2012) == 0.2  # and held again
+    assert _resend(p, 10.0) == (0, 0.0)  # nothing refused yet
+    p.answered(CLIENT, 503, 10.0, False, A, 0)
+    assert _resend(p, 10.0005) == (1, 0.0)  # the same request at once, the first time: attempted
+    p.answered(CLIENT, 504, 10.001, False, A, 1)  # a 504 is a refusal too
+    assert _resend(p, 10.0015) == (2, 0.2)  # at once, twice in a row: held
+    p.answered(CLIENT, 503, 10.2, True, A, 2)
+    assert _resend(p, 10.2001) == (3, 0.0)  # after a held refusal: a real attempt
+    p.answered(CLIENT, 503, 10.201, False, A, 3)
+    assert _resend(p, 10.2012)[1] == 0.2  # and held again
     assert held == [1, 1]
 
 
-def test_requests_that_do_not_come_at_once_or_follow_an_answer_are_not_held() -> None:
+def test_other_requests_later_ones_and_those_after_an_answer_are_not_held() -> None:
     p = Pushback(0.2, at_once_s=1e-3)
-    p.answered(CLIENT, 503, 10.0, held=False)
-    assert p.hold_for(CLIENT, 10.0005) == 0.0
-    p.answered(CLIENT, 503, 10.001, held=False)
-    assert p.hold_for(CLIENT, 10.003) == 0.0  # 2 ms later: the run of resends at once is broken
-    p.answered(CLIENT, 503, 10.004, held=False)
-    assert p.hold_for(CLIENT, 10.0041) == 0.0  # at once again, but only once in a row
-    assert p.hold_for(("127.0.0.1", 50_001), 10.0042) == 0.0  # another connection
-    p.answered(CLIENT, 200, 10.005, held=False)
-    assert p.hold_for(CLIENT, 10.0051) == 0.0  # the last answer was no refusal
-    off = Pushback(0.0)
-    for t in (10.0, 10.0001, 10.0002):
-        assert off.hold_for(CLIENT, t) == 0.0
-        off.answered(CLIENT, 503, t, held=False)
+    p.answered(CLIENT, 503, 10.0, False, A, 0)
+    assert _resend(p, 10.0005) == (1, 0.0)
+    p.answered(CLIENT, 503, 10.001, False, A, 1)
+    assert _resend(p, 10.003) == (0, 0.0)  # 2 ms later: the run of resends at once is broken
+    p.answered(CLIENT, 503, 10.004, False, A, 0)
+    assert _resend(p, 10.0041, B) == (0, 0.0)  # at once, but another image: a pooled client's next request
+    p.answered(CLIENT, 503, 10.0042, False, B, 0)
+    assert _resend(p, 10.0043, B) == (1, 0.0)  # that one resent at once: only once in a row
+    assert _resend(p, 10.0043, B, ("127.0.0.1", 50_001)) == (0, 0.0)  # the same request on another connection
+    p.answered(CLIENT, 200, 10.005, False, 0, 0)
+    assert _resend(p, 10.0051) == (0, 0.0)  # the last answer was no refusal
+    assert fingerprint("/v2/models/m/infer", [b"image a"]) != A  # the path counts
+    assert fingerprint("/classify", [b"image ", b"a"]) == A  # however the body arrived
+    big = b"x" * 300_000
+    assert fingerprint("/classify", [big]) != fingerprint("/classify", [big + b"y"])
+    assert Pushback(0.0).watch({"client": CLIENT}, None) is None  # off  # type: ignore[arg-type]
 
 
 def test_the_loops_lag_widens_what_counts_as_at_once_and_the_table_stays_bounded() -> None:
     lag = [0.0]
     p = Pushback(0.2, at_once_s=1e-3, lag=lambda: lag[0], size=4)
-    for t in (10.0, 10.01):
-        assert p.hold_for(CLIENT, t) == 0.0
-        p.answered(CLIENT, 503, t, held=False)
-    assert p.hold_for(CLIENT, 10.02) == 0.0  # 10 ms apart: not at once
-    p.answered(CLIENT, 503, 10.02, held=False)
+    p.answered(CLIENT, 503, 10.0, False, A, 0)
+    assert _resend(p, 10.01) == (0, 0.0)  # 10 ms apart: not at once
+    p.answered(CLIENT, 503, 10.02, False, A, 0)
     lag[0] = 0.02  # the loop reads 20 ms late: a request sent at once is read up to that late
-    assert p.hold_for(CLIENT, 10.03) == 0.0
-    p.answered(CLIENT, 503, 10.03, held=False)
-    assert p.hold_for(CLIENT, 10.04) == 0.2
+    assert _resend(p, 10.03) == (1, 0.0)
+    p.answered(CLIENT, 503, 10.03, False, A, 1)
+    assert _resend(p, 10.04) == (2, 0.2)
     for port in range(10):
-        p.answered(("10.0.0.1", port), 503, 20.0 + port, held=False)  # each older than a second by the next
+        p.answered(("10.0.0.1", port), 503, 20.0 + port, False, A, 0)  # each older than a second by the next
     assert len(p._last) <= 4
 
 
@@ -122,6 +133,10 @@ def test_a_client_resending_at_once_gets_held_refusals_between_attempts(tmp_path
                 bodies.append(r.json()["error"])
             held = bodies[2]
             answered = client.post("/classify", content=PNG, headers={"content-type": "image/png"})
+            pooled = []  # a pooled client's next requests: other images at once after each refusal
+            for png in (PNG, OTHER_PNG, PNG, OTHER_PNG):
+                t0 = time.monotonic()
+                pooled.append((client.post("/classify", content=png, headers=tight).status_code, time.monotonic() - t0))
             v2 = client.post(
                 "/v2/models/sleepy/infer",
                 json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
@@ -139,6 +154,7 @@ def test_a_client_resending_at_once_gets_held_refusals_between_attempts(tmp_path
     assert seconds[2] >= hold_ms / 1e3 * 0.95 and seconds[4] >= hold_ms / 1e3 * 0.95, seconds
     assert max(seconds[0], seconds[1], seconds[3]) < 0.2, seconds  # the attempts are refused at once
     assert answered.status_code == 200  # the request after a held refusal is served as usual
+    assert [code for code, _ in pooled] == [504] * 4 and max(t for _, t in pooled) < 0.2, pooled  # none held
     assert v2.status_code in (400, 504), v2.text  # the v2 route goes through the same door
     assert fresh.status_code == 504 and fresh_s < 0.2
     assert metric(page, "anytime_resend_holds_total") == 2

@@ -8,7 +8,8 @@
 --   BENCH_IMAGES       file listing image paths, one per line (sent round robin)
 --   BENCH_LABELS       file listing each image's label, one per line (for accuracy)
 --   BENCH_RATE         total requests per second over all connections (exponential waits); 0: none, each
---                      connection resends as soon as it has its answer (clients that retry at once)
+--                      connection sends again as soon as it has its answer: the same image after a refusal
+--                      (clients that retry at once), the next one after a 200
 --   BENCH_PATH         the request path (default /classify; e.g. /classify?threshold=1 for full depth)
 --   BENCH_CONNECTIONS  the -c value
 --   BENCH_DEADLINE_MS  sent as X-Deadline-Ms; what "in time" means
@@ -45,7 +46,7 @@ function init(args)
   path = os.getenv("BENCH_PATH") or "/classify"
   math.randomseed(7000 + id)
   i_body = (id * 7919) % #bodies
-  sent, current = 0, 1
+  sent, current, again = 0, 1, false
   n, ok, in_time, server_in_time, correct, refused, refused_fast, late_504, other = 0, 0, 0, 0, 0, 0, 0, 0, 0
   late_1ms = 0
   refused_max, answer_max, exits, early = 0, 0, {}, 0
@@ -57,7 +58,7 @@ function delay()
 end
 
 function request()
-  i_body = i_body % #bodies + 1
+  if not again then i_body = i_body % #bodies + 1 end
   current = i_body
   sent = now_ms()
   return wrk.format("POST", path, headers, bodies[i_body])
@@ -66,6 +67,7 @@ end
 function response(code, hdrs, body)
   local took = now_ms() - sent
   n = n + 1
+  again = mean_delay_ms == 0 and (code == 503 or code == 504)
   if code == 200 then
     ok = ok + 1
     if took <= deadline then in_time = in_time + 1 end

@@ -15,7 +15,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from starlette.routing import Match
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, resent_at_once, warming_up
+from service.dataplane import WARMUP_HEADER, WARMUP_TOKEN, warming_up
 from service.errors import BODY_TOO_LARGE, ServiceError, internal_error, to_error
 
 log = logging.getLogger("anytime.api")
@@ -108,15 +107,13 @@ class FrontDoor:
 
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         plane = getattr(self.app.state, "plane", None)  # None: not started (tests without a lifespan)
-        pushback, client, start = plane.pushback if plane else None, scope.get("client"), time.monotonic()
-        hold = pushback.hold_for(client, start) if pushback else 0.0
-        with resent_at_once() if hold else nullcontext():
-            response = await respond(route, Request(scope, receive))
-        if hold:
-            await asyncio.sleep(max(0.0, start + hold - time.monotonic()))
+        watch = plane.pushback.watch(scope, receive) if plane else None
+        response = await respond(route, Request(scope, watch.receive if watch else receive))
+        if watch is not None and watch.hold_s:
+            await asyncio.sleep(max(0.0, watch.start + watch.hold_s - time.monotonic()))
         await response(scope, receive, send)
-        if pushback:
-            pushback.answered(client, response.status_code, time.monotonic(), held=bool(hold))
+        if watch is not None:
+            watch.answered(response.status_code, time.monotonic())
 
 
 class BodyLimit:
