@@ -245,7 +245,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], comm
             "",
             "Per run, thresholds are chosen on the validation split for 20 mean-FLOPs budgets (the server's exit "
             "rule, temperatures fitted on validation); the curve is the test accuracy and mean FLOPs they give, "
-            "averaged over seeds budget by budget (band: ±1 std).",
+            "averaged over seeds budget by budget (band: ±1 std). FLOPs are what serving costs: every head "
+            "before the exit taken ran too, so a network that answers only from its final exit pays over 100 %.",
             "",
             *_frontier_table(curves, runs),
             "",
