@@ -2,7 +2,8 @@
 
 `python -m bench.inprocess ARTIFACT_DIR IMAGE_DIR --seconds S` decodes each PNG of IMAGE_DIR
 (round robin) and serves it with `Engine.run`, the very code the server's worker runs, one image
-at a time in this thread, for S seconds; it prints the median and mean milliseconds as JSON.
+at a time in this thread, for S seconds; it prints the median and mean milliseconds as JSON
+(`--gap-ms G`: idle G ms before each image, as a server's core is between requests).
 With `--evaluate LABELS.json` it instead runs every image once and prints the accuracy, the
 exit distribution and the mean FLOPs fraction of the exits taken. `make bench` runs it pinned
 to the server's core, between HTTP runs.
@@ -35,14 +36,19 @@ def _engine(artifact_dir: Path) -> tuple[Engine, Preprocess]:
     )
 
 
-def latency(artifact_dir: Path, images: list[bytes], seconds: float, threshold: float | None) -> dict[str, float]:
-    """Median and mean ms of decode + exit path per image, after a one-second warm-up."""
+def latency(
+    artifact_dir: Path, images: list[bytes], seconds: float, threshold: float | None, gap_s: float = 0.0
+) -> dict[str, float]:
+    """Median and mean ms of decode + exit path per image, after a one-second warm-up; with `gap_s`, the
+    thread sleeps that long before each image (a core that goes idle between requests, as a server's does)."""
     engine, preprocess = _engine(artifact_dir)
     spec = engine.input
     times: list[float] = []
     start = time.perf_counter()
     i = 0
     while time.perf_counter() - start < seconds + 1.0:
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         x = decode_image(images[i % len(images)], spec, preprocess, 10**8)
         engine.run([Job(x, InferenceOptions.now(threshold=threshold))])
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", type=Path, help="directory of PNG files")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--threshold", type=float)
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="sleep this long before each image")
     parser.add_argument("--evaluate", type=Path, help="JSON list of labels, in the images' sorted order")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         result = evaluate(args.artifact, images, json.loads(args.evaluate.read_text()), args.threshold)
     else:
-        result = latency(args.artifact, images, args.seconds, args.threshold)
+        result = latency(args.artifact, images, args.seconds, args.threshold, args.gap_ms / 1e3)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

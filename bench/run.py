@@ -99,9 +99,12 @@ def metered(server: LocalProcess, run: Callable[[], WrkResult], counted: bool = 
     return result, (server.cpu_seconds() - cpu) * 1e3 / max(done, 1)
 
 
-def in_process(artifact: Path, images: Path, seconds: float, threshold: float | None = None) -> dict[str, Any]:
+def in_process(
+    artifact: Path, images: Path, seconds: float, threshold: float | None = None, gap_ms: float = 0.0
+) -> dict[str, Any]:
     argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "bench.inprocess", str(artifact), str(images)]
-    argv += ["--seconds", str(seconds)] + (["--threshold", str(threshold)] if threshold is not None else [])
+    argv += ["--seconds", str(seconds), "--gap-ms", str(gap_ms)]
+    argv += ["--threshold", str(threshold)] if threshold is not None else []
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, check=True)
     return json.loads(out.stdout)
 
@@ -497,10 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         results["bundled"]["in_process_evaluation"] = evaluation
         saturation = results["bundled"]["saturation_rps"]
         results["bundled"]["shadow"] = shadow_cost(args.store, images, args.reps, args.seconds, 0.8 * saturation)
-        exit1 = in_process(resolve_artifact(args.store, "fashion-mnist"), work / "fmnist", args.seconds, 0.0)
+        artifact = resolve_artifact(args.store, "fashion-mnist")
+        exit1 = in_process(artifact, work / "fmnist", args.seconds, 0.0)
+        idle = in_process(artifact, work / "fmnist", args.seconds, 0.0, slo.IDLE_GAP_MS)
         results["slo"] = slo.sweep(
             args.store, images, labels, args.seconds, exit1["p50_ms"], saturation, SERVER_CPU, LOAD_CPU, OUT
         )
+        results["slo"]["exit1_after_idle_p50_ms"] = idle["p50_ms"]
         slo.plot(results["slo"], OUT / "slo.png")
         results["process_models"] = process_models(args.store, images, labels, max(1, args.reps // 2), args.seconds)
         results["realized"] = realized(work, resolve_artifact(args.store, "fashion-mnist"), args.reps, args.seconds)
