@@ -68,6 +68,10 @@ class Pushback:
             return None
         return Watch(self, client, scope.get("path", ""), time.monotonic(), receive)
 
+    def watching(self, client: Any) -> bool:
+        """The connection's last response was a refusal: its next request may be that one resent."""
+        return client in self._last
+
     def resends(self, client: Any, start: float, request: int) -> int:
         """How many times in a row the refused request has come again at once, counting this one (which
         started at `start` and has fingerprint `request`); 0 when it is another request or came later."""
@@ -105,7 +109,7 @@ class Pushback:
 
 
 class Watch:
-    """One request on a watched connection: keeps the body as the endpoint reads it and, once the body is
+    """One request's side of the pushback: keeps the body as the endpoint reads it and, once the body is
     complete, raises the held refusal from `receive` if it is the refused request resent at once the
     second time in a row (the endpoint renders it in its protocol's form, as it does a body too large)."""
 
@@ -120,7 +124,7 @@ class Watch:
         message = await self._receive()
         if message["type"] == "http.request":
             self.chunks.append(message.get("body", b""))
-            if not message.get("more_body", False) and self.client in self.pushback._last:
+            if not message.get("more_body", False) and self.pushback.watching(self.client):
                 self.resends = self.pushback.resends(self.client, self.start, self.request())
                 self.hold_s = self.pushback.hold_for(self.client, self.resends)
                 if self.hold_s:
