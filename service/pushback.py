@@ -17,6 +17,7 @@ client's refusals take 200 ms (docs/server.md, "Deadlines").
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,15 +29,52 @@ from service.engine import QueueFull
 
 REFUSALS = (503, 504)
 STALE_S = 1.0  # entries older than this are dropped when the table is full
-SAMPLE_BYTES = 65_536  # a larger body is told apart by its length and its first and last this many bytes
+SAMPLE_BYTES = 65_536  # a body over twice this is told apart by its length and its first and last this many bytes
+
+
+class BodySample:
+    """What a fingerprint reads of a body, kept as its chunks stream in: the whole body up to
+    2 * SAMPLE_BYTES; beyond that its length and its first and last SAMPLE_BYTES. Views, not copies:
+    a large upload is neither copied nor kept beyond its last chunks for this."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.head = b""
+        self._tail: collections.deque[memoryview] = collections.deque()
+        self._tail_bytes = 0
+
+    def add(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        self.length += len(view)
+        if len(self.head) < SAMPLE_BYTES:
+            take = SAMPLE_BYTES - len(self.head)
+            self.head, view = self.head + bytes(view[:take]), view[take:]
+        if len(view):
+            self._tail.append(view)
+            self._tail_bytes += len(view)
+            while self._tail_bytes - len(self._tail[0]) >= SAMPLE_BYTES:
+                self._tail_bytes -= len(self._tail.popleft())
+
+    def fingerprint(self, path: str) -> int:
+        """What tells one request from another: its path and (the sample of) its body."""
+        need, parts = SAMPLE_BYTES, []
+        for part in reversed(self._tail):  # the last SAMPLE_BYTES: all of the rest, up to twice that
+            parts.append(part[-need:])
+            need -= len(parts[-1])
+            if need <= 0:
+                break
+        tail = b"".join(reversed(parts))
+        if self.length <= 2 * SAMPLE_BYTES:  # nothing was left out
+            return hash((path, self.head + tail))
+        return hash((path, self.length, self.head, tail))
 
 
 def fingerprint(path: str, chunks: Sequence[bytes]) -> int:
-    """What tells one request from another: its path and body (bounded work for large bodies)."""
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if len(body) > 2 * SAMPLE_BYTES:
-        return hash((path, len(body), body[:SAMPLE_BYTES], body[-SAMPLE_BYTES:]))
-    return hash((path, body))
+    """The fingerprint of a request to `path` whose body came in `chunks`."""
+    sample = BodySample()
+    for chunk in chunks:
+        sample.add(chunk)
+    return sample.fingerprint(path)
 
 
 @dataclass(slots=True)
@@ -115,7 +153,7 @@ class Watch:
 
     def __init__(self, pushback: Pushback, client: Any, path: str, start: float, receive: Receive) -> None:
         self.pushback, self.client, self.path, self.start, self._receive = pushback, client, path, start, receive
-        self.chunks: list[bytes] = []
+        self.body = BodySample()
         self.hold_s = 0.0  # > 0: its refusal is held this long from `start`
         self.resends = 0
         self._request: int | None = None
@@ -123,7 +161,7 @@ class Watch:
     async def receive(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.request":
-            self.chunks.append(message.get("body", b""))
+            self.body.add(message.get("body", b""))
             if not message.get("more_body", False) and self.pushback.watching(self.client):
                 self.resends = self.pushback.resends(self.client, self.start, self.request())
                 self.hold_s = self.pushback.hold_for(self.client, self.resends)
@@ -134,7 +172,7 @@ class Watch:
     def request(self) -> int:
         """This request's fingerprint (of the body read so far)."""
         if self._request is None:
-            self._request = fingerprint(self.path, self.chunks)
+            self._request = self.body.fingerprint(self.path)
         return self._request
 
     def answered(self, status: int, now: float) -> None:

@@ -63,8 +63,12 @@ def test_other_requests_later_ones_and_those_after_an_answer_are_not_held() -> N
     assert _resend(p, 10.0051) == (0, 0.0)  # the last answer was no refusal
     assert fingerprint("/v2/models/m/infer", [b"image a"]) != A  # the path counts
     assert fingerprint("/classify", [b"image ", b"a"]) == A  # however the body arrived
-    big = b"x" * 300_000
-    assert fingerprint("/classify", [big]) != fingerprint("/classify", [big + b"y"])
+    big = bytes(range(256)) * 1200  # 300 KiB: its length and first and last 64 KiB
+    assert fingerprint("/classify", [big]) == fingerprint(
+        "/classify", [big[i : i + 5000] for i in range(0, len(big), 5000)]
+    )
+    assert fingerprint("/classify", [big]) != fingerprint("/classify", [big + b"y"])  # another tail
+    assert fingerprint("/classify", [big]) != fingerprint("/classify", [b"y" + big[1:]])  # another head
     assert Pushback(0.0).watch({"client": CLIENT}, None) is None  # off  # type: ignore[arg-type]
 
 
