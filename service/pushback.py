@@ -110,21 +110,17 @@ class Pushback:
         """The connection's last response was a refusal: its next request may be that one resent."""
         return client in self._last
 
-    def resends(self, client: Any, start: float, request: int) -> int:
-        """How many times in a row the refused request has come again at once, counting this one (which
-        started at `start` and has fingerprint `request`); 0 when it is another request or came later."""
+    def resent(self, client: Any, start: float, request: int) -> tuple[int, float]:
+        """For a request that started at `start` with fingerprint `request`: how many times in a row the
+        refused request has come again at once, counting this one (0: another request, or later), and how
+        long its refusal is held (0: serve it as usual)."""
         c = self._last.get(client)
         if c is None or c.request != request or start - c.refused_at > self.at_once_s + self.lag():
-            return 0
-        return c.resends + 1
-
-    def hold_for(self, client: Any, resends: int) -> float:
-        """How long the refusal of a request resent `resends` times in a row is held (0: serve it)."""
-        c = self._last.get(client)
-        if c is None or resends < 2 or c.held:
-            return 0.0
+            return 0, 0.0
+        if c.resends + 1 < 2 or c.held:
+            return c.resends + 1, 0.0
         self.held()
-        return self.hold_s
+        return c.resends + 1, self.hold_s
 
     def refusal(self) -> QueueFull:
         """The 503 of a request resent at once."""
@@ -163,8 +159,7 @@ class Watch:
         if message["type"] == "http.request":
             self.body.add(message.get("body", b""))
             if not message.get("more_body", False) and self.pushback.watching(self.client):
-                self.resends = self.pushback.resends(self.client, self.start, self.request())
-                self.hold_s = self.pushback.hold_for(self.client, self.resends)
+                self.resends, self.hold_s = self.pushback.resent(self.client, self.start, self.request())
                 if self.hold_s:
                     raise self.pushback.refusal()
         return message

@@ -29,8 +29,7 @@ A, B = fingerprint("/classify", [b"image a"]), fingerprint("/classify", [b"image
 
 def _resend(p: Pushback, start: float, request: int = A, client: tuple[str, int] = CLIENT) -> tuple[int, float]:
     """A request on `client` at `start`: (its count of resends at once, how long its refusal is held)."""
-    resends = p.resends(client, start, request)
-    return resends, p.hold_for(client, resends)
+    return p.resent(client, start, request)
 
 
 def test_a_request_resent_at_once_twice_in_a_row_is_held_and_the_one_after_is_attempted() -> None:
