@@ -110,14 +110,13 @@ def configuration(store: Path, images: list[Path], labels: list[int], seconds: f
                 out["capacity"][name] = {"deadline_ms": d, "anytime": anytime, "full": full, "ratio": ratio}
             d = deadlines["10ms"]
             cap = out["capacity"]["10ms"]["anytime"]["rps"]
-            rate = max(cap, 1.0)  # a capacity of 0 still gets Poisson overload (rate 0 would mean closed loop)
-            for factor in OVERLOADS:
-                out["overload"][f"{factor:g}x"] = overload(*_run(server, images, labels, seconds, factor * rate, d,
-                                                                  load_cpu), cap)  # fmt: skip
+            for factor in OVERLOADS:  # no capacity: no multiple of it to offer (None; the table says "–")
+                run = _run(server, images, labels, seconds, factor * cap, d, load_cpu) if cap else None
+                out["overload"][f"{factor:g}x"] = overload(*run, cap) if run else None
             resend = _run(server, images, labels, seconds, 0.0, d, load_cpu, connections=RESENDERS)
             out["overload"]["resend"] = overload(*resend, cap)
-            after = _run(server, images, labels, seconds, rate, d, load_cpu)  # back at capacity right after
-            out["after_overload_in_time"] = in_time(after[0])
+            after = _run(server, images, labels, seconds, cap, d, load_cpu) if cap else None  # at capacity right after
+            out["after_overload_in_time"] = in_time(after[0]) if after else None
     finally:
         server.stop()
     return out
@@ -160,13 +159,14 @@ def table(result: dict[str, Any]) -> list[str]:
             return f"{x['anytime']['rps']:.0f} / {x['full']['rps']:.0f} ({ratio})"
 
         def share(kind: str, field: str = "goodput_over_capacity", o: dict[str, Any] = o) -> str:
-            x = o[kind][field]
+            x = o[kind][field] if o[kind] else None  # a run skipped (no capacity), or a share of nothing
             return "–" if x is None else f"{x:.0%}"
 
+        after = "–" if r["after_overload_in_time"] is None else f"{r['after_overload_in_time']:.1%}"
         lines.append(
             f"| {setup} | {cap('10ms')} | {cap('4x_exit1')} | {share('1.5x')} | {share('3x')} | {share('resend')} | "
             f"{' / '.join(share(k, 'refused_within_2ms') for k in ('1.5x', '3x', 'resend'))} | "
-            f"{sum(v['late_200s'] for v in o.values())} | {r['after_overload_in_time']:.1%} |"
+            f"{sum(v['late_200s'] for v in o.values() if v)} | {after} |"
         )
     return lines
 
@@ -208,9 +208,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         out[key] = {
             "capacity_ratio_10ms": r["capacity"]["10ms"]["ratio"],
             "capacity_rps_10ms": r["capacity"]["10ms"]["anytime"]["rps"],
-            "goodput_over_capacity": {k: v["goodput_over_capacity"] for k, v in o.items()},
-            "refusals_within_2ms": {k: v["refused_within_2ms"] for k, v in o.items()},
-            "late_200s": sum(v["late_200s"] for v in o.values()),
+            "goodput_over_capacity": {k: v["goodput_over_capacity"] if v else None for k, v in o.items()},
+            "refusals_within_2ms": {k: v["refused_within_2ms"] if v else None for k, v in o.items()},
+            "late_200s": sum(v["late_200s"] for v in o.values() if v),
         }
     return out
 
