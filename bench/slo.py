@@ -134,6 +134,11 @@ def sweep(store: Path, images: list[Path], labels: list[int], seconds: float, ex
     return {"deadlines_ms": deadlines, "exit1_p50_ms": exit1_p50_ms, "saturation_rps": saturation, "runs": configs}
 
 
+def field_of(run: dict[str, Any] | None, field: str) -> Any:
+    """`field` of an overload run, None where the run was skipped (no capacity to take multiples of)."""
+    return run[field] if run else None
+
+
 def table(result: dict[str, Any]) -> list[str]:
     d = result["deadlines_ms"]
     lines = [
@@ -159,14 +164,14 @@ def table(result: dict[str, Any]) -> list[str]:
             return f"{x['anytime']['rps']:.0f} / {x['full']['rps']:.0f} ({ratio})"
 
         def share(kind: str, field: str = "goodput_over_capacity", o: dict[str, Any] = o) -> str:
-            x = o[kind][field] if o[kind] else None  # a run skipped (no capacity), or a share of nothing
+            x = field_of(o[kind], field)
             return "–" if x is None else f"{x:.0%}"
 
         after = "–" if r["after_overload_in_time"] is None else f"{r['after_overload_in_time']:.1%}"
         lines.append(
             f"| {setup} | {cap('10ms')} | {cap('4x_exit1')} | {share('1.5x')} | {share('3x')} | {share('resend')} | "
             f"{' / '.join(share(k, 'refused_within_2ms') for k in ('1.5x', '3x', 'resend'))} | "
-            f"{sum(v['late_200s'] for v in o.values() if v)} | {after} |"
+            f"{sum(field_of(v, 'late_200s') or 0 for v in o.values())} | {after} |"
         )
     return lines
 
@@ -208,9 +213,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         out[key] = {
             "capacity_ratio_10ms": r["capacity"]["10ms"]["ratio"],
             "capacity_rps_10ms": r["capacity"]["10ms"]["anytime"]["rps"],
-            "goodput_over_capacity": {k: v["goodput_over_capacity"] if v else None for k, v in o.items()},
-            "refusals_within_2ms": {k: v["refused_within_2ms"] if v else None for k, v in o.items()},
-            "late_200s": sum(v["late_200s"] for v in o.values() if v),
+            "goodput_over_capacity": {k: field_of(v, "goodput_over_capacity") for k, v in o.items()},
+            "refusals_within_2ms": {k: field_of(v, "refused_within_2ms") for k, v in o.items()},
+            "late_200s": sum(field_of(v, "late_200s") or 0 for v in o.values()),
         }
     return out
 
