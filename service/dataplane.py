@@ -271,7 +271,8 @@ class DataPlane:
 
         The worker answers by the deadline from the deepest exit it reached; if it has not when the
         deadline comes (a stage ran longer than predicted), the answer comes from the exit the row
-        passed last, or 504 when it passed none."""
+        passed last, or 504 when it passed none. An answer ready only after a client's deadline is a
+        504 too (`late_answer`): no 200 leaves after its deadline."""
         if options.max_exit is not None and options.max_exit > model.num_exits:
             raise ServiceError(f"max_exit: the model has {model.num_exits} exits", INVALID_OPTION)
         job = Job(x, options, shadow=not _warming())
@@ -286,14 +287,27 @@ class DataPlane:
                 metrics.deadline("rejected")
             raise
         now = time.monotonic()
+        if options.client_deadline and now > options.deadline:
+            if not _warming():
+                metrics.deadline("missed")
+            raise late_answer(answer, options, now)
         if phases is not None:
             phases.started = min(phases.started, options.received + answer.queue_s)
             phases.answered = max(phases.answered, now)
         if not _warming():
             metrics.answered(answer.exit, answer.reason.value, now - options.received)
             if options.client_deadline:
-                metrics.deadline("met" if now <= options.deadline else "missed")
+                metrics.deadline("met")
         return answer
+
+
+def late_answer(answer: Answer, options: InferenceOptions, now: float) -> DeadlineUnreachable:
+    """The 504 of an answer that was ready only after the client's deadline (a stalled or overloaded
+    loop): a deadline-aware client has stopped waiting for it, so it does not leave as a 200."""
+    return DeadlineUnreachable(
+        f"the answer (exit {answer.exit}) was ready {(now - options.deadline) * 1e3:.1f} ms after the deadline "
+        f"({(now - options.received) * 1e3:.1f} ms of a {options.budget_ms:.1f} ms budget); it is not sent late"
+    )
 
 
 _WARMUP: ContextVar[bool] = ContextVar("anytime_warmup", default=False)

@@ -82,7 +82,7 @@ class Metrics:
         )
         self.deadlines = Counter(
             "anytime_deadline",
-            "Requests with a deadline: met, missed, or rejected unstarted",
+            "Requests with a deadline: met, missed (the answer was ready after it: 504), or rejected unstarted",
             [*MV, "outcome"],
             registry=r,
         )

@@ -320,26 +320,28 @@ def test_probabilities_is_one_option_in_every_form_of_classify(server: ServerPro
     assert _classify_query(server, probabilities="maybe") == (422, "invalid_option")
 
 
-def test_an_answer_that_leaves_after_its_deadline_is_counted_missed(tmp_path: Path) -> None:
+def test_an_answer_ready_after_its_deadline_is_a_504_counted_missed(tmp_path: Path) -> None:
     """Stage 1 takes 10 ms and the budget is 60 ms: answered in time, the deadline is met. With the event
-    loop blocked for 150 ms while stage 1 runs, the same answer leaves after the deadline (no margin
-    covers a stalled loop): missed, and still a 200 from exit 1."""
+    loop blocked for 150 ms while stage 1 runs, the same answer is ready only after the deadline (no margin
+    covers a stalled loop): missed, and a 504 that says by how much, not a late 200."""
     make_artifact(tmp_path, "m", "test_sleepy", thresholds=[0.0, 1.0, 1.0, 0.0], stage_ms=[10] * 4)
     settings = ServiceSettings(model_store=tmp_path, model_name="m", grpc_port=0, model_poll_s=0, warmup=False)
     headers = {"content-type": "image/png", "x-deadline-ms": "60"}
 
-    async def scenario() -> tuple[list[int], str]:
+    async def scenario() -> tuple[list[int], bytes, str]:
         app, stack = build(settings)
         async with app.router.lifespan_context(app):
             status, _ = await asgi_request(stack, "POST", "/classify", PNG, headers)
             request = asyncio.create_task(asgi_request(stack, "POST", "/classify", PNG, headers))
             await asyncio.sleep(0.002)  # the request is in the engine, stage 1 running
             time.sleep(0.15)  # the event loop stalls past the deadline
-            late, _ = await request
+            late, body = await request
             _, page = await asgi_request(stack, "GET", "/metrics", b"", {})
-            return [status, late], page.decode()
+            return [status, late], body, page.decode()
 
-    statuses, page = asyncio.run(scenario())
-    assert statuses == [200, 200]
+    statuses, body, page = asyncio.run(scenario())
+    assert statuses == [200, 504]
+    error = json.loads(body)["error"]
+    assert error["code"] == "deadline_exceeded" and "after the deadline" in error["message"], error
     for outcome in ("met", "missed"):
         assert metric(page, "anytime_deadline_total", model="m", outcome=outcome) == 1, outcome

@@ -28,7 +28,7 @@ class QueueFull(ServiceError):
 
 
 class DeadlineUnreachable(ServiceError):
-    """The deadline passed before any exit was reached; nothing more will be computed."""
+    """The deadline passed before an answer could leave (no exit reached, or the answer ready too late)."""
 
     kind = DEADLINE_EXCEEDED
 
