@@ -20,6 +20,8 @@ from service.metrics import Metrics
 from service.options import InferenceOptions
 from tests.helpers import make_artifact
 
+LOOP_SLACK_S = 0.001  # a client's 1 ms of slack: a check read after an await includes the loop's wake-up
+
 
 def _engine(tmp_path: Path, model: str = "test_tiny", start: bool = True, **config: object) -> Engine:
     kw = {"stage_ms": config.pop("stage_ms")} if "stage_ms" in config else {}
@@ -292,7 +294,7 @@ def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_pa
         while time.monotonic() - start < 3.0:
             job = _job(threshold=1.0, deadline_ms=40)
             outcome = (await _submit_all(engine, [job]))[0]
-            after.append((time.monotonic() - start, outcome, time.monotonic() <= job.deadline))
+            after.append((time.monotonic() - start, outcome, time.monotonic() <= job.deadline + LOOP_SLACK_S))
             await asyncio.sleep(0.06)
         return [r[0] for r in await asyncio.gather(*burst)], after
 
