@@ -72,6 +72,9 @@ class ModelView(BaseModel):
     admission_slowdown: float = Field(
         description="how many times longer than the stage times predict admitted jobs wait for exit 1 (1: as predicted)"
     )
+    in_flight_limit: float = Field(
+        description="how many admitted requests may wait for exit 1 at once, learnt from which made their deadline"
+    )
     thresholds_in_force: list[float] = Field(description="per exit: the artifact's, or the drift guard's when adapting")
     shadow_agreement: list[float | None] = Field(
         description="per exit: agreement with the final exit in the drift guard's current window"

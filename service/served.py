@@ -213,6 +213,7 @@ class ServedModel(Served):
             device=self.device,
             stage_ms_now=[{str(bs): round(s * 1e3, 4) for bs, s in sorted(t.items())} for t in engine.times.snapshot()],
             admission_slowdown=round(engine.scheduler.slowdown.factor(time.monotonic()), 3),
+            in_flight_limit=round(engine.scheduler.limit.value, 2),
             thresholds_in_force=engine.thresholds.tolist(),
             shadow_agreement=engine.guard.agreement(),
             brownout=Brownout(

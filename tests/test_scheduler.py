@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.admission import Admission
+from service.engine.admission import Admission, precheck_forecast
 from service.engine.brownout import Brownout
-from service.engine.jobs import Job
+from service.engine.jobs import Job, QueueFull
+from service.engine.limit import InflightLimit, allows
 from service.engine.scheduler import Chunk, Scheduler
 from service.engine.timing import STALE_S, AnswerMargin, StageTimes
 from service.options import InferenceOptions
+from service.workers.ipc import ForecastBoard
 
 STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
 
@@ -215,6 +217,59 @@ def test_dropped_and_passed_jobs_teach_the_slowdown() -> None:
     s.add(untimed)
     s.waited([untimed], 10.0)
     assert s.slowdown.factor(10.0) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_jobs_lost_past_their_deadline_cut_the_in_flight_limit_and_successes_grow_it() -> None:
+    """The limit starts at the queue's size; a job that misses exit 1 by its deadline cuts it by a quarter
+    once per generation (a burst of losses from jobs admitted before the cut counts once); every job that
+    makes it adds 1/limit; it never goes below 1."""
+    limit = InflightLimit(100)
+    assert limit.value == 100 and limit.allows(99) and not limit.allows(100)
+    limit.lost(admitted=0.0, now=0.010)
+    limit.lost(admitted=0.005, now=0.011)  # admitted before the cut: the same stall
+    assert limit.value == pytest.approx(75)
+    for i in range(30):  # every generation loses a job
+        limit.lost(admitted=0.011 + i * 0.01, now=0.012 + i * 0.01)
+    assert limit.value == 1.0 and limit.allows(0) and not limit.allows(1)
+    for _ in range(9):
+        limit.passed()
+    assert 4.0 < limit.value < 5.0  # +1, +1/2, +1/3, ...: about sqrt(2 n)
+    assert allows(limit.value, 3) and not allows(limit.value, 4)
+
+
+def test_admission_refuses_at_the_in_flight_limit_but_never_on_an_idle_engine() -> None:
+    """Jobs admitted count in flight until stage 1 ran for them or they were dropped; at the limit admission
+    refuses at once (503, saying how many wait), and so does a request process's check before decoding, from
+    the figures the engine process publishes; dropped jobs cut the limit; an idle engine admits whatever it."""
+    s = _scheduler(max_batch=4)
+    admission = Admission(s, Brownout(3, 1, enabled=False), 100, lambda _: None)
+    s.limit.value = 2.0
+    first, second = _job(0.0, 1.0), _job(0.0, 1.0)
+    admission.admit(first, 0.0)
+    admission.admit(second, 0.0)
+    assert s.in_flight == 2
+    with pytest.raises(QueueFull, match="2 requests are waiting for exit 1"):
+        admission.admit(_job(0.0, 1.0), 0.0)
+    board = ForecastBoard.create(max_batch=4, queue_size=100)  # what an engine process publishes
+    try:
+        board.write(s.forecast(0.0, deep=True))
+        published = board.read()
+    finally:
+        board.close()
+    assert published is not None and (published.in_flight, published.limit) == (2, 2.0)
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        precheck_forecast(published, _job(0.0, 1.0).options, 0.0)
+    plan = s.plan(2.0)  # the worker came too late: both missed their deadline and leave unreached
+    assert plan.unreachable == [first, second] and s.in_flight == 0
+    assert s.limit.value == 1.5  # one cut for the generation
+    assert s.idle()
+    admission.admit(_job(2.0, 1.0), 2.0)  # idle: admitted at a limit of 1.5
+    with pytest.raises(QueueFull):
+        admission.admit(_job(2.0, 1.0), 2.0)
+    plan = s.plan(2.0)
+    assert plan.batch is not None
+    s.waited(plan.batch.jobs, 2.011, ran=True)  # exit 1 in time
+    assert s.in_flight == 0 and s.limit.value == pytest.approx(1.5 + 1 / 1.5)
 
 
 def _level(job: Job, level: int) -> Job:

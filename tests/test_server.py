@@ -158,6 +158,7 @@ def test_health_readiness_model_and_docs(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
     model = httpx.get(f"{server.url}/v1/model").json()
     assert model["name"] == "tiny" and len(model["exits"]) == 3 and "training" not in model
+    assert model["admission_slowdown"] >= 1 and model["in_flight_limit"] >= 1  # the engine's live admission figures
     assert httpx.get(f"{server.url}/docs").status_code == 200
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert "/classify" in schema["paths"]

@@ -3,7 +3,9 @@ admission itself, with the brownout (ANYTIME_OVERLOAD=degrade) stepping down bef
 
 A request is refused at once (503 `overloaded`, or 504 when its deadline has passed) when the
 engine is stopping or full, when its deadline has passed or exit 1 cannot be reached even with
-nothing queued, or when the work queued ahead of it would make it miss exit 1. The check before
+nothing queued, when as many admitted jobs wait for exit 1 as the in-flight limit allows (learnt
+from whether they made it, service/engine/limit.py; never on an idle engine), or when the work
+queued ahead of it would make it miss exit 1. The check before
 decoding (`precheck`) makes the same decision without admitting anything, so that under overload
 a request is refused before the server spends time decoding it.
 
@@ -24,6 +26,7 @@ from collections.abc import Callable
 
 from service.engine.brownout import Brownout
 from service.engine.jobs import DeadlineUnreachable, EngineStopped, Job, QueueFull
+from service.engine.limit import allows
 from service.engine.scheduler import Chunk, Forecast, Scheduler
 from service.errors import ServiceError
 from service.options import InferenceOptions
@@ -54,6 +57,15 @@ def late_for_exit_1(eta: float, deadline: float, now: float, retry_after_s: floa
     )
 
 
+def at_limit(in_flight: int, retry_after_s: float) -> QueueFull:
+    """The 503 of a request that finds as many jobs waiting for exit 1 as the in-flight limit allows."""
+    return QueueFull(
+        f"{in_flight} requests are waiting for exit 1, as many as this server has lately answered in time; "
+        "retry shortly",
+        retry_after_s=retry_after_s,
+    )
+
+
 def unreached(
     what: str, options: InferenceOptions, exit1_s: float, started: float | None = None
 ) -> DeadlineUnreachable:
@@ -77,6 +89,8 @@ def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float)
         error.retry_after_s = forecast.retry_after_s
     if error is not None:
         raise error
+    if not allows(forecast.limit, forecast.in_flight):
+        raise at_limit(forecast.in_flight, forecast.retry_after_s)
     if options.client_deadline:
         eta = forecast.exit1_eta(forecast.priority(options), now)
         if eta > options.deadline:
@@ -125,6 +139,8 @@ class Admission:
             if isinstance(error, QueueFull):
                 error.retry_after_s = s.backlog_s(now)
             raise error
+        if not (s.idle() or s.limit.allows(s.in_flight)):
+            raise at_limit(s.in_flight, s.backlog_s(now))
         priority = s.priority(options)
         can_degrade = b.enabled and b.max_exit > b.floor
         # Before decoding, rows a brownout could still cut do not count against the request.

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from service.engine.jobs import Job
+from service.engine.limit import InflightLimit
 from service.engine.timing import Slowdown, StageTimes
 from service.options import InferenceOptions
 
@@ -106,6 +107,8 @@ class Forecast:
     aging_s: float  # a request's place in the queues is `queue_priority` with these two
     priority_step_s: float
     slowdown: Slowdown
+    in_flight: int  # admitted jobs waiting for exit 1
+    limit: float  # how many may (`InflightLimit`)
 
     def priority(self, options: InferenceOptions) -> float:
         """`Scheduler.priority` from these figures."""
@@ -162,6 +165,8 @@ class Scheduler:
         self.busy_until = 0.0  # predicted end of the run in progress
         self.overhead_s = 0.0  # the worker's own time per run (planning, deciding, answering), smoothed
         self.slowdown = Slowdown()  # how much longer than predicted admitted jobs wait for exit 1
+        self.limit = InflightLimit(queue_size)  # how many admitted jobs may wait for exit 1 at once
+        self.in_flight = 0  # admitted jobs waiting for exit 1 (queued for stage 1, or in its run)
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -261,13 +266,23 @@ class Scheduler:
             aging_s=self.aging_s,
             priority_step_s=self.priority_step_s,
             slowdown=Slowdown.restored(self.slowdown.state),
+            in_flight=self.in_flight,
+            limit=self.limit.value,
         )
 
-    def waited(self, jobs: Sequence[Job], now: float) -> None:
-        """Admitted jobs that passed exit 1 (or were dropped without) at `now`: their waits teach the slowdown."""
+    def waited(self, jobs: Sequence[Job], now: float, ran: bool = False) -> None:
+        """Admitted jobs that passed exit 1 (`ran`: stage 1 ran for them) or were dropped without it at `now`:
+        their waits teach the slowdown, and whether they made it by their deadline the in-flight limit."""
         measured = [j for j in jobs if j.admitted is not None]
-        if measured:
-            self.slowdown.observe([j.predicted_wait_s for j in measured], [now - j.admitted for j in measured], now)
+        if not measured:
+            return
+        self.slowdown.observe([j.predicted_wait_s for j in measured], [now - j.admitted for j in measured], now)
+        self.in_flight = max(0, self.in_flight - len(measured))
+        for job in measured:
+            if ran and now <= job.deadline:
+                self.limit.passed()
+            else:
+                self.limit.lost(job.admitted, now)
 
     def backlog_s(self, now: float) -> float:
         """Predicted seconds to run everything queued (for Retry-After)."""
@@ -278,6 +293,8 @@ class Scheduler:
         """Queue a new job for stage 1, admitted at `now` (if given) with a predicted wait of `wait_s`
         (`exit1_wait`): its wait is measured against that."""
         job.admitted, job.predicted_wait_s = now, wait_s
+        if now is not None:
+            self.in_flight += 1
         job.priority = self.priority(job.options)
         job.queued = True
         bisect.insort(self._new, (job.priority, job.seq, job))

@@ -140,8 +140,8 @@ class Worker:
                 self.scheduler.busy_until = 0.0
                 if own_s is not None:
                     self.scheduler.observe_overhead(own_s)
-                    if batch.stage == 0:
-                        self.scheduler.waited(batch.jobs, time.monotonic())
+                if batch.stage == 0:  # a failed run's jobs left the queue too, without passing exit 1
+                    self.scheduler.waited(batch.jobs, time.monotonic(), ran=own_s is not None)
         return True
 
     def _waiting_to_fill(self) -> bool:

@@ -91,7 +91,9 @@ class ForecastBoard:
     request processes read it before decoding. A sequence number, odd while a write is under way,
     tells a reader to read again."""
 
-    _HEAD = 13  # seq, stopping, full, retry after, exit 1, busy until, deep, full batch, aging, step, factor, seen, n
+    # seq, stopping, full, retry after, exit 1, busy until, deep, full batch, aging, step, factor, seen,
+    # in flight, limit, n
+    _HEAD = 15
 
     def __init__(self, shm: SharedMemory, max_batch: int, queue_size: int, owner: bool) -> None:
         self.shm, self.max_batch, self.queue_size, self.owner = shm, max_batch, queue_size, owner
@@ -120,7 +122,7 @@ class ForecastBoard:
         n = min(len(f.priorities), self.queue_size)
         a[0] += 1
         a[1:h] = (f.stopping, f.full, f.retry_after_s, f.exit1_s, f.busy_until, f.deep_s, f.full_batch_s,
-                  f.aging_s, f.priority_step_s, *f.slowdown.state, n)  # fmt: skip
+                  f.aging_s, f.priority_step_s, *f.slowdown.state, f.in_flight, f.limit, n)  # fmt: skip
         a[h : h + b] = f.batch_cost_s[:b]
         a[h + b : h + b + n] = f.priorities[:n]
         a[0] += 1
@@ -133,7 +135,7 @@ class ForecastBoard:
             if seq == 0 or seq % 2:
                 continue
             head = a[1:h].copy()
-            n = int(head[11])
+            n = int(head[13])
             costs, priorities = a[h : h + b].copy(), a[h + b : h + b + n].copy()
             if a[0] != seq:
                 continue
@@ -151,6 +153,8 @@ class ForecastBoard:
                 aging_s=float(head[7]),
                 priority_step_s=float(head[8]),
                 slowdown=slowdown,
+                in_flight=int(head[11]),
+                limit=float(head[12]),
             )
         return None
 
