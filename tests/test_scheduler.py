@@ -224,13 +224,13 @@ def test_jobs_lost_past_their_deadline_cut_the_in_flight_limit_and_successes_gro
     once per generation (a burst of losses from jobs admitted before the cut counts once); every job that
     makes it adds 1/limit; it never goes below 1."""
     limit = InflightLimit(100)
-    assert limit.value == 100 and limit.allows(99) and not limit.allows(100)
+    assert limit.value == 100 and allows(limit.value, 99) and not allows(limit.value, 100)
     limit.lost(admitted=0.0, now=0.010)
     limit.lost(admitted=0.005, now=0.011)  # admitted before the cut: the same stall
     assert limit.value == pytest.approx(75)
     for i in range(30):  # every generation loses a job
         limit.lost(admitted=0.011 + i * 0.01, now=0.012 + i * 0.01)
-    assert limit.value == 1.0 and limit.allows(0) and not limit.allows(1)
+    assert limit.value == 1.0 and allows(limit.value, 0) and not allows(limit.value, 1)
     for _ in range(9):
         limit.passed()
     assert 4.0 < limit.value < 5.0  # +1, +1/2, +1/3, ...: about sqrt(2 n)

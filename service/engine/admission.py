@@ -5,9 +5,9 @@ A request is refused at once (503 `overloaded`, or 504 when its deadline has pas
 engine is stopping or full, when its deadline has passed or exit 1 cannot be reached even with
 nothing queued, when as many admitted jobs wait for exit 1 as the in-flight limit allows (learnt
 from whether they made it, service/engine/limit.py; never on an idle engine), or when the work
-queued ahead of it would make it miss exit 1. The check before
-decoding (`precheck`) makes the same decision without admitting anything, so that under overload
-a request is refused before the server spends time decoding it.
+queued ahead of it would make it miss exit 1. The check before decoding (`precheck`) makes the
+same decision without admitting anything, so that under overload a request is refused before the
+server spends time decoding it.
 
 With several request processes the check before decoding runs in a request process, from the
 `Forecast` the engine process publishes after every step (service/workers/ipc.py): the same
@@ -139,7 +139,7 @@ class Admission:
             if isinstance(error, QueueFull):
                 error.retry_after_s = s.backlog_s(now)
             raise error
-        if not (s.idle() or s.limit.allows(s.in_flight)):
+        if not (s.idle() or allows(s.limit.value, s.in_flight)):
             raise at_limit(s.in_flight, s.backlog_s(now))
         priority = s.priority(options)
         can_degrade = b.enabled and b.max_exit > b.floor

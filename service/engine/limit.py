@@ -22,8 +22,8 @@ CUT = 0.75  # a lost job's cut: the limit halves in between two and three genera
 
 
 def allows(limit: float, in_flight: int) -> bool:
-    """Whether a limit of `limit` admits one more job with `in_flight` already waiting for exit 1 (a
-    request process judges by a published limit, service/engine/admission.py)."""
+    """Whether a limit of `limit` admits one more job with `in_flight` already waiting for exit 1 (the
+    engine's own limit, or the one an engine process published to its request processes)."""
     return in_flight < max(1, int(limit))
 
 
@@ -34,10 +34,6 @@ class InflightLimit:
         self.ceiling = float(max(ceiling, 1))
         self.value = self.ceiling
         self._cut_at = -float("inf")  # when the limit was last cut
-
-    def allows(self, in_flight: int) -> bool:
-        """Whether one more job may be admitted with `in_flight` already waiting for exit 1."""
-        return allows(self.value, in_flight)
 
     def passed(self) -> None:
         """A job passed exit 1 by its deadline."""
