@@ -122,9 +122,7 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> None:
         """Capture CUDA graphs, warm up (so the first request pays no one-off costs) and start the worker."""
-        shape = (self.input.channels, self.input.size, self.input.size)
-        if isinstance(self.runner, CudaGraphRunner):
-            self.runner.capture(shape)
+        self._capture()
         if warmup:
             self.warmup()
         nice = self.config.worker_nice if self.device.type == "cpu" else 0
@@ -132,9 +130,15 @@ class Engine:
         self._thread = threading.Thread(target=self.worker.loop, args=(nice,), name=name, daemon=True)
         self._thread.start()
 
+    def _capture(self) -> None:
+        """The CUDA graphs, once: the worker and the in-process `run` both replay them."""
+        if isinstance(self.runner, CudaGraphRunner) and not self.runner.graphs:
+            self.runner.capture((self.input.channels, self.input.size, self.input.size))
+
     def warmup(self, rounds: int = WARMUP_ROUNDS) -> None:
         """Run every stage at batch 1 and at the largest batch, then measure each stage's time there,
         so that deadline predictions start from this machine's figures."""
+        self._capture()
         shape = (self.input.channels, self.input.size, self.input.size)
         sizes = sorted({self.runner.bucket(1), self.runner.bucket(self.max_batch)})
         self.runner.warmup(shape, sizes, rounds)
@@ -241,6 +245,7 @@ class Engine:
     def run(self, jobs: list[Job]) -> list[Outcome]:
         """Serve `jobs` in the calling thread through the same scheduler and runner (no queue thread, no
         futures): the in-process path of the benchmarks."""
+        self._capture()
         outcomes: dict[int, Outcome] = {}
 
         def deliver(settled: list[tuple[Job, Outcome]]) -> None:
