@@ -125,7 +125,8 @@ class ServerProcess(LocalProcess):
     ) -> None:
         port = free_port()
         env = {
-            "PYTHONPATH": str(ROOT),
+            # The project first; an inherited path stays (packages installed beside the interpreter's).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "ANYTIME_MODEL_STORE": str(store),
             "ANYTIME_MODEL_NAME": name,
             "ANYTIME_HOST": "127.0.0.1",
