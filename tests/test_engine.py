@@ -257,11 +257,12 @@ def test_the_check_before_decoding_refuses_what_admission_would_and_lets_a_brown
     assert engines["degrade"].brownout.level == 1
 
 
-def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("turns", [True, False], ids=["turns", "free-worker"])
+def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(tmp_path: Path, turns: bool) -> None:
     """An overload left stage 1's estimate at 20x its warm-up figure and the learnt slowdown at 10x: an idle
     engine still admits a request whose exit 1 fits by the warm-up figure (before, it refused every such
     request until the estimates went stale: the livelock after an overload), and its run measures afresh."""
-    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[5] * 4)
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[5] * 4, turns=turns)
     for _ in range(30):
         for bs in (1, 8, 32):
             engine.times.observe(0, bs, 0.100)
@@ -278,11 +279,12 @@ def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(t
     assert engine.times.predict(0, 1) < 0.1  # the run was measured
 
 
-def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("turns", [True, False], ids=["turns", "free-worker"])
+def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path, turns: bool) -> None:
     """Stages take 4 ms, one row per run (about 60 jobs/s to full depth): a burst of 600 requests with 40 ms
     deadlines in 0.3 s is mostly refused; then one request every 60 ms: every one of them after the first
-    2 s is answered in time."""
-    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[4] * 4)
+    2 s is answered in time. With turns, the loop that submits hands the worker its steps (one process on a CPU)."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[4] * 4, turns=turns)
 
     async def scenario() -> tuple[list, list]:
         burst = []
