@@ -32,7 +32,7 @@ from service.engine.runner import CudaGraphRunner, EagerRunner, default_buckets
 from service.engine.scheduler import Chunk, Forecast, Scheduler
 from service.engine.shadow import ShadowChecks
 from service.engine.timing import StageTimes
-from service.engine.turns import Turns
+from service.engine.turns import WAIT_S, Turns
 from service.engine.worker import Worker
 from service.metrics import ModelMetrics
 from service.options import InferenceOptions
@@ -132,7 +132,8 @@ class Engine:
             self.warmup()
         name = f"anytime-worker-{self.device}"
         if self.config.turns:
-            self._turns = Turns(self.worker, self._idle, name)
+            self._turns = Turns(self.worker, self._idle, self._gap, name)
+            self.scheduler.run_budget_s = WAIT_S  # a run fits the loop's wait for it
             self._turns.start()
             return
         self._thread = threading.Thread(target=self.worker.loop, name=name, daemon=True)
@@ -213,6 +214,11 @@ class Engine:
         if self._turns is not None:
             self._turns.kick(loop)
         return job.future
+
+    def _gap(self, seconds: float) -> None:
+        """On the event loop (`Turns`): its own time between two steps back to back."""
+        with self._cond:
+            self.scheduler.observe_gap(seconds)
 
     def _idle(self) -> bool:
         """On the event loop, nothing to do (`Turns`): the brownout hears a calm moment; whether to look

@@ -6,7 +6,8 @@ preempts the stage in progress, a stage takes several times its figure, and work
 is lost at its deadline, while the loop reads more (receive livelock: Mogul & Ramakrishnan, 1997). Giving
 the worker a lower priority, so that the loop refuses first, hands the worker's core to any neighbour on a
 shared node instead. So the loop drives the worker: after the callbacks ready now, it hands the worker one
-step (a stage for the next batch, or one stage of a shadow check) and waits for it, up to `WAIT_S`.
+step (a stage for the next batch, or one stage of a shadow check) and waits for it, up to `WAIT_S`; a run
+takes no more rows than its stage is predicted to run in that time (`Scheduler.batch`).
 
 - A step done by then is settled on the loop at once: its requests' tasks wake before the next step, and
   the loop's own work and the stage never compete for the core.
@@ -14,8 +15,8 @@ step (a stage for the next batch, or one stage of a shadow check) and waits for 
   while the loop answers what is due (the answer from an exit at the deadline) and reads and refuses what
   has come; its answers reach the loop through its queue when it ends.
 
-So the loop reads the socket at least every `WAIT_S` whatever a stage costs, and the worker's turn comes at
-least once per turn of the loop whatever the loop reads. Runs on the event loop (`kick`, `_turn`,
+So the loop reads the socket at least every `WAIT_S` whatever a stage costs, and the worker's turn comes once
+per turn of the loop whatever the loop reads. Runs on the event loop (`kick`, `_turn`,
 `_finish`) and on the worker thread (`_serve`).
 """
 
@@ -25,6 +26,7 @@ import asyncio
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -49,9 +51,11 @@ class Turn(enum.Enum):
 class Turns:
     """Hands the worker one step at a time from an event loop and settles its answers there."""
 
-    def __init__(self, worker: Worker, on_idle: Callable[[], bool], name: str) -> None:
+    def __init__(self, worker: Worker, on_idle: Callable[[], bool], on_gap: Callable[[float], None], name: str) -> None:
         self.worker = worker
         self.on_idle = on_idle  # on the loop, nothing to do: whether to look again later (a brownout holds)
+        self.on_gap = on_gap  # the loop's own time between two steps back to back
+        self._stepped: float | None = None  # when the last step ended, if another was asked for at once
         self._lock = threading.Lock()
         self._ask = threading.Event()  # the loop asks for a step
         self._done = threading.Event()  # the step the loop waits for is done
@@ -90,6 +94,9 @@ class Turns:
         self._handle = None
         if self._running or self.worker.stop.is_set():
             return
+        if self._stepped is not None:
+            self.on_gap(time.monotonic() - self._stepped)
+            self._stepped = None
         with self._lock:
             self._running = self._waiting = True
             self._done.clear()
@@ -110,6 +117,7 @@ class Turns:
         loop = self._loop
         assert loop is not None
         if result is Turn.STEPPED:
+            self._stepped = time.monotonic()
             self.kick(loop)
         elif result is Turn.FILLING:
             self.kick(loop, FILL_POLL_S)
