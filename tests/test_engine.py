@@ -305,3 +305,28 @@ def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_pa
     assert sum(not isinstance(o, Answer) for o in burst) > len(burst) / 2  # the burst was an overload
     late = [(round(t, 2), o) for t, o, in_time in after if t >= 2.0 and not (isinstance(o, Answer) and in_time)]
     assert not late, late
+
+
+def test_with_turns_a_job_admitted_while_a_step_found_nothing_still_runs(tmp_path: Path) -> None:
+    """Turns: a job admitted while the worker's step, which found nothing to do, is still finishing (its
+    `submit` cannot ask for a turn then) is run when that step ends, not left until the next request."""
+    engine = _engine(tmp_path, turns=True)
+    step = engine.worker.step
+
+    def slow_when_empty(deliver):  # a step that plans nothing and takes a while to say so
+        did = step(deliver)
+        if not did:
+            time.sleep(0.02)
+        return did
+
+    engine.worker.step = slow_when_empty
+
+    async def scenario() -> object:
+        engine.shadow.queue.clear()
+        engine._turns.kick(asyncio.get_running_loop())  # an empty turn: the worker sleeps in it
+        await asyncio.sleep(0.005)  # the loop stopped waiting for it after 2 ms
+        return (await asyncio.wait_for(_submit_all(engine, [_job(deadline_ms=500)]), timeout=2.0))[0]
+
+    outcome = asyncio.run(scenario())  # before: TimeoutError, the job never ran
+    engine.stop(1.0)
+    assert isinstance(outcome, Answer), outcome

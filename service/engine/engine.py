@@ -5,7 +5,8 @@ the brownout (admission.py), the worker loop (worker.py), a stage runner (runner
 (timing.py), answers (answers.py) and the drift guard's shadow checks. It lives in the process
 that owns the device: the server's own with one request process, the engine process with several.
 `submit` and `precheck` run on the event loop (one process) or a link's reader thread (engine
-process); `start`, `stop` on the thread that manages the registry; the worker on its own thread.
+process); `start`, `stop` on the thread that manages the registry; the worker on its own thread, on its
+own (engine process, GPU) or one step at a time when the event loop asks (one process on a CPU: turns.py).
 """
 
 from __future__ import annotations

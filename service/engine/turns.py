@@ -16,8 +16,8 @@ takes no more rows than its stage is predicted to run in that time (`Scheduler.b
   has come; its answers reach the loop through its queue when it ends.
 
 So the loop reads the socket at least every `WAIT_S` whatever a stage costs, and the worker's turn comes once
-per turn of the loop whatever the loop reads. Runs on the event loop (`kick`, `_turn`,
-`_finish`) and on the worker thread (`_serve`).
+per turn of the loop whatever the loop reads. Runs on the event loop (`kick`, `_turn`, `_finish`) and on
+the worker thread (`_serve`).
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ class Turns:
             self.kick(loop)
         elif result is Turn.FILLING:
             self.kick(loop, FILL_POLL_S)
+        elif self.worker.scheduler.queued:  # admitted while the step found nothing: `submit`'s kick waited
+            self.kick(loop)
         elif self.on_idle():
             self.kick(loop, IDLE_POLL_S)
 
