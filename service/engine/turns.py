@@ -6,8 +6,9 @@ preempts the stage in progress, a stage takes several times its figure, and work
 is lost at its deadline, while the loop reads more (receive livelock: Mogul & Ramakrishnan, 1997). Giving
 the worker a lower priority, so that the loop refuses first, hands the worker's core to any neighbour on a
 shared node instead. So the loop drives the worker: after the callbacks ready now, it hands the worker one
-step (a stage for the next batch, or one stage of a shadow check) and waits for it, up to `WAIT_S`; a run
-takes no more rows than its stage is predicted to run in that time (`Scheduler.batch`).
+turn (runs of a stage, one after another while they fit `WAIT_S`, or one stage of a shadow check) and waits
+for it, up to `WAIT_S`; a run takes no more rows than its stage is predicted to run in that time
+(`Scheduler.batch`).
 
 - A step done by then is settled on the loop at once: its requests' tasks wake before the next step, and
   the loop's own work and the stage never compete for the core.
@@ -56,6 +57,7 @@ class Turns:
         self.on_idle = on_idle  # on the loop, nothing to do: whether to look again later (a brownout holds)
         self.on_gap = on_gap  # the loop's own time between two steps back to back
         self._stepped: float | None = None  # when the last step ended, if another was asked for at once
+        self.runs = 0  # runs in the last turn
         self._lock = threading.Lock()
         self._ask = threading.Event()  # the loop asks for a step
         self._done = threading.Event()  # the step the loop waits for is done
@@ -95,7 +97,7 @@ class Turns:
         if self._running or self.worker.stop.is_set():
             return
         if self._stepped is not None:
-            self.on_gap(time.monotonic() - self._stepped)
+            self.on_gap((time.monotonic() - self._stepped) / max(self.runs, 1))  # per run of the last turn
             self._stepped = None
         with self._lock:
             self._running = self._waiting = True
@@ -152,8 +154,18 @@ class Turns:
                     return
 
     def _step(self) -> Turn:
+        """Steps until the turn's `WAIT_S` would be over by the next (taken as long as the last one): one
+        turn of the loop can carry a request through several short stages."""
         try:
-            if self.worker.step(self._collect):
+            start = time.monotonic()
+            runs = 0
+            while self.worker.step(self._collect):
+                runs += 1
+                now = time.monotonic()
+                if now + (now - start) / runs > start + WAIT_S or self.worker.stop.is_set():
+                    break
+            self.runs = runs
+            if runs:
                 return Turn.STEPPED
             if self.worker.waiting_to_fill():
                 return Turn.FILLING
