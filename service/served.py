@@ -29,11 +29,11 @@ from service.options import InferenceOptions
 from service.schemas import Brownout, ModelView
 
 
-def engine_config(settings: ServiceSettings, device: torch.device, engine_process: bool = False) -> EngineConfig:
-    """The engine's part of the server's settings. In the server's one process on a CPU the event loop hands
-    the worker its steps (`EngineConfig.turns`); an engine process, or a GPU, has a free-running worker."""
+def engine_config(settings: ServiceSettings, engine_process: bool = False) -> EngineConfig:
+    """The engine's part of the server's settings. In a single process the worker thread yields the CPU to
+    the event loop (nice 10); in the engine process of several request processes it has the CPU to itself."""
     return EngineConfig(
-        turns=device.type == "cpu" and not engine_process,
+        worker_nice=0 if engine_process else WORKER_NICE,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
@@ -47,6 +47,9 @@ def engine_config(settings: ServiceSettings, device: torch.device, engine_proces
         default_priority=settings.default_priority,
         priority_step_ms=settings.priority_step_ms,
     )
+
+
+WORKER_NICE = 10
 
 
 class EngineClient(Protocol):
@@ -180,7 +183,7 @@ class ServedModel(Served):
         """Build the engine, capture its graphs and warm it up (when the settings say so), start its worker."""
         m = artifact.manifest
         bound = metrics.for_model(m.name, m.version, str(device))
-        engine = Engine(artifact, device, bound, engine_config(settings, device, engine_process))
+        engine = Engine(artifact, device, bound, engine_config(settings, engine_process))
         engine.start(warmup=settings.warmup)
         return cls(artifact, engine, settings, bound)
 

@@ -257,12 +257,11 @@ def test_the_check_before_decoding_refuses_what_admission_would_and_lets_a_brown
     assert engines["degrade"].brownout.level == 1
 
 
-@pytest.mark.parametrize("turns", [True, False], ids=["turns", "free-worker"])
-def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(tmp_path: Path, turns: bool) -> None:
+def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(tmp_path: Path) -> None:
     """An overload left stage 1's estimate at 20x its warm-up figure and the learnt slowdown at 10x: an idle
     engine still admits a request whose exit 1 fits by the warm-up figure (before, it refused every such
     request until the estimates went stale: the livelock after an overload), and its run measures afresh."""
-    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[5] * 4, turns=turns)
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[5] * 4)
     for _ in range(30):
         for bs in (1, 8, 32):
             engine.times.observe(0, bs, 0.100)
@@ -279,12 +278,11 @@ def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(t
     assert engine.times.predict(0, 1) < 0.1  # the run was measured
 
 
-@pytest.mark.parametrize("turns", [True, False], ids=["turns", "free-worker"])
-def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path, turns: bool) -> None:
+def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path) -> None:
     """Stages take 4 ms, one row per run (about 60 jobs/s to full depth): a burst of 600 requests with 40 ms
     deadlines in 0.3 s is mostly refused; then one request every 60 ms: every one of them after the first
-    2 s is answered in time. With turns, the loop that submits hands the worker its steps (one process on a CPU)."""
-    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[4] * 4, turns=turns)
+    2 s is answered in time."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[4] * 4)
 
     async def scenario() -> tuple[list, list]:
         burst = []
@@ -305,28 +303,3 @@ def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_pa
     assert sum(not isinstance(o, Answer) for o in burst) > len(burst) / 2  # the burst was an overload
     late = [(round(t, 2), o) for t, o, in_time in after if t >= 2.0 and not (isinstance(o, Answer) and in_time)]
     assert not late, late
-
-
-def test_with_turns_a_job_admitted_while_a_step_found_nothing_still_runs(tmp_path: Path) -> None:
-    """Turns: a job admitted while the worker's step, which found nothing to do, is still finishing (its
-    `submit` cannot ask for a turn then) is run when that step ends, not left until the next request."""
-    engine = _engine(tmp_path, turns=True)
-    step = engine.worker.step
-
-    def slow_when_empty(deliver):  # a step that plans nothing and takes a while to say so
-        did = step(deliver)
-        if not did:
-            time.sleep(0.02)
-        return did
-
-    engine.worker.step = slow_when_empty
-
-    async def scenario() -> object:
-        engine.shadow.queue.clear()
-        engine._turns.kick(asyncio.get_running_loop())  # an empty turn: the worker sleeps in it
-        await asyncio.sleep(0.005)  # the loop stopped waiting for it after 2 ms
-        return (await asyncio.wait_for(_submit_all(engine, [_job(deadline_ms=500)]), timeout=2.0))[0]
-
-    outcome = asyncio.run(scenario())  # before: TimeoutError, the job never ran
-    engine.stop(1.0)
-    assert isinstance(outcome, Answer), outcome

@@ -307,35 +307,3 @@ def test_a_brownout_degrades_the_default_level_and_spares_a_higher_one() -> None
     s.waiting[2] = [_chunk(3, [high, default])]
     admission.brownout_changed()
     assert [j for c in cut for j in c.jobs] == [default] and s.waiting[2][0].jobs == [high]
-
-
-def test_with_a_run_budget_a_run_takes_the_rows_that_fit_it_and_predictions_count_such_runs() -> None:
-    """Turns (one process on a CPU): the event loop waits 2 ms for a run, so a run of stage 1 takes the most
-    rows whose predicted time fits that; queue waits are predicted in runs of that size."""
-    times = StageTimes(1)
-    times.set(0, 1, 0.0005)
-    times.set(0, 32, 0.0045)  # interpolated: 12 rows in 1.92 ms, 13 in 2.05 ms
-    s = Scheduler(1, 32, times, lambda n: n, 0.5, queue_size=100)
-    assert s.batch(0) == 32
-    s.run_budget_s = 0.002
-    assert s.batch(0) == 12
-    assert s.cost(0, 40) == pytest.approx(3 * times.predict(0, 12) + times.predict(0, 4))
-    for i in range(40):
-        s.add(_job(0.0, 0.1 + i * 1e-3))
-    batch = s.plan(0.0).batch
-    assert batch is not None and len(batch.jobs) == 12
-    s.run_budget_s = 1e-6  # shorter than any run: one row at a time, never none
-    assert s.batch(0) == 1
-
-
-def test_the_loops_time_between_runs_counts_in_every_run() -> None:
-    """Turns: what the event loop spends between two runs back to back (reading, admitting, answering) is
-    part of each run's cost, so admission's and planning's predictions include it; one measurement counts
-    at most twice the estimate."""
-    s = _scheduler(max_batch=4)
-    before = s.cost(0, 9)  # three runs
-    s.observe_gap(0.004)
-    assert s.gap_s == pytest.approx(0.0008)  # the first sample, smoothed from 0
-    assert s.cost(0, 9) == pytest.approx(before + 3 * s.gap_s)
-    s.observe_gap(1.0)  # a stall: counted as twice the estimate
-    assert s.gap_s == pytest.approx(0.0008 + 0.2 * (0.0016 - 0.0008))

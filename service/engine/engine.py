@@ -5,8 +5,7 @@ the brownout (admission.py), the worker loop (worker.py), a stage runner (runner
 (timing.py), answers (answers.py) and the drift guard's shadow checks. It lives in the process
 that owns the device: the server's own with one request process, the engine process with several.
 `submit` and `precheck` run on the event loop (one process) or a link's reader thread (engine
-process); `start`, `stop` on the thread that manages the registry; the worker on its own thread, on its
-own (engine process, GPU) or one step at a time when the event loop asks (one process on a CPU: turns.py).
+process); `start`, `stop` on the thread that manages the registry; the worker on its own thread.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from service.engine.runner import CudaGraphRunner, EagerRunner, default_buckets
 from service.engine.scheduler import Chunk, Forecast, Scheduler
 from service.engine.shadow import ShadowChecks
 from service.engine.timing import StageTimes
-from service.engine.turns import WAIT_S, Turns
 from service.engine.worker import Worker
 from service.metrics import ModelMetrics
 from service.options import InferenceOptions
@@ -60,9 +58,7 @@ class EngineConfig:
     brownout_floor_pp: float = 2.0
     default_priority: int = 1  # requests above this level (a smaller number) are the last a brownout degrades
     priority_step_ms: float = 0.0  # each level below the highest counts as this much less urgent
-    # The event loop that submits hands the worker one step at a time and waits for it (service/engine/
-    # turns.py), instead of a free-running worker thread: the server's one process on a CPU.
-    turns: bool = False
+    worker_nice: int = 0  # CPU: the worker thread's nice value (it shares the cores with the event loop)
 
 
 class Engine:
@@ -121,23 +117,17 @@ class Engine:
             config.max_wait_ms / 1e3,
         )
         self._thread: threading.Thread | None = None
-        self._turns: Turns | None = None
         self._sinks: dict[asyncio.AbstractEventLoop, LoopSink] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> None:
-        """Capture CUDA graphs, warm up (so the first request pays no one-off costs) and start the worker
-        (with `turns`, it steps when the event loop that submits asks)."""
+        """Capture CUDA graphs, warm up (so the first request pays no one-off costs) and start the worker."""
         self._capture()
         if warmup:
             self.warmup()
+        nice = self.config.worker_nice if self.device.type == "cpu" else 0
         name = f"anytime-worker-{self.device}"
-        if self.config.turns:
-            self._turns = Turns(self.worker, self._idle, self._gap, name)
-            self.scheduler.run_budget_s = WAIT_S  # a run fits the loop's wait for it
-            self._turns.start()
-            return
-        self._thread = threading.Thread(target=self.worker.loop, name=name, daemon=True)
+        self._thread = threading.Thread(target=self.worker.loop, args=(nice,), name=name, daemon=True)
         self._thread.start()
 
     def _capture(self) -> None:
@@ -181,8 +171,6 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, end - time.monotonic()) + JOIN_SLACK_S)
-        if self._turns is not None:
-            self._turns.stop(timeout_s=max(0.0, end - time.monotonic()) + JOIN_SLACK_S)
         with self._cond:
             jobs, chunks = self.scheduler.drain()
         stopped = EngineStopped("the server is shutting down")
@@ -196,8 +184,6 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        if self._turns is not None:
-            return self._turns.alive
         return self._thread is not None and self._thread.is_alive()
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -212,21 +198,7 @@ class Engine:
             sink = self._sinks[loop] = LoopSink(loop)
         job.future = loop.create_future()
         self.submit_to(job, sink)
-        if self._turns is not None:
-            self._turns.kick(loop)
         return job.future
-
-    def _gap(self, seconds: float) -> None:
-        """On the event loop (`Turns`): its own time between two steps back to back."""
-        with self._cond:
-            self.scheduler.observe_gap(seconds)
-
-    def _idle(self) -> bool:
-        """On the event loop, nothing to do (`Turns`): the brownout hears a calm moment; whether to look
-        again later (while it holds, so that it recovers)."""
-        with self._cond:
-            self.admission.idle(time.monotonic())
-        return self.brownout.level > 0
 
     def submit_to(self, job: Job, sink: Sink) -> None:
         """Admit `job`, whose answer goes to `sink`; raises like `submit`."""
@@ -284,7 +256,7 @@ class Engine:
                 job.max_exit = job.options.max_exit
                 self.scheduler.add(job)
         while len(outcomes) < len(jobs):
-            if not (self.worker.step(deliver) or self.worker.waiting_to_fill(sleep=True)):
+            if not self.worker.step(deliver):
                 break
         return [outcomes.get(id(j), EngineStopped("not answered")) for j in jobs]
 

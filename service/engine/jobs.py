@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -129,17 +128,12 @@ class Sink(Protocol):
 
 
 class LoopSink:
-    """The sink of in-process jobs: completes their futures on `loop`, one call into it per stage (at once
-    when the caller is the loop's own thread: `Turns` settling a step)."""
+    """The sink of in-process jobs: completes their futures on `loop`, one call into it per stage."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.thread = threading.get_ident()  # built by `Engine.submit`, on the loop's thread
 
     def deliver(self, settled: list[tuple[Job, Outcome]]) -> None:
-        if threading.get_ident() == self.thread:
-            _apply(settled)  # the answers' tasks wake before the engine's next step (FIFO)
-            return
         try:
             self.loop.call_soon_threadsafe(_apply, settled)
         except RuntimeError:  # the loop is closed: nobody is waiting any more

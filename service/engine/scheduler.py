@@ -101,7 +101,7 @@ class Forecast:
     exit1_s: float  # stage 1 and its exit for one row
     busy_until: float  # predicted end of the run in progress
     deep_s: float  # one run of a deeper stage when rows wait there, else 0
-    batch_cost_s: np.ndarray  # [n]: seconds to run n rows of stage 1 (n < its batch), overhead included
+    batch_cost_s: np.ndarray  # [n]: seconds to run n rows of stage 1 (n < max_batch), overhead included
     full_batch_s: float  # seconds of one full stage-1 batch, overhead included
     priorities: np.ndarray  # stage 1's queue, sorted
     aging_s: float  # a request's place in the queues is `queue_priority` with these two
@@ -164,8 +164,6 @@ class Scheduler:
         self.waiting: list[list[Chunk]] = [[] for _ in range(num_stages)]  # index 0 unused
         self.busy_until = 0.0  # predicted end of the run in progress
         self.overhead_s = 0.0  # the worker's own time per run (planning, deciding, answering), smoothed
-        self.gap_s = 0.0  # with turns, the event loop's own time between two runs back to back, smoothed
-        self.run_budget_s: float | None = None  # with turns: a run takes no more rows than fit this (`batch`)
         self.slowdown = Slowdown()  # how much longer than predicted admitted jobs wait for exit 1
         self.limit = InflightLimit(queue_size)  # how many admitted jobs may wait for exit 1 at once
         self.in_flight = 0  # admitted jobs waiting for exit 1 (queued for stage 1, or in its run)
@@ -193,33 +191,10 @@ class Scheduler:
         """Predicted seconds to run `rows` rows through stage `stage` in full batches."""
         if rows <= 0:
             return 0.0
-        b = self.batch(stage)
-        full, rest = divmod(rows, b)
-        t = full * self.times.predict(stage, self.bucket(b))
+        full, rest = divmod(rows, self.max_batch)
+        t = full * self.times.predict(stage, self.bucket(self.max_batch))
         t += self.times.predict(stage, self.bucket(rest)) if rest else 0.0
-        return t + (full + (rest > 0)) * self.per_run_s
-
-    def batch(self, stage: int) -> int:
-        """The most rows a run of `stage` takes: `max_batch`, or with a run budget (turns) the most whose
-        predicted run fits it, at least one. The event loop waits that long for a run (service/engine/
-        turns.py): a longer one leaves its answers waiting behind the loop's own work, and on a CPU a row
-        costs about the same in any batch above a few (bundled model, stage 1, 1 thread: 0.13 ms a row at
-        8, 0.12 at 32, a run of 32 3.7 ms)."""
-        if self.run_budget_s is None:
-            return self.max_batch
-        lo, hi = 1, self.max_batch
-        while lo < hi:  # predictions never fall as rows grow
-            mid = (lo + hi + 1) // 2
-            if self.times.predict(stage, self.bucket(mid)) <= self.run_budget_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    @property
-    def per_run_s(self) -> float:
-        """What a run costs besides its stage: the worker's own time and, with turns, the loop's between runs."""
-        return self.overhead_s + self.gap_s
+        return t + (full + (rest > 0)) * self.overhead_s
 
     def observe_overhead(self, seconds: float) -> None:
         """One run's CPU time outside the stage itself (the worker's Python around it). One measurement
@@ -228,17 +203,6 @@ class Scheduler:
         if self.overhead_s > 0:
             seconds = min(seconds, 2 * self.overhead_s)
         self.overhead_s += 0.2 * (seconds - self.overhead_s)
-
-    def observe_gap(self, seconds: float) -> None:
-        """With turns (service/engine/turns.py): the event loop's time between the end of one run and the
-        start of the next, with work waiting (reading, admitting and answering requests). Under load every
-        run costs that much more on the one core, and the loop's share grows with the requests it reads;
-        counted in each run's cost, it is in every prediction: admission's, planning's, the forecast's.
-        One measurement counts as at most twice the estimate, as for the stages."""
-        seconds = max(0.0, seconds)
-        if self.gap_s > 0:
-            seconds = min(seconds, 2 * self.gap_s)
-        self.gap_s += 0.2 * (seconds - self.gap_s)
 
     # -- admission ---------------------------------------------------------------------------
     def exit1_wait(self, priority: float, now: float, deep: bool = True) -> float:
@@ -255,7 +219,7 @@ class Scheduler:
 
     def _run_s(self, k: int, rows: int) -> float:
         """Predicted seconds of one run of stage `k` for the first batch of `rows` waiting rows."""
-        return self.times.predict(k, self.bucket(min(rows, self.batch(k))))
+        return self.times.predict(k, self.bucket(min(rows, self.max_batch)))
 
     def exit1_forecast(self, priority: float, now: float, deep: bool = True) -> tuple[float, float]:
         """(its wait by the stage times, `exit1_eta`) for such a job: admission queues it with the first
@@ -296,8 +260,8 @@ class Scheduler:
             exit1_s=self.exit1_alone(),
             busy_until=self.busy_until,
             deep_s=max((self._run_s(k + 1, n) for k, n in enumerate(deeper) if n), default=0.0),
-            batch_cost_s=np.array([self.cost(0, n) for n in range(self.batch(0))]),
-            full_batch_s=self.cost(0, self.batch(0)),
+            batch_cost_s=np.array([self.cost(0, n) for n in range(self.max_batch)]),
+            full_batch_s=self.cost(0, self.max_batch),
             priorities=np.array([p for p, _, _ in self._new]),
             aging_s=self.aging_s,
             priority_step_s=self.priority_step_s,
@@ -414,10 +378,8 @@ class Scheduler:
         return min(float(c.priorities.min()) for c in self.waiting[k])
 
     def window(self) -> float:
-        """How long one run may delay anything else: the longest stage at a full batch, and what a run
-        costs besides."""
-        longest = max(self.times.predict(k, self.bucket(self.batch(k))) for k in range(self.num_stages))
-        return longest + self.per_run_s
+        """How long one run may delay anything else: the longest stage at a full batch."""
+        return max(self.times.predict(k, self.bucket(self.max_batch)) for k in range(self.num_stages))
 
     def _slack(self, k: int, now: float) -> float:
         return self._head(k) - now - self._run_s(k, self.waiting_rows(k))
@@ -425,8 +387,8 @@ class Scheduler:
     def _new_slack(self, now: float, batches: int = URGENCY_BATCHES) -> float:
         """How long stage 1's queue can wait before one of its first `batches` batches, run back to back,
         ends past a job's deadline."""
-        b = self.batch(0)
-        t = self.times.predict(0, self.bucket(b)) + self.per_run_s
+        b = self.max_batch
+        t = self.times.predict(0, self.bucket(b)) + self.overhead_s
         slack = math.inf
         for j in range(min(batches, -(-len(self._new) // b))):
             due = min(job.deadline for _, _, job in self._new[j * b : (j + 1) * b])
@@ -447,7 +409,7 @@ class Scheduler:
             if self._slack(urgent, now) <= window:
                 return urgent
         for k in range(self.num_stages - 1, 0, -1):
-            if rows[k] >= self.batch(k):
+            if rows[k] >= self.max_batch:
                 return k
         if rows[0]:
             return 0
@@ -455,16 +417,15 @@ class Scheduler:
 
     def _wait_to_fill(self, now: float) -> bool:
         """Whether to wait for more new jobs before running stage 1 (ANYTIME_MAX_WAIT_MS)."""
-        if self.max_wait_s <= 0 or len(self._new) >= self.batch(0):
+        if self.max_wait_s <= 0 or len(self._new) >= self.max_batch:
             return False
         oldest = min(j.options.received for _, _, j in self._new)
         return now - oldest < self.max_wait_s
 
     def _take(self, k: int, now: float) -> Batch:
         if k == 0:
-            b = self.batch(0)
-            taken = self._new[:b]
-            del self._new[:b]
+            taken = self._new[: self.max_batch]
+            del self._new[: self.max_batch]
             # Jobs already answered (at their deadline, by the event loop) or whose client left are not run.
             live: list[Job] = []
             answered: list[Job] = []
@@ -474,7 +435,7 @@ class Scheduler:
             self.waited(answered, now)
             return Batch(0, live)
         chunks = sorted(self.waiting[k], key=lambda c: float(c.priorities.min()))
-        need, chosen, left = self.batch(k), [], []
+        need, chosen, left = self.max_batch, [], []
         for chunk in chunks:
             if need == 0:
                 left.append(chunk)

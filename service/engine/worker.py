@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -85,15 +86,17 @@ class Worker:
         self._stage_hist = [metrics.stage(k) for k in range(self.num_exits)]
         self._stage_rows = [metrics.stage_rows(k) for k in range(self.num_exits)]
 
-    def loop(self) -> None:
+    def loop(self, nice: int) -> None:
         """The worker thread's body, until `stop` is set."""
         torch.set_grad_enabled(False)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         while not self.stop.is_set():
             try:
-                if self.step(settle) or self.waiting_to_fill(sleep=True):
+                if self.step(settle):
                     continue
                 if self.shadow.pending:
-                    self.shadow_step()
+                    self._shadow_step()
                     continue
                 with self._cond:
                     if self.scheduler.queued == 0 and not self.stop.is_set():
@@ -123,7 +126,7 @@ class Worker:
         for chunk in plan.late:
             deliver(answer_chunk(chunk, DEADLINE, now))
         if batch is None:
-            return bool(plan.unreachable or plan.late)
+            return bool(plan.unreachable or plan.late) or self._waiting_to_fill()
         own_s = None
         try:
             own_s = planned + self._run(batch, deliver)
@@ -141,12 +144,9 @@ class Worker:
                     self.scheduler.waited(batch.jobs, time.monotonic(), ran=own_s is not None)
         return True
 
-    def waiting_to_fill(self, sleep: bool = False) -> bool:
-        """Whether stage 1 holds rows back to fill a batch (ANYTIME_MAX_WAIT_MS); `sleep`: poll once first
-        (a free-running worker; `Turns` schedules its next look on the loop instead)."""
+    def _waiting_to_fill(self) -> bool:
         if self.scheduler.waiting_rows(0) and self.max_wait_s > 0:
-            if sleep:
-                time.sleep(min(self.max_wait_s, FILL_SLEEP_S))
+            time.sleep(min(self.max_wait_s, FILL_SLEEP_S))
             return True
         return False
 
@@ -252,10 +252,9 @@ class Worker:
                 return
         settle(answer_chunk(late, MAX_EXIT, time.monotonic()))
 
-    def shadow_step(self) -> None:
-        """One stage of one shadow check (when nothing is queued)."""
+    def _shadow_step(self) -> None:
         try:
-            with torch.inference_mode(), self.runner.autocast():
+            with self.runner.autocast():
                 self.shadow.step()
         except Exception:  # a failing check must not take the worker down
             log.exception("shadow check failed")
