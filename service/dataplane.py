@@ -116,6 +116,7 @@ class DataPlane:
     def become_ready(self) -> None:
         """Warm-up done: readiness turns on (and the engine process hears it, with several request processes)."""
         freeze_heap()
+        self.lag.forget()  # the warm-up and the freeze stalled the loop; no request waited for them
         if self.state < Lifecycle.READY:
             self.state = Lifecycle.READY
         self.registry.report_ready()

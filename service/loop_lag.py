@@ -35,6 +35,7 @@ class LoopLag:
         self._last: float | None = None  # the last wake-up (None: not measuring)
         self._asked = 0.0  # when a request last asked
         self._wanted = asyncio.Event()
+        self._epoch = 0  # counts `forget` calls: a wake-up whose sleep began before one is not a sample
 
     async def run(self) -> None:
         """Measure until cancelled (a task of the app's lifespan), while requests come."""
@@ -44,12 +45,21 @@ class LoopLag:
                 self._idle()
                 await self._wanted.wait()  # an idle loop keeps time: nothing to measure
                 self._last = time.monotonic()
-            start = time.monotonic()
+            start, epoch = time.monotonic(), self._epoch
             await asyncio.sleep(self.period_s)
+            if epoch != self._epoch:
+                continue  # forgotten while it slept
             self.sample(time.monotonic(), start + self.period_s)
             if self.report is not None and self._last - reported >= self.window_s:
                 self.report(self._lag())
                 reported = self._last
+
+    def forget(self) -> None:
+        """Drop what was measured, including the wake-up in progress: the server's own blocking steps
+        before it is ready (the heap freeze, the warm-up over the socket) are no request's wait, and a
+        stall of 170 ms kept in the window counted every request of the next 50 ms as out of time."""
+        self._epoch += 1
+        self._idle()
 
     def _idle(self) -> None:
         self._samples.clear()

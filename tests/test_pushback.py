@@ -116,6 +116,26 @@ def test_the_lag_timer_runs_only_while_requests_come() -> None:
     assert idle == 0 and busy >= 3 and now < 0.05
 
 
+def test_forgetting_drops_the_stall_in_progress() -> None:
+    """Readiness forgets the start-up's stalls, including the one the timer is sleeping through."""
+
+    async def scenario() -> tuple[float, float]:
+        lag = LoopLag(period_s=0.002, window_s=0.05)
+        task = asyncio.create_task(lag.run())
+        lag.current()
+        await asyncio.sleep(0.01)
+        time.sleep(0.1)  # the heap freeze: the loop stalls while the timer sleeps
+        lag.forget()
+        forgotten = lag.current()
+        await asyncio.sleep(0.01)  # the timer wakes 100 ms late, but from before the forgetting
+        after = lag.current()
+        task.cancel()
+        return forgotten, after
+
+    forgotten, after = asyncio.run(scenario())
+    assert forgotten == 0.0 and after < 0.02, (forgotten, after)
+
+
 def test_a_client_resending_at_once_gets_held_refusals_between_attempts(tmp_path: Path, workers: int) -> None:
     # Exit 1 takes 25 ms: a 5 ms budget is refused at once (504) before decoding. "At once" is 50 ms
     # here so that the test's own client, slow on a loaded machine, counts as resending at once.
