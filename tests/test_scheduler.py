@@ -167,7 +167,7 @@ def test_the_answer_margin_learns_how_late_the_timer_fires_within_its_bounds() -
     margin = AnswerMargin()
     for late in rng.uniform(0.0, 2e-3, 4000):  # the loop wakes 0-2 ms after its timer
         margin.observe(float(late))
-    assert 1.7e-3 < margin.estimate_s < 2.1e-3  # about the 95th percentile: 1.9 ms
+    assert 1.85e-3 < margin.estimate_s < 2.1e-3  # about the 99th percentile: 1.98 ms
     for _ in range(1000):  # a stalled loop: held at the cap
         margin.observe(1.0)
     assert margin.estimate_s == pytest.approx(5e-3)

@@ -148,7 +148,7 @@ class AnswerMargin:
         initial_s: float = 3e-3,
         floor_s: float = 1e-3,
         cap_s: float = 5e-3,
-        quantile: float = 0.95,
+        quantile: float = 0.99,
         step_s: float = 0.1e-3,
     ) -> None:
         self.floor_s, self.cap_s, self.quantile, self.step_s = floor_s, cap_s, quantile, step_s
