@@ -19,7 +19,8 @@ which the machine's drift disturbs least.
    as they are and at half speed (a busy neighbour on the server's core); `slo.png`.
    And the two process models side by side (ANYTIME_WORKERS=1 and 2): saturation, CPU per
    request, one client's p50, Poisson at 80 % of saturation with 10 ms budgets.
-5. Peers at full depth (a plain FastAPI endpoint, TorchServe), for context.
+5. Peers at full depth (a plain FastAPI endpoint, TorchServe): p50, saturation, CPU per request, and
+   their SLO capacity at both deadlines (the rate with >= 99 % of 200s within D), as for Anytime.
 
 Results: `bench/results/summary.json` (with a `headline` object) and `summary.md`, and the table
 on stdout.
@@ -316,8 +317,12 @@ def realized(work: Path, bundled_artifact: Path, reps: int, seconds: float) -> d
     return results
 
 
-def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
-    """5: a plain FastAPI endpoint and TorchServe serving the bundled model at full depth."""
+def peers(
+    store: Path, images: list[Path], labels: list[int], seconds: float, deadlines: dict[str, float]
+) -> dict[str, Any]:
+    """5: a plain FastAPI endpoint and TorchServe serving the bundled model at full depth: one client's
+    p50, saturation, CPU per request, and the SLO capacity at each deadline of `slo` (the highest
+    Poisson rate with >= 99 % of requests a 200 within D on the client's clock, as for Anytime)."""
     artifact = resolve_artifact(store, "fashion-mnist")
     results: dict[str, Any] = {}
     port = free_port()
@@ -363,12 +368,17 @@ def peers(store: Path, images: list[Path], seconds: float) -> dict[str, Any]:
             sat, cpu = metered(
                 server, lambda u=url, p=paths: run_wrk(u, images, seconds, 16, paths=p, cpu=LOAD_CPU), counted=False
             )
+            capacity = {
+                name: slo.capacity(server, images, labels, seconds, d, 2 * sat.throughput, LOAD_CPU, path)["rps"]
+                for name, d in deadlines.items()
+            }
         finally:
             server.stop()
         results[label] = {
-            "p50_ms_one_client": single.p50_ms,
+            "p50_ms_one_client": single.p50_ms if single.requests else None,  # None: no answer in the window
             "throughput_rps": sat.throughput,
             "cpu_ms_per_request": cpu,
+            "slo_capacity_rps": capacity,
         }
     return results
 
@@ -458,17 +468,22 @@ def format_table(results: dict[str, Any]) -> str:
             f"{_cell(v['in_time'], '{:.1%}')} | {_cell(v['late'], '{:.0f}')} |"
         )
     if p:
+        d = results["slo"]["deadlines_ms"]
+        one = next((x for x in results["slo"]["runs"] if x["workers"] == 1 and not x["half_speed"]), None)
+        full_cap = " | ".join(f"{one['capacity'][k]['full']['rps']:.0f}" if one else "–" for k in d)
         lines += [
             "",
-            "| full depth, one run each | p50, one client (ms) | saturation (req/s) | CPU per request (ms) |",
-            "| --- | --- | --- | --- |",
+            "| full depth, one run each | p50, one client (ms) | saturation (req/s) | CPU per request (ms) | "
+            + " | ".join(f"SLO capacity {v:g} ms (req/s)" for v in d.values())
+            + " |",
+            "| --- | --- | --- | --- |" + " --- |" * len(d),
             f"| Anytime, threshold=1 | – | {sat['full']['throughput_rps']['median']:.0f} | "
-            f"{sat['full']['cpu_ms_per_request']['median']:.2f} |",
+            f"{sat['full']['cpu_ms_per_request']['median']:.2f} | {full_cap} |",
         ]
         for name, v in p.items():
-            lines.append(
-                f"| {name} | {v['p50_ms_one_client']:.2f} | {v['throughput_rps']:.0f} | {v['cpu_ms_per_request']:.2f} |"
-            )
+            caps = " | ".join(f"{v['slo_capacity_rps'][k]:.0f}" for k in d)
+            p50 = "–" if v["p50_ms_one_client"] is None else f"{v['p50_ms_one_client']:.2f}"
+            lines.append(f"| {name} | {p50} | {v['throughput_rps']:.0f} | {v['cpu_ms_per_request']:.2f} | {caps} |")
     return "\n".join(lines)
 
 
@@ -510,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         slo.plot(results["slo"], OUT / "slo.png")
         results["process_models"] = process_models(args.store, images, labels, max(1, args.reps // 2), args.seconds)
         results["realized"] = realized(work, resolve_artifact(args.store, "fashion-mnist"), args.reps, args.seconds)
-        results["peers"] = {} if args.no_peers else peers(args.store, images, args.seconds)
+        deadlines = results["slo"]["deadlines_ms"]
+        results["peers"] = {} if args.no_peers else peers(args.store, images, labels, args.seconds, deadlines)
     results["headline"] = headline(results["bundled"], results["realized"], results["slo"])
     results["machine"] = {
         "cpus": os.cpu_count(),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.wrk import DeadlineRun, run_deadlines
-from tools.processes import ServerProcess
+from tools.processes import LocalProcess, ServerProcess
 
 TARGET = 0.99  # the share of requests in time that defines the capacity
 STEPS = 6  # bisection steps per capacity
@@ -52,7 +52,7 @@ def neighbour(cpu: str, busy: bool) -> Iterator[None]:
             proc.wait()
 
 
-def _run(server: ServerProcess, images: list[Path], labels: list[int], seconds: float, rate: float, d: float,
+def _run(server: LocalProcess, images: list[Path], labels: list[int], seconds: float, rate: float, d: float,
          load_cpu: int, path: str = "/classify", connections: int | None = None
          ) -> tuple[DeadlineRun, float]:  # fmt: skip
     cpu, wall = server.cpu_seconds(), time.monotonic()
@@ -64,7 +64,7 @@ def in_time(run: DeadlineRun) -> float:
     return run.in_time / max(run.requests + run.socket_errors, 1)
 
 
-def capacity(server: ServerProcess, images: list[Path], labels: list[int], seconds: float, d: float, hi: float,
+def capacity(server: LocalProcess, images: list[Path], labels: list[int], seconds: float, d: float, hi: float,
              load_cpu: int, path: str = "/classify") -> dict[str, Any]:  # fmt: skip
     """Bisection for the highest Poisson rate with >= 99 % in time within D; `hi` should fail. Each step
     runs `STEP_REQUESTS / rate` seconds, at least `seconds` and at most `STEP_CAP_S`."""
