@@ -383,9 +383,10 @@ def peers(
     return results
 
 
-def headline(b: dict[str, Any], r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+def headline(b: dict[str, Any], r: dict[str, Any], s: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
     return {
         "slo": slo.headline(s),
+        "peers_slo_capacity_rps": {name: v["slo_capacity_rps"] for name, v in p.items()},
         "http_overhead_ratio": b["overhead"]["ratio"]["median"],
         "throughput_ratio_vs_full": b["throughput_ratio"]["median"],
         "cpu_per_request_ratio_vs_full": b["cpu_ratio"]["median"],
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         results["realized"] = realized(work, resolve_artifact(args.store, "fashion-mnist"), args.reps, args.seconds)
         deadlines = results["slo"]["deadlines_ms"]
         results["peers"] = {} if args.no_peers else peers(args.store, images, labels, args.seconds, deadlines)
-    results["headline"] = headline(results["bundled"], results["realized"], results["slo"])
+    results["headline"] = headline(results["bundled"], results["realized"], results["slo"], results["peers"])
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
