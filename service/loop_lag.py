@@ -41,8 +41,9 @@ class LoopLag:
         """Measure until cancelled (a task of the app's lifespan), while requests come."""
         reported = 0.0
         while True:
-            if self._last is None or time.monotonic() - self._asked > IDLE_S:
+            if self._last is not None and time.monotonic() - self._asked > IDLE_S:
                 self._idle()
+            if self._last is None:  # idle, or forgotten: a request asked since then has set `_wanted`
                 await self._wanted.wait()  # an idle loop keeps time: nothing to measure
                 self._last = time.monotonic()
             start, epoch = time.monotonic(), self._epoch
