@@ -54,12 +54,12 @@ def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_p
     assert ok, attempts
 
 
-def test_the_requests_right_after_ready_are_not_charged_for_the_start_up(tmp_path: Path) -> None:
+def test_the_requests_right_after_ready_are_not_charged_for_the_start_up(tmp_path: Path, workers: int) -> None:
     """Readiness comes after the warm-up over the socket and the heap freeze, which block the event loop
     for 50-200 ms; the loop's lag timer was running (the warm-up's requests asked for it), and counting
     that stall as every request's wait for the next 50 ms refused the first clients' requests as if their
     deadline had passed before they arrived (about 30 of the first 700 req/s, 2026-12-04)."""
-    srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path).wait_ready()
+    srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=tmp_path, workers=workers).wait_ready()
     try:
         refused = []
         with httpx.Client(base_url=srv.url, timeout=10) as client:
