@@ -80,7 +80,7 @@ class ServiceSettings(BaseSettings):
         ge=0,
         le=10_000,
         description="a connection that sends a refused request again at once, twice in a row, gets its next refusal "
-        "without an admission attempt, held this long; 0: off",
+        "without an admission attempt, held about this long (0.5-1.5x, drawn per hold); 0: off",
     )
     resend_at_once_ms: float = Field(
         5.0,

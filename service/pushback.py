@@ -5,9 +5,12 @@ moment they are refused (a retry loop without backoff, ignoring Retry-After) can
 busy refusing while admitted requests wait to be read and answered: goodput falls to nothing,
 however well admission predicts. A connection that sends a refused request again at once (within
 `at_once_s`, plus the loop's current lag, of the refusal leaving), twice in a row, gets its next
-refusal without an admission attempt, held for `hold_s` before it leaves: the connection then has
-nothing to resend for that long, at the cost of a timer. The request after a held refusal is served
-as usual, so every such connection still gets an admission attempt per `hold_s`.
+refusal without an admission attempt, held for about `hold_s` before it leaves: the connection then
+has nothing to resend for that long, at the cost of a timer. The request after a held refusal is
+served as usual, so every such connection still gets an admission attempt per hold. Each hold is
+drawn uniformly from 0.5-1.5x `hold_s`: a burst refuses many connections in the same milliseconds,
+and holds of one length sent them all back in the same milliseconds, another burst, with the core
+idle in between (docs/server.md, "Deadlines").
 
 "Again" means the same path and body. Timing alone cannot tell a retry loop from a client with a
 connection pool: at a few hundred requests a second its next request, another image, follows a
@@ -18,6 +21,7 @@ client's refusals take 200 ms (docs/server.md, "Deadlines").
 from __future__ import annotations
 
 import collections
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from starlette.types import Message, Receive, Scope
 from service.engine import QueueFull
 
 REFUSALS = (503, 504)
+JITTER = 0.5  # a hold lasts hold_s times a uniform draw from [1 - JITTER, 1 + JITTER]
 STALE_S = 1.0  # entries older than this are dropped when the table is full
 SAMPLE_BYTES = 65_536  # a body over twice this is told apart by its length and its first and last this many bytes
 
@@ -95,8 +100,10 @@ class Pushback:
         lag: Callable[[], float] = lambda: 0.0,
         held: Callable[[], None] = lambda: None,
         size: int = 65_536,
+        rng: random.Random | None = None,
     ) -> None:
         self.hold_s, self.at_once_s, self.lag, self.held, self.size = hold_s, at_once_s, lag, held, size
+        self.rng = rng or random.Random()
         self._last: dict[Any, _Connection] = {}
 
     def watch(self, scope: Scope, receive: Receive) -> Watch | None:
@@ -120,13 +127,13 @@ class Pushback:
         if c.resends + 1 < 2 or c.held:
             return c.resends + 1, 0.0
         self.held()
-        return c.resends + 1, self.hold_s
+        return c.resends + 1, self.hold_s * self.rng.uniform(1 - JITTER, 1 + JITTER)
 
-    def refusal(self) -> QueueFull:
-        """The 503 of a request resent at once."""
+    def refusal(self, hold_s: float) -> QueueFull:
+        """The 503 of a request resent at once, held `hold_s`."""
         return QueueFull(
             f"resent at once after refusals on this connection: refused without an attempt and held "
-            f"{self.hold_s * 1e3:.0f} ms; wait for Retry-After before resending",
+            f"{hold_s * 1e3:.0f} ms; wait for Retry-After before resending",
             retry_after_s=1.0,
         )
 
@@ -161,7 +168,7 @@ class Watch:
             if not message.get("more_body", False) and self.pushback.watching(self.client):
                 self.resends, self.hold_s = self.pushback.resent(self.client, self.start, self.request())
                 if self.hold_s:
-                    raise self.pushback.refusal()
+                    raise self.pushback.refusal(self.hold_s)
         return message
 
     def request(self) -> int:
