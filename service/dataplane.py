@@ -104,6 +104,7 @@ class DataPlane:
         self.pushback = Pushback(
             settings.resend_hold_ms / 1e3, settings.resend_at_once_ms / 1e3, self.lag.current, metrics.resend_holds.inc
         )
+        self.refused_at = -math.inf  # when admission last refused a request (precheck or admission)
         worker = registry.worker
         self._worker_requests = metrics.worker_requests.labels(worker) if worker is not None else None
 
@@ -199,6 +200,10 @@ class DataPlane:
             if not _warming():
                 self._meter(protocol, served, status, phases, time.monotonic())
 
+    def meter_refusal(self, protocol: Protocol, served: Served, status: int, start: float) -> None:
+        """Count a refusal that never reached `call` (service/protocols/early.py) as `call` counts one."""
+        self._meter(protocol, served, status, Phases(start), time.monotonic())
+
     def _meter(self, protocol: Protocol, served: Served | None, status: int, phases: Phases, end: float) -> None:
         seconds = end - phases.start
         if self._worker_requests is not None:
@@ -263,6 +268,7 @@ class DataPlane:
         try:
             model.engine.precheck(options)
         except (DeadlineUnreachable, QueueFull):
+            self.refused_at = time.monotonic()
             if options.client_deadline and not _warming():
                 model.metrics.deadline("rejected")
             raise
@@ -284,6 +290,7 @@ class DataPlane:
         try:
             answer = await self._answer(model, job, model.engine.submit(job))
         except (DeadlineUnreachable, QueueFull):
+            self.refused_at = time.monotonic()
             if options.client_deadline and not _warming():
                 metrics.deadline("rejected")
             raise

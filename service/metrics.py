@@ -182,6 +182,11 @@ class Metrics:
             "Requests resent at once after a refusal on the same connection: refused unattempted, the refusal held",
             registry=r,
         )
+        self.refused_from_headers = Counter(
+            "anytime_refused_from_headers",
+            "Refusals decided from the request's headers, before its body was read and without an ASGI task",
+            registry=r,
+        )
         self.worker_requests = Counter(
             "anytime_worker_requests",
             "Inference requests by the request process that answered them (several request processes only)",

@@ -106,7 +106,7 @@ class Pushback:
         self.rng = rng or random.Random()
         self._last: dict[Any, _Connection] = {}
 
-    def watch(self, scope: Scope, receive: Receive) -> Watch | None:
+    def watch(self, scope: Scope, receive: Receive | None = None) -> Watch | None:
         """One HTTP request's side of the pushback (None: off, or no connection to name)."""
         client = scope.get("client")
         if self.hold_s <= 0 or client is None:
@@ -154,7 +154,7 @@ class Watch:
     complete, raises the held refusal from `receive` if it is the refused request resent at once the
     second time in a row (the endpoint renders it in its protocol's form, as it does a body too large)."""
 
-    def __init__(self, pushback: Pushback, client: Any, path: str, start: float, receive: Receive) -> None:
+    def __init__(self, pushback: Pushback, client: Any, path: str, start: float, receive: Receive | None) -> None:
         self.pushback, self.client, self.path, self.start, self._receive = pushback, client, path, start, receive
         self.body = BodySample()
         self.hold_s = 0.0  # > 0: its refusal is held this long from `start`
@@ -162,14 +162,20 @@ class Watch:
         self._request: int | None = None
 
     async def receive(self) -> Message:
+        assert self._receive is not None
         message = await self._receive()
         if message["type"] == "http.request":
             self.body.add(message.get("body", b""))
-            if not message.get("more_body", False) and self.pushback.watching(self.client):
-                self.resends, self.hold_s = self.pushback.resent(self.client, self.start, self.request())
-                if self.hold_s:
-                    raise self.pushback.refusal(self.hold_s)
+            if not message.get("more_body", False) and self.complete():
+                raise self.pushback.refusal(self.hold_s)
         return message
+
+    def complete(self) -> float:
+        """The body is all in: how long the request's refusal is held (0: not held, it is served or
+        refused as usual)."""
+        if self.pushback.watching(self.client):
+            self.resends, self.hold_s = self.pushback.resent(self.client, self.start, self.request())
+        return self.hold_s
 
     def request(self) -> int:
         """This request's fingerprint (of the body read so far)."""

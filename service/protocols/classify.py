@@ -17,10 +17,10 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import QueryParams, UploadFile
 
-from service.dataplane import DataPlane, Protocol
-from service.engine import Answer
+from service.dataplane import WARMUP_HEADER, DataPlane, Protocol
+from service.engine import Answer, DeadlineUnreachable, QueueFull
 from service.errors import (
     INVALID_BASE64,
     INVALID_JSON,
@@ -30,19 +30,24 @@ from service.errors import (
     UNSUPPORTED_MEDIA_TYPE,
     ServiceError,
 )
-from service.options import NO_OPTIONS, OptionFields, budget_ms, option_fields
+from service.options import NO_OPTIONS, InferenceOptions, OptionFields, budget_ms, option_fields
 from service.protocols.routes import Route
 from service.schemas import BatchClassification, Classification, ClassifyJSON, ErrorBody
 from service.served import Served
 
 PROTOCOL = Protocol("http", lambda kind: kind.status)
 HEADER = "x-deadline-ms"
+CHECKED = "anytime.checked"  # scope key: (received, options) of a request checked from its headers
+_WARMUP = WARMUP_HEADER.encode()
 
 
 def render(error: ServiceError) -> Response:
     """`{"error": {"code", "message"}}` with the error's status and headers."""
-    body = {"error": {"code": error.code, "message": error.message}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers())
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers())
+
+
+def error_body(error: ServiceError) -> dict[str, Any]:
+    return {"error": {"code": error.code, "message": error.message}}
 
 
 def plane(request: Request) -> DataPlane:
@@ -58,6 +63,12 @@ def options_of(request: Request, body: dict[str, Any] | None = None) -> tuple[Op
     the earliest deadline wins)."""
     header = request.headers.get(HEADER)
     query = option_fields(dict(request.query_params)) if request.scope.get("query_string") else NO_OPTIONS
+    return _merged(query, header, body)
+
+
+def _merged(
+    query: OptionFields, header: str | None, body: dict[str, Any] | None
+) -> tuple[OptionFields, list[float | None]]:
     budgets = [query.deadline_ms, budget_ms("X-Deadline-Ms", header)]
     if body:
         given = option_fields(body)
@@ -125,17 +136,62 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
+def refusal_from_headers(
+    dp: DataPlane, path: bytes, query_string: bytes, headers: list[tuple[bytes, bytes]], received: float
+) -> tuple[Served, ServiceError] | InferenceOptions | None:
+    """The check before decoding of a `POST /classify` with a raw `image/*` body, made from its path, query
+    and headers alone (service/protocols/early.py): the model and its refusal, or the options it passed
+    with (the endpoint takes them as checked: `CHECKED`); None: not checked here (another route or body
+    form, options to validate, a server not serving: the endpoint answers it). With a raw body every
+    option is in the query and the headers, so this is the endpoint's own check, made before the body
+    is read."""
+    if path != b"/classify" or dp.draining:
+        return None
+    header, media, length = None, b"", None
+    for name, value in headers:
+        if name == b"content-type":
+            media = value
+        elif name == b"x-deadline-ms":
+            header = value.decode("latin-1")
+        elif name == b"content-length":
+            length = value
+        elif name == _WARMUP:
+            return None  # the server's own warm-up is served, and not counted
+    if not media.lower().lstrip().startswith(b"image/"):
+        return None
+    if length is not None and (not length.isdigit() or int(length) > dp.settings.max_body_bytes):
+        return None  # the body limit answers it
+    try:
+        dp.check_serving()
+        query = option_fields(dict(QueryParams(query_string))) if query_string else NO_OPTIONS
+        fields, budgets = _merged(query, header, None)
+        model = dp.registry.get()
+        if not model.engine.alive:
+            return None
+        options = dp.options(received, fields, budgets)
+        dp.precheck(model, options)
+    except (DeadlineUnreachable, QueueFull) as refused:
+        return model, refused
+    except ServiceError:
+        return None  # the usual path answers it, with its own error
+    return options
+
+
 async def classify(request: Request) -> Response:
     """Classify one image with the model the path names (the default model on /classify): multipart field
     `file`, a raw `image/*` body, or JSON `{"image": base64, ...options}`."""
     received = time.monotonic()
     dp = plane(request)
     name, version = request.path_params.get("name"), request.path_params.get("version")
+    checked: tuple[float, InferenceOptions] | None = request.scope.get(CHECKED)
     async with dp.call(PROTOCOL, name, version) as model:
         data, body = await _read_image(request)
-        fields, budgets = options_of(request, body)
-        options = dp.options(received, fields, budgets)
-        dp.precheck(model, options)  # under overload, refusing before decoding is what keeps up
+        if checked is not None:  # the same check, made as the headers came (`refusal_from_headers`)
+            received, options = checked
+        else:
+            fields, budgets = options_of(request, body)
+            options = dp.options(received, fields, budgets)
+            dp.precheck(model, options)  # under overload, refusing before decoding is what keeps up
         x = await model.prepare(data)
         answer = await dp.infer(model, x, options)
         return _json(classification(model, answer, received))

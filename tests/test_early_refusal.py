@@ -1,0 +1,79 @@
+"""Refusal from the headers (service/protocols/early.py): a raw-body /classify that admission would refuse
+is answered from uvicorn's protocol, as the endpoint would answer it, on a connection that goes on
+working (keep-alive, pipelining, `Connection: close`), and counted as the endpoint counts it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
+
+IMAGES = [png_bytes(Image.new("L", (28, 28), shade)) for shade in range(0, 250, 10)]
+
+
+def _request(body: bytes, budget_ms: str | None = "5", path: str = "/classify", extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
+    if budget_ms is not None:
+        head += f"X-Deadline-Ms: {budget_ms}\r\n"
+    return (head + extra + "\r\n").encode() + body
+
+
+class _Reader:
+    """HTTP/1.1 responses, one after another, from one connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        status = int(self.file.readline().split()[1])
+        headers = {}
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, value = line.decode().split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, self.file.read(int(headers["content-length"]))
+
+
+def test_a_request_admission_would_refuse_is_refused_from_its_headers_as_the_endpoint_does(
+    tmp_path: Path, workers: int
+) -> None:
+    # Exit 1 takes 25 ms: every 5 ms budget is refused before decoding.
+    make_artifact(tmp_path, "sleepy", "test_sleepy", [1.0] * 3 + [0.0], stage_ms=[25] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", warmup="false", workers=workers).wait_ready()
+    images = iter(IMAGES)  # another image each time: none is a resend the pushback would hold
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            reader = _Reader(sock)
+            sock.sendall(_request(next(images)))  # the first refusal: by the endpoint
+            by_endpoint = reader.response()
+            sock.sendall(_request(next(images)))  # one just after: from the headers
+            from_headers = reader.response()
+            # Pipelined: a refusal, an answer, a refusal, in one write; the answers come in order.
+            sock.sendall(_request(next(images)) + _request(next(images), "5000") + _request(next(images)))
+            pipelined = [reader.response() for _ in range(3)]
+            sock.sendall(_request(b"not an image"))  # refused before the body is looked at
+            not_an_image = reader.response()
+            sock.sendall(_request(next(images), extra="Connection: close\r\n"))
+            closing = reader.response()
+            end = sock.recv(1)  # the server closed the connection after that refusal
+        multipart = httpx.post(  # a form the headers cannot decide: the endpoint's refusal
+            f"{srv.url}/classify", files={"file": ("a.png", next(images), "image/png")}, headers={"x-deadline-ms": "5"}
+        )
+        page = httpx.get(f"{srv.url}/metrics").text
+    finally:
+        assert srv.stop() == 0
+    for status, headers, body in (by_endpoint, from_headers, pipelined[0], pipelined[2], not_an_image, closing):
+        assert status == 504 and headers["content-type"] == "application/json", (status, headers, body)
+        assert b'"code":"deadline_exceeded"' in body and b"exit 1 cannot be reached in time" in body, body
+    assert from_headers[1].keys() == by_endpoint[1].keys()  # date, server, content-length, content-type
+    assert multipart.status_code == 504 and "exit 1 cannot be reached" in multipart.json()["error"]["message"]
+    assert pipelined[1][0] == 200, pipelined[1]  # admitted on a connection refused from the headers before
+    assert closing[1]["connection"] == "close" and end == b""
+    # Six refusals on the socket and the multipart one; from the headers: not the first (no refusal in
+    # the last 100 ms before it), nor the one pipelined behind an answer.
+    assert metric(page, "anytime_requests_total", status="504") == 7
+    assert metric(page, "anytime_deadline_total", outcome="rejected") == 7
+    assert metric(page, "anytime_refused_from_headers_total") == 4
