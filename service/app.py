@@ -40,10 +40,10 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def start_registry(settings: ServiceSettings, metrics: Metrics, engine_process: bool = False) -> ModelRegistry:
+def start_registry(settings: ServiceSettings, metrics: Metrics) -> ModelRegistry:
     """Every model the settings name, loaded and warmed up; raises ArtifactError if the default
     model cannot be served (other models that fail are logged and counted, not fatal)."""
-    registry = ModelRegistry(settings, metrics, resolve_device(settings.device), engine_process)
+    registry = ModelRegistry(settings, metrics, resolve_device(settings.device))
     registry.start_sync()
     return registry
 

@@ -96,11 +96,8 @@ class Slot:
 class ModelRegistry:
     """Served models by name; `default` answers /classify."""
 
-    def __init__(
-        self, settings: ServiceSettings, metrics: Metrics, device: torch.device, engine_process: bool = False
-    ) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, device: torch.device) -> None:
         self.settings, self.metrics, self.device = settings, metrics, device
-        self.engine_process = engine_process  # the engine process of several request processes
         self.store = Path(settings.model_store)
         self.default = settings.model_name or ""  # resolved by start_sync when unset
         self.slots: dict[str, Slot] = {}
@@ -168,7 +165,7 @@ class ModelRegistry:
                     f"{name}/{version} needs about {need / 2**20:.0f} MiB; {others / 2**20:.0f} MiB of "
                     f"ANYTIME_MAX_MODELS_BYTES={budget / 2**20:.0f} MiB is taken by the other models"
                 )
-        served = ServedModel.start(artifact, self.device, self.metrics, self.settings, self.engine_process)
+        served = ServedModel.start(artifact, self.device, self.metrics, self.settings)
         served.bytes = need + served.engine.runner.graph_bytes
         if budget and others + served.bytes > budget:
             served.stop(0)

@@ -29,11 +29,11 @@ from service.options import InferenceOptions
 from service.schemas import Brownout, ModelView
 
 
-def engine_config(settings: ServiceSettings, engine_process: bool = False) -> EngineConfig:
-    """The engine's part of the server's settings. In a single process the worker thread yields the CPU to
-    the event loop (nice 10); in the engine process of several request processes it has the CPU to itself."""
+def engine_config(settings: ServiceSettings) -> EngineConfig:
+    """The engine's part of the server's settings. On a CPU the worker thread yields the core to the event
+    loops (nice 10): this process's in one process, the request processes' beside an engine process."""
     return EngineConfig(
-        worker_nice=0 if engine_process else WORKER_NICE,
+        worker_nice=WORKER_NICE,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
@@ -178,12 +178,11 @@ class ServedModel(Served):
         device: torch.device,
         metrics: Metrics,
         settings: ServiceSettings,
-        engine_process: bool = False,
     ) -> ServedModel:
         """Build the engine, capture its graphs and warm it up (when the settings say so), start its worker."""
         m = artifact.manifest
         bound = metrics.for_model(m.name, m.version, str(device))
-        engine = Engine(artifact, device, bound, engine_config(settings, engine_process))
+        engine = Engine(artifact, device, bound, engine_config(settings))
         engine.start(warmup=settings.warmup)
         return cls(artifact, engine, settings, bound)
 

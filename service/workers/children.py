@@ -71,7 +71,7 @@ def engine_main(settings_json: str, address: str, authkey: bytes, expected: int,
     """Entry point of the engine process: load and warm the models, then serve the request processes."""
     settings, metrics = child_setup(settings_json, "engine", restarted)
     try:
-        registry = start_registry(settings, metrics, engine_process=True)
+        registry = start_registry(settings, metrics)
     except (ArtifactError, BudgetExceeded, RuntimeError) as exc:
         raise SystemExit(cannot_serve(f"cannot serve: {exc}")) from exc
     freeze_heap()
