@@ -13,10 +13,10 @@ import base64
 import binascii
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse
 from starlette.datastructures import QueryParams, UploadFile
 
 from service.dataplane import WARMUP_HEADER, DataPlane, Protocol
@@ -43,11 +43,22 @@ _WARMUP = WARMUP_HEADER.encode()
 
 def render(error: ServiceError) -> Response:
     """`{"error": {"code", "message"}}` with the error's status and headers."""
-    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers())
+    return Response(error_json(error), error.status, error.headers(), media_type="application/json")
 
 
-def error_body(error: ServiceError) -> dict[str, Any]:
-    return {"error": {"code": error.code, "message": error.message}}
+def error_json(error: ServiceError) -> bytes:
+    """The body of `render(error)` (also written by service/protocols/early.py)."""
+    body = {"error": {"code": error.code, "message": error.message}}
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersCheck:
+    """The check before decoding, made from a request's headers (`check_from_headers`)."""
+
+    model: Served
+    options: InferenceOptions
+    refusal: ServiceError | None  # None: it passed (the endpoint takes `options` as checked: `CHECKED`)
 
 
 def plane(request: Request) -> DataPlane:
@@ -136,15 +147,13 @@ def _json(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-def refusal_from_headers(
+def check_from_headers(
     dp: DataPlane, path: bytes, query_string: bytes, headers: list[tuple[bytes, bytes]], received: float
-) -> tuple[Served, ServiceError] | InferenceOptions | None:
+) -> HeadersCheck | None:
     """The check before decoding of a `POST /classify` with a raw `image/*` body, made from its path, query
-    and headers alone (service/protocols/early.py): the model and its refusal, or the options it passed
-    with (the endpoint takes them as checked: `CHECKED`); None: not checked here (another route or body
-    form, options to validate, a server not serving: the endpoint answers it). With a raw body every
-    option is in the query and the headers, so this is the endpoint's own check, made before the body
-    is read."""
+    and headers alone (service/protocols/early.py); None: not checked here (another route or body form,
+    options to validate, a server not serving: the endpoint answers it). With a raw body every option
+    is in the query and the headers, so this is the endpoint's own check, made before the body is read."""
     if path != b"/classify" or dp.draining:
         return None
     header, media, length = None, b"", None
@@ -171,10 +180,10 @@ def refusal_from_headers(
         options = dp.options(received, fields, budgets)
         dp.precheck(model, options)
     except (DeadlineUnreachable, QueueFull) as refused:
-        return model, refused
+        return HeadersCheck(model, options, refused)
     except ServiceError:
         return None  # the usual path answers it, with its own error
-    return options
+    return HeadersCheck(model, options, None)
 
 
 async def classify(request: Request) -> Response:
@@ -186,7 +195,7 @@ async def classify(request: Request) -> Response:
     checked: tuple[float, InferenceOptions] | None = request.scope.get(CHECKED)
     async with dp.call(PROTOCOL, name, version) as model:
         data, body = await _read_image(request)
-        if checked is not None:  # the same check, made as the headers came (`refusal_from_headers`)
+        if checked is not None:  # the same check, made as the headers came (`check_from_headers`)
             received, options = checked
         else:
             fields, budgets = options_of(request, body)

@@ -6,7 +6,7 @@ event loop nearly what parsing and answering a request does (the ASGI task, Star
 the body read, the options, the response object): at three times the SLO capacity the loop spent
 the core refusing while admitted requests waited for the worker, and goodput fell to half the
 capacity (docs/server.md, "Deadlines"). `EarlyRefusal` is uvicorn's httptools protocol with one
-step added: when a request's headers are complete it asks `classify.refusal_from_headers`, the
+step added: when a request's headers are complete it asks `classify.check_from_headers`, the
 check before decoding itself (a `POST /classify` with a raw `image/*` body carries every option in
 its query and headers); a refused request's body is then only fingerprinted as it arrives, for the
 pushback on clients that resend at once, and the refusal is written to the socket when the body is
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import http
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +58,7 @@ def _status_line(status: int) -> bytes:
 def _response(error: ServiceError, head: list[tuple[bytes, bytes]]) -> bytes:
     """The bytes of `classify.render(error)` after the headers in `head` (what the endpoint's refusal
     sends, without building a Starlette response)."""
-    body = json.dumps(classify.error_body(error), ensure_ascii=False, separators=(",", ":")).encode()
+    body = classify.error_json(error)
     lines = [_status_line(error.status)]
     for name, value in (*head, *((k.lower().encode(), v.encode()) for k, v in error.headers().items())):
         lines.append(name + b": " + value + b"\r\n")
@@ -92,14 +91,14 @@ class EarlyRefusal(HttpToolsProtocol):
             return None
         start = time.monotonic()
         url = httptools.parse_url(self.url)
-        refused = classify.refusal_from_headers(plane, url.path, url.query or b"", self.headers, start)
-        if refused is None:
+        check = classify.check_from_headers(plane, url.path, url.query or b"", self.headers, start)
+        if check is None:
             return None
-        if not isinstance(refused, tuple):  # checked and not refused: the endpoint need not check again
-            self.scope[classify.CHECKED] = (start, refused)  # type: ignore[literal-required]
+        if check.refusal is None:  # passed: the endpoint need not check again
+            self.scope[classify.CHECKED] = (start, check.options)  # type: ignore[literal-required]
             return None
         watch = plane.pushback.watch({"client": self.client, "path": url.path.decode("latin-1")})
-        return _Refused(*refused, start, self.parser.should_keep_alive(), watch)
+        return _Refused(check.model, check.refusal, start, self.parser.should_keep_alive(), watch)
 
     def on_body(self, body: bytes) -> None:
         if self._refused is None:
