@@ -2,15 +2,16 @@
 
 For a deadline D, the **SLO capacity** is the highest Poisson arrival rate at which at least 99 % of
 requests get a 200 within D on the client's clock; it is found by bisection over rates (each step one
-bounded wrk run of about 1,500 requests, bench/lua/deadlines.lua). It is measured for D = 10 ms and
-for D = 4x this machine's in-process exit-1 p50 (so the figure travels between machines), anytime
-and at full depth (`threshold=1`). Then **overload**: Poisson arrivals at 1.5x and 3x the anytime
-SLO capacity, and clients that resend a refused request at once and send the next one as soon as
-they have an answer (closed loop, many connections): goodput (200s within D per second) as a share
-of the capacity, the share of refusals within 2 ms, and the 200s more than 1 ms after their
-deadline. Each configuration runs as it is, and at half speed: a busy loop at the same priority
-pinned to the server's core (a neighbour on a shared node). Servers run with one request process
-and with two (ANYTIME_WORKERS=2), pinned to the server core; wrk to the other.
+bounded wrk run of about 1,500 requests, bench/lua/deadlines.lua, and a second one when the first
+lands within a point of 99 %). It is measured for D = 10 ms and for D = 4x this machine's in-process
+exit-1 p50 (so the figure travels between machines), anytime and at full depth (`threshold=1`).
+Then **overload**: Poisson arrivals at 1.5x and 3x the anytime SLO capacity, and clients that resend
+a refused request at once and send the next one as soon as they have an answer (closed loop, many
+connections): goodput (200s within D per second) as a share of the capacity, the share of refusals
+within 2 ms, and the 200s more than 1 ms after their deadline. Each configuration runs as it is, and
+at half speed: a busy loop at the same priority pinned to the server's core (a neighbour on a shared
+node). Servers run with one request process and with two (ANYTIME_WORKERS=2), pinned to the server
+core; wrk to the other.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ STEPS = 6  # bisection steps per capacity
 # decides on; a step runs until it has sent this many requests (within STEP_CAP_S), at least `seconds`.
 STEP_REQUESTS = 1500
 STEP_CAP_S = 10.0
+# A step whose share comes within this of the target runs once more, and is judged on both runs'
+# requests together: one run that met a stall of the VM otherwise set the capacity, and every
+# overload multiple with it, a bisection step below what the next run would have found.
+RECHECK = 0.01
 OVERLOADS = (1.5, 3.0)
 RESENDERS = 64  # connections of the closed-loop clients that resend at once
 FULL_DEPTH = "/classify?threshold=1"
@@ -66,15 +71,32 @@ def in_time(run: DeadlineRun) -> float:
 
 def capacity(server: LocalProcess, images: list[Path], labels: list[int], seconds: float, d: float, hi: float,
              load_cpu: int, path: str = "/classify") -> dict[str, Any]:  # fmt: skip
-    """Bisection for the highest Poisson rate with >= 99 % in time within D; `hi` should fail. Each step
-    runs `STEP_REQUESTS / rate` seconds, at least `seconds` and at most `STEP_CAP_S`."""
+    """Bisection for the highest Poisson rate with >= 99 % in time within D (`highest_rate`); `hi` should fail."""
+
+    def measure(rate: float, step_s: float) -> tuple[int, int]:
+        run, _ = _run(server, images, labels, step_s, rate, d, load_cpu, path)
+        return run.in_time, run.requests + run.socket_errors
+
+    return highest_rate(measure, seconds, hi)
+
+
+def highest_rate(measure: Callable[[float, float], tuple[int, int]], seconds: float, hi: float) -> dict[str, Any]:
+    """The highest rate below `hi` at which `measure(rate, seconds)` (requests in time, requests sent)
+    gives at least `TARGET`, in `STEPS` halvings. Each step runs `STEP_REQUESTS / rate` seconds, at least
+    `seconds` and at most `STEP_CAP_S`; a share within `RECHECK` of the target is measured once more and
+    judged on both runs together."""
     lo, tried = 0.0, []
     for _ in range(STEPS):
         rate = (lo + hi) / 2
         step_s = max(seconds, min(STEP_CAP_S, STEP_REQUESTS / rate))
-        run, _ = _run(server, images, labels, step_s, rate, d, load_cpu, path)
-        tried.append({"rate": round(rate, 1), "in_time": round(in_time(run), 4), "requests": run.requests})
-        if in_time(run) >= TARGET:
+        ok, sent = measure(rate, step_s)
+        runs = 1
+        if abs(ok / max(sent, 1) - TARGET) < RECHECK:
+            more_ok, more_sent = measure(rate, step_s)
+            ok, sent, runs = ok + more_ok, sent + more_sent, 2
+        share = ok / max(sent, 1)
+        tried.append({"rate": round(rate, 1), "in_time": round(share, 4), "requests": sent, "runs": runs})
+        if share >= TARGET:
             lo = rate
         else:
             hi = rate
