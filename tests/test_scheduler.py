@@ -18,7 +18,8 @@ from service.engine.limit import InflightLimit, allows
 from service.engine.scheduler import Chunk, Scheduler
 from service.engine.timing import STALE_S, AnswerMargin, StageTimes
 from service.options import InferenceOptions
-from service.workers.ipc import ForecastBoard
+from service.workers.ipc import ForecastBoard, ModelState
+from service.workers.remote import RemoteEngine, Unsubmitted
 
 STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
 
@@ -270,6 +271,59 @@ def test_admission_refuses_at_the_in_flight_limit_but_never_on_an_idle_engine() 
     assert plan.batch is not None
     s.waited(plan.batch.jobs, 2.011, ran=True)  # exit 1 in time
     assert s.in_flight == 0 and s.limit.value == pytest.approx(1.5 + 1 / 1.5)
+
+
+class _Registry:
+    """What `RemoteEngine.submit` hands a job to (the link to the engine process), here nowhere."""
+
+    def submit(self, job: Job, name: str, version: str) -> None:
+        return None
+
+
+def test_a_request_process_counts_the_requests_it_let_through_until_it_submits_them() -> None:
+    """Between two publications of the forecast a request process's check counts the requests it let
+    through and has not submitted (their bodies arriving, or decoding) as in flight, with what the engine
+    process published after its last admission: the third request against a limit of 2 is refused before
+    decoding, not after it at admission."""
+    s = _scheduler(max_batch=4)
+    s.limit.value = 2.0
+    board = ForecastBoard.create(max_batch=4, queue_size=100)
+    engine = RemoteEngine(_Registry(), ModelState("m", "1", "/nowhere", "cpu", board.spec), num_exits=3)  # type: ignore[arg-type]
+    try:
+        board.write(s.forecast(0.0, deep=True))  # nothing in flight
+        first, second, third = (InferenceOptions.now(deadline_ms=1000) for _ in range(3))
+        engine.precheck(first)
+        engine.precheck(second)
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            engine.precheck(third)
+        engine.submit(Job(torch.zeros(1), first))  # submitted: admission counts it now, as the engine publishes
+        engine.precheck(third)
+        board.set_in_flight(1)  # the engine process admitted `first`
+        published = board.read()
+        assert published is not None and published.in_flight == 1 and published.limit == 2.0
+        with pytest.raises(QueueFull, match="3 requests are waiting"):  # first in flight; second, third decoding
+            engine.precheck(InferenceOptions.now(deadline_ms=1000))
+    finally:
+        engine.close()
+        board.close()
+
+
+def test_a_request_let_through_and_never_submitted_is_forgotten() -> None:
+    """A request that failed between the check and its submission (a bad image, a client gone) holds a
+    place for `FORGET_S` at most, or until its deadline."""
+    unsubmitted = Unsubmitted()
+    now = 100.0
+    long = InferenceOptions(received=now, deadline=now + 1.0, client_deadline=True)
+    short = InferenceOptions(received=now, deadline=now + 0.01, client_deadline=True)
+    unsubmitted.add(long, now)
+    unsubmitted.add(short, now)
+    assert unsubmitted.count(now) == 2
+    assert unsubmitted.count(now + 0.02) == 1  # the short one's deadline passed
+    assert unsubmitted.count(now + Unsubmitted.FORGET_S) == 0
+    unsubmitted.add(long, now)
+    unsubmitted.submitted(long)
+    unsubmitted.submitted(short)  # not there: nothing happens
+    assert unsubmitted.count(now) == 0
 
 
 def _level(job: Job, level: int) -> Job:

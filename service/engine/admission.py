@@ -10,9 +10,10 @@ same decision without admitting anything, so that under overload a request is re
 server spends time decoding it.
 
 With several request processes the check before decoding runs in a request process, from the
-`Forecast` the engine process publishes after every step (service/workers/ipc.py): the same
-refusals, from figures at most one engine step old, and no brownout step (admission, in the
-engine process, still takes it).
+`Forecast` the engine process publishes after every step (its jobs in flight after every admission
+too; service/workers/ipc.py): the same refusals, from figures at most one engine step old, and no
+brownout step (admission, in the engine process, still takes it). The request process counts the
+requests it let through and has not submitted yet as in flight (service/workers/remote.py).
 
 Runs under the engine's lock, on the thread that admits: the event loop in a single process, a
 link's reader thread in the engine process.
@@ -81,16 +82,16 @@ def unreached(
     )
 
 
-def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float) -> None:
+def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float, unsubmitted: int = 0) -> None:
     """The check before decoding from a published forecast: raises what `Admission.precheck` would,
-    without a brownout step."""
+    without a brownout step (`unsubmitted`: checked requests admission has not seen yet)."""
     error = refusal(options, now, forecast.stopping, forecast.full, forecast.exit1_s)
     if isinstance(error, QueueFull):
         error.retry_after_s = forecast.retry_after_s
     if error is not None:
         raise error
-    if not allows(forecast.limit, forecast.in_flight):
-        raise at_limit(forecast.in_flight, forecast.retry_after_s)
+    if not allows(forecast.limit, forecast.in_flight + unsubmitted):
+        raise at_limit(forecast.in_flight + unsubmitted, forecast.retry_after_s)
     if options.client_deadline:
         eta = forecast.exit1_eta(forecast.priority(options), now)
         if eta > options.deadline:

@@ -95,6 +95,7 @@ class Engine:
         floor = floor_exit([e.val_accuracy for e in manifest.exits], config.brownout_floor_pp)
         self.brownout = Brownout(self.num_exits, floor, config.overload == "degrade")
         self.admission = Admission(self.scheduler, self.brownout, config.queue_size, self._cut, config.default_priority)
+        self._admitted: Callable[[int], None] | None = None  # the engine process's board (`publish`)
         epsilon = (manifest.policy.epsilon_pp or 0.0) / 100
         expected = [e.expected_agreement for e in manifest.exits]
         self.guard = DriftGuard(self.thresholds, expected, epsilon, config.adapt, on_change=self.set_thresholds)
@@ -207,6 +208,8 @@ class Engine:
         with self._cond:
             self.admission.admit(job, now)
             self.metrics.queue_depth.set(self.scheduler.queued)
+            if self._admitted is not None:
+                self._admitted(self.scheduler.in_flight)
             self._cond.notify()
 
     def precheck(self, options: InferenceOptions) -> None:
@@ -214,11 +217,13 @@ class Engine:
         with self._cond:
             self.admission.precheck(options, time.monotonic())
 
-    def publish(self, write: Callable[[], None] | None) -> None:
-        """Call `write` (under the lock) now, after every worker step and when the engine stops: how the
-        engine process keeps its request processes' forecasts current (None: stop)."""
+    def publish(self, write: Callable[[], None] | None, admitted: Callable[[int], None] | None = None) -> None:
+        """Call `write` (under the lock) now, after every worker step and when the engine stops, and
+        `admitted` with the jobs in flight after every admission: how the engine process keeps its request
+        processes' forecasts current (None: stop)."""
         with self._cond:
             self.worker.on_step = write
+            self._admitted = admitted if write is not None else None
             if write is not None:
                 write()
 

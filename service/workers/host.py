@@ -220,7 +220,7 @@ class EngineHost:
                 engine = model.engine
                 board = ForecastBoard.create(engine.max_batch, engine.config.queue_size)
                 entry = self.boards[(model.name, model.version)] = (board, engine)
-                engine.publish(lambda: board.write(engine.forecast()))
+                engine.publish(lambda: board.write(engine.forecast()), board.set_in_flight)
             return entry[0].spec
 
     def _retire_boards(self, everything: bool = False) -> None:

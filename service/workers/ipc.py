@@ -94,6 +94,7 @@ class ForecastBoard:
     # seq, stopping, full, retry after, exit 1, busy until, deep, full batch, aging, step, factor, seen,
     # in flight, limit, n
     _HEAD = 15
+    _IN_FLIGHT = 12  # where the jobs in flight are
 
     def __init__(self, shm: SharedMemory, max_batch: int, queue_size: int, owner: bool) -> None:
         self.shm, self.max_batch, self.queue_size, self.owner = shm, max_batch, queue_size, owner
@@ -125,6 +126,14 @@ class ForecastBoard:
                   f.aging_s, f.priority_step_s, *f.slowdown.state, f.in_flight, f.limit, n)  # fmt: skip
         a[h : h + b] = f.batch_cost_s[:b]
         a[h + b : h + b + n] = f.priorities[:n]
+        a[0] += 1
+
+    def set_in_flight(self, in_flight: int) -> None:
+        """The jobs in flight after an admission, between two forecasts (under the engine's lock, as `write`):
+        request processes count them against the limit at once rather than after the next worker step."""
+        a = self._a
+        a[0] += 1
+        a[self._IN_FLIGHT] = in_flight
         a[0] += 1
 
     def read(self) -> Forecast | None:
