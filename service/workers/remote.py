@@ -51,12 +51,12 @@ class Unsubmitted:
     yet (their body still arriving, or decoding). The forecast they are checked against counts the
     jobs the engine process admitted as of its last publication, and two request processes check at
     once: the requests checked in between found the same places free, were decoded, and were refused
-    at admission after all. Under overload that was most requests, and the decoding they cost left the
-    engine a few jobs in flight (at three times the SLO capacity, 60-100 req/s in time of about 500).
-    The check counts them as in flight. Each is forgotten when its job is submitted, or after
-    `FORGET_S`: one that failed on its way (a bad image, a client gone) holds no place for long.
-    In one process admission's own count is current, and counting these there too refused more
-    than it saved (docs/server.md). Used on the event loop."""
+    at admission after all. Under overload that was most requests, and the decoding they cost starved
+    the engine until lost jobs had cut its in-flight limit to a few (docs/server.md, "With several
+    request processes, the check counts what it let through"). The check counts them as in flight.
+    Each is forgotten when its job is submitted, or after `FORGET_S`: one that failed on its way (a
+    bad image, a client gone) holds no place for long. In one process admission's own count is
+    current, and counting these there too refused more than it saved. Used on the event loop."""
 
     FORGET_S = 0.05
 
