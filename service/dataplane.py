@@ -268,10 +268,14 @@ class DataPlane:
         try:
             model.engine.precheck(options)
         except (DeadlineUnreachable, QueueFull):
-            self.refused_at = time.monotonic()
-            if options.client_deadline and not _warming():
-                model.metrics.deadline("rejected")
+            self._rejected(model, options)
             raise
+
+    def _rejected(self, model: Served, options: InferenceOptions) -> None:
+        """Admission refused a request (before decoding or at admission): when, and its deadline's outcome."""
+        self.refused_at = time.monotonic()
+        if options.client_deadline and not _warming():
+            model.metrics.deadline("rejected")
 
     async def infer(self, model: Served, x: torch.Tensor, options: InferenceOptions) -> Answer:
         """Run one input through `model`'s engine and record its exit, latency and deadline outcome.
@@ -290,9 +294,7 @@ class DataPlane:
         try:
             answer = await self._answer(model, job, model.engine.submit(job))
         except (DeadlineUnreachable, QueueFull):
-            self.refused_at = time.monotonic()
-            if options.client_deadline and not _warming():
-                metrics.deadline("rejected")
+            self._rejected(model, options)
             raise
         now = time.monotonic()
         if options.client_deadline and now > options.deadline:

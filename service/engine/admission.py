@@ -90,8 +90,9 @@ def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float,
         error.retry_after_s = forecast.retry_after_s
     if error is not None:
         raise error
-    if not allows(forecast.limit, forecast.in_flight + unsubmitted):
-        raise at_limit(forecast.in_flight + unsubmitted, forecast.retry_after_s)
+    in_flight = forecast.in_flight + unsubmitted
+    if not allows(forecast.limit, in_flight):
+        raise at_limit(in_flight, forecast.retry_after_s)
     if options.client_deadline:
         eta = forecast.exit1_eta(forecast.priority(options), now)
         if eta > options.deadline:

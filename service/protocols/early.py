@@ -35,7 +35,7 @@ from service.pushback import Watch
 from service.served import Served
 
 # The check runs only this soon after a refusal: at a load the server takes, it would be a second
-# check before decoding (about 40 us a request here) that never refuses.
+# check before decoding, on every request, that never refuses.
 RECENT_S = 0.1
 
 
