@@ -45,7 +45,7 @@ log = logging.getLogger("anytime.serve")
 # restarting: its models cannot be served. Later (a store changed under a running server) it restarts.
 START_WINDOW_S = 600.0
 BACKLOG = 2048  # the shared HTTP socket's accept queue (every request process accepts from it)
-WATCH_S = 0.5  # how often the supervisor looks at its children when none exits
+WATCH_S = 0.5  # how often the supervisor looks at its children when none exits and no signal comes
 EXIT_SLACK_S = 10.0  # past its grace period and drain timeout, how long a child gets to exit before SIGKILL
 
 
@@ -77,6 +77,10 @@ class Supervisor:
         self.engine: BaseProcess | None = None
         self.requests: dict[int, BaseProcess] = {}
         self.stopping = False
+        # The signal handler writes here so the watch wakes at once: a request process told to drain
+        # half a watch late would answer on a listener the client was told is closing.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
 
     def _engine(self, restarted: bool = False) -> BaseProcess:
         args = (self.json, self.address, self.authkey, self.workers, restarted)
@@ -94,6 +98,10 @@ class Supervisor:
         if not self.stopping:
             log.info("%s: draining %d request processes", signal.Signals(signum).name, len(self.requests))
         self.stopping = True
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of earlier wake-ups: the watch wakes anyway
+            pass
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,13 +111,16 @@ class Supervisor:
         try:
             return self._watch()
         finally:
+            os.close(self.wake_r)
+            os.close(self.wake_w)
             shutil.rmtree(self.private, ignore_errors=True)
 
     def _watch(self) -> int:
         started = time.monotonic()
         while not self.stopping:
             procs = [self.engine, *self.requests.values()]
-            multiprocessing.connection.wait([p.sentinel for p in procs if p is not None], timeout=WATCH_S)
+            sentinels = [p.sentinel for p in procs if p is not None]
+            multiprocessing.connection.wait([*sentinels, self.wake_r], timeout=WATCH_S)
             assert self.engine is not None
             if not self.engine.is_alive() and not self.stopping:
                 code = self.engine.exitcode
