@@ -111,6 +111,8 @@ class Supervisor:
         try:
             return self._watch()
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # nothing left to wake: no write to a closed pipe
+                signal.signal(sig, lambda *_: None)
             os.close(self.wake_r)
             os.close(self.wake_w)
             shutil.rmtree(self.private, ignore_errors=True)
