@@ -104,6 +104,14 @@ class ServiceSettings(BaseSettings):
     # descheduled threads (bundled model, batch 1: 0.57 ms per stage on 1 thread, 160 ms on 2 while
     # another process kept both cores busy). Raise it for large models on a machine of their own.
     torch_threads: int = Field(1, ge=1, description="torch.set_num_threads for the server process")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="on a CPU, how much lower the engine's worker thread runs than the event loops (nice "
+        "steps): the loop refuses first under overload; 0 where busy processes share the server's "
+        "scheduling group (docs/server.md)",
+    )
     # A balancer checking /readyz every 1 s, down after 2 failures, stops sending within 3 s.
     drain_grace_s: float = Field(
         3.0,

@@ -31,9 +31,9 @@ from service.schemas import Brownout, ModelView
 
 def engine_config(settings: ServiceSettings) -> EngineConfig:
     """The engine's part of the server's settings. On a CPU the worker thread yields the core to the event
-    loops (nice 10): this process's in one process, the request processes' beside an engine process."""
+    loops (`worker_nice`): this process's in one process, the request processes' beside an engine process."""
     return EngineConfig(
-        worker_nice=WORKER_NICE,
+        worker_nice=settings.worker_nice,
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
@@ -47,9 +47,6 @@ def engine_config(settings: ServiceSettings) -> EngineConfig:
         default_priority=settings.default_priority,
         priority_step_ms=settings.priority_step_ms,
     )
-
-
-WORKER_NICE = 10
 
 
 class EngineClient(Protocol):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -13,11 +15,13 @@ import torch
 
 from models.artifact import load_artifact
 from models.exit_policy import Reason
+from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Engine, EngineConfig, EngineFailure, Job, QueueFull
 from service.engine.brownout import HOLD_S, Brownout, floor_exit
 from service.engine.scheduler import Chunk
 from service.metrics import Metrics
 from service.options import InferenceOptions
+from service.served import engine_config
 from tests.helpers import make_artifact
 
 LOOP_SLACK_S = 0.001  # a client's 1 ms of slack: a check read after an await includes the loop's wake-up
@@ -276,6 +280,26 @@ def test_an_idle_engine_admits_what_exit_1_fits_however_inflated_its_estimates(t
     engine.stop(1.0)
     assert answer.exit == 1
     assert engine.times.predict(0, 1) < 0.1  # the run was measured
+
+
+@pytest.mark.parametrize("worker_nice", [10, 0])
+def test_the_worker_runs_the_set_nice_steps_below_the_thread_that_started_it(tmp_path: Path, worker_nice: int) -> None:
+    """ANYTIME_WORKER_NICE: the worker yields the core to the event loop by that many nice steps (0: none, for a
+    core shared with busy processes of the server's own scheduling group), counted from the starting thread's
+    nice value, so that a server started under `nice` still starts (raising a priority would need privilege)."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    engine = _engine(tmp_path, worker_nice=worker_nice)
+    try:
+        thread = engine._thread
+        assert thread is not None and thread.native_id is not None
+        end = time.monotonic() + 5
+        while os.getpriority(os.PRIO_PROCESS, thread.native_id) != min(19, base + worker_nice):
+            assert time.monotonic() < end, "the worker did not take its nice value"
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is unchanged
+        assert engine_config(ServiceSettings(worker_nice=worker_nice)).worker_nice == worker_nice
+    finally:
+        engine.stop(1.0)
 
 
 def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path) -> None:

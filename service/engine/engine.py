@@ -58,7 +58,7 @@ class EngineConfig:
     brownout_floor_pp: float = 2.0
     default_priority: int = 1  # requests above this level (a smaller number) are the last a brownout degrades
     priority_step_ms: float = 0.0  # each level below the highest counts as this much less urgent
-    worker_nice: int = 0  # CPU: the worker thread's nice value (it shares the cores with the event loop)
+    worker_nice: int = 0  # CPU: how many nice steps below its starting thread the worker runs (it shares the cores)
 
 
 class Engine:

@@ -89,8 +89,9 @@ class Worker:
     def loop(self, nice: int) -> None:
         """The worker thread's body, until `stop` is set."""
         torch.set_grad_enabled(False)
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        if nice:  # relative to the thread that started it: lowering a priority needs no privilege, raising one does
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         while not self.stop.is_set():
             try:
                 if self.step(settle):
