@@ -239,6 +239,7 @@ class ModelMetrics:
         self._deadlines = {o: m.deadlines.labels(*mv, o) for o in ("met", "missed", "rejected")}
         self._phases = {p: m.phases.labels(*mv, p) for p in PHASES}
         self._stage_runs: dict[int, Summary] = {}
+        self._requests: dict[tuple[str, int], Counter] = {}
         self.last_inference = m.last_inference.labels(*mv)
         self._per_exit_gauges: set[tuple[Gauge, str]] = set()
 
@@ -283,7 +284,10 @@ class ModelMetrics:
         self.metrics.max_exit.labels(self.name, self.version).set(max_exit)
 
     def request(self, protocol: str, status: int) -> None:
-        self.metrics.requests.labels(self.name, self.version, protocol, str(status)).inc()
+        key = (protocol, status)
+        if key not in self._requests:
+            self._requests[key] = self.metrics.requests.labels(self.name, self.version, protocol, str(status))
+        self._requests[key].inc()
 
     def shadow(self, exit_: int, agreed: bool) -> None:
         """One shadow check of an answer given at (1-based) `exit_`."""

@@ -4,12 +4,16 @@ working (keep-alive, pipelining, `Connection: close`), and counted as the endpoi
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
+from service.engine import QueueFull
+from service.protocols.classify import error_json
 from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
 
 IMAGES = [png_bytes(Image.new("L", (28, 28), shade)) for shade in range(0, 250, 10)]
@@ -77,3 +81,13 @@ def test_a_request_admission_would_refuse_is_refused_from_its_headers_as_the_end
     assert metric(page, "anytime_requests_total", status="504") == 7
     assert metric(page, "anytime_deadline_total", outcome="rejected") == 7
     assert metric(page, "anytime_refused_from_headers_total") == 4
+
+
+@pytest.mark.parametrize("message", ["exit 1 is predicted 3.2 ms from now", 'ünï \n\t\\ \u2028 \x00 😀 " /', ""])
+def test_the_error_body_is_what_json_dumps_writes(message: str) -> None:
+    """A refusal's body is formatted around the two escaped strings (a refusal per request under overload);
+    it must stay byte for byte the JSON of the error object."""
+    error = QueueFull(message)
+    body = {"error": {"code": error.code, "message": error.message}}
+    assert error_json(error) == json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    assert json.loads(error_json(error)) == body

@@ -14,6 +14,7 @@ import binascii
 import json
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 from fastapi import Request, Response
@@ -47,9 +48,12 @@ def render(error: ServiceError) -> Response:
 
 
 def error_json(error: ServiceError) -> bytes:
-    """The body of `render(error)` (also written by service/protocols/early.py)."""
-    body = {"error": {"code": error.code, "message": error.message}}
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """The body of `render(error)` (also written by service/protocols/early.py): the bytes of
+    `json.dumps({"error": {"code": ..., "message": ...}}, ensure_ascii=False, separators=(",", ":"))`,
+    formatted around the two escaped strings, since under overload every refusal renders one and
+    `json.dumps` building its encoder cost a tenth of the event loop's time per refusal."""
+    code, message = encode_basestring(error.code), encode_basestring(error.message)
+    return f'{{"error":{{"code":{code},"message":{message}}}}}'.encode()
 
 
 @dataclass(frozen=True, slots=True)
