@@ -108,9 +108,10 @@ class ServiceSettings(BaseSettings):
         10,
         ge=0,
         le=19,
-        description="on a CPU, how much lower the engine's worker thread runs than the event loops (nice "
-        "steps): the loop refuses first under overload; 0 where busy processes share the server's "
-        "scheduling group (docs/server.md)",
+        description="on a CPU, how many nice steps below the event loops the engine's worker runs, so that "
+        "the loop refuses first under overload; in one process a second worker thread at the loop's "
+        "priority takes the steps while other processes of the server's scheduling group keep its cores "
+        "busy; 0: one worker thread at the loop's priority (docs/server.md)",
     )
     # A balancer checking /readyz every 1 s, down after 2 failures, stops sending within 3 s.
     drain_grace_s: float = Field(

@@ -34,6 +34,7 @@ def engine_config(settings: ServiceSettings) -> EngineConfig:
     loops (`worker_nice`): this process's in one process, the request processes' beside an engine process."""
     return EngineConfig(
         worker_nice=settings.worker_nice,
+        fair_when_shared=settings.workers <= 1,  # beside request processes, they are the neighbours it yields to
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,

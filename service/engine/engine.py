@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from service.engine.answers import answer_chunk, answer_passed
 from service.engine.brownout import Brownout, floor_exit
 from service.engine.drift import DriftGuard
 from service.engine.jobs import Answer, EngineStopped, Job, LoopSink, Outcome, Sink, settle
+from service.engine.priority import Baton
 from service.engine.runner import CudaGraphRunner, EagerRunner, default_buckets
 from service.engine.scheduler import Chunk, Forecast, Scheduler
 from service.engine.shadow import ShadowChecks
@@ -59,6 +61,9 @@ class EngineConfig:
     default_priority: int = 1  # requests above this level (a smaller number) are the last a brownout degrades
     priority_step_ms: float = 0.0  # each level below the highest counts as this much less urgent
     worker_nice: int = 0  # CPU: how many nice steps below its starting thread the worker runs (it shares the cores)
+    # CPU, worker_nice > 0: a second worker thread without it takes the steps while other processes keep the
+    # worker's cores busy (service/engine/priority.py); off where the neighbours are the server's own processes
+    fair_when_shared: bool = False
 
 
 class Engine:
@@ -118,6 +123,7 @@ class Engine:
             config.max_wait_ms / 1e3,
         )
         self._thread: threading.Thread | None = None
+        self._fair_thread: threading.Thread | None = None
         self._sinks: dict[asyncio.AbstractEventLoop, LoopSink] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,6 +135,10 @@ class Engine:
         nice = self.config.worker_nice if self.device.type == "cpu" else 0
         name = f"anytime-worker-{self.device}"
         self._thread = threading.Thread(target=self.worker.loop, args=(nice,), name=name, daemon=True)
+        if nice and self.config.fair_when_shared:
+            self.worker.baton = Baton(os.sched_getaffinity(0))
+            self._fair_thread = threading.Thread(target=self.worker.loop, args=(0,), name=f"{name}-fair", daemon=True)
+            self._fair_thread.start()
         self._thread.start()
 
     def _capture(self) -> None:
@@ -170,8 +180,11 @@ class Engine:
         self.worker.stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=max(0.0, end - time.monotonic()) + JOIN_SLACK_S)
+        if self.worker.baton is not None:
+            self.worker.baton.release()
+        for thread in (self._thread, self._fair_thread):
+            if thread is not None:
+                thread.join(timeout=max(0.0, end - time.monotonic()) + JOIN_SLACK_S)
         with self._cond:
             jobs, chunks = self.scheduler.drain()
         stopped = EngineStopped("the server is shutting down")

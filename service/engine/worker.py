@@ -27,6 +27,7 @@ from service.engine.admission import Admission, unreached
 from service.engine.answers import answer_chunk, answer_rows
 from service.engine.brownout import Brownout
 from service.engine.jobs import Answer, Deliver, EngineFailure, Job, Passed, announce_passed, settle
+from service.engine.priority import Baton
 from service.engine.runner import EagerRunner, StageOutput
 from service.engine.scheduler import Batch, Chunk, Scheduler
 from service.engine.shadow import ShadowChecks
@@ -83,6 +84,7 @@ class Worker:
         self.busy = False  # a batch is running
         self.stop = threading.Event()
         self.on_step: Callable[[], None] | None = None  # after each planned step, under the lock (forecasts)
+        self.baton: Baton | None = None  # two threads, yielding and fair: which one steps (priority.py)
         self._stage_hist = [metrics.stage(k) for k in range(self.num_exits)]
         self._stage_rows = [metrics.stage_rows(k) for k in range(self.num_exits)]
 
@@ -92,7 +94,10 @@ class Worker:
         if nice:  # relative to the thread that started it: lowering a priority needs no privilege, raising one does
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        yielding = nice > 0
         while not self.stop.is_set():
+            if self.baton is not None and not self.baton.turn(yielding):
+                continue
             try:
                 if self.step(settle):
                     continue
