@@ -144,3 +144,15 @@ def test_a_busy_process_of_the_servers_own_group_on_its_core_hands_the_steps_to_
             busy.kill()
             busy.wait()
         os.sched_setaffinity(0, before)
+
+
+def test_a_sessions_cpu_counts_by_process_so_one_that_ends_takes_nothing_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scans = iter([{1: 100, 2: 500}, {1: 150, 3: 20}, {1: 150, 3: 20}])
+    monkeypatch.setattr(priority, "_session_ticks", lambda _session: next(scans))
+    monkeypatch.setattr(priority.os, "sysconf", lambda _name: 100)
+    session = priority._SessionCPU(7)
+    first = session()
+    assert session() - first == pytest.approx(0.7)  # pid 1 ran 50 ticks, pid 3 (new) 20; pid 2 ended
+    assert session() - first == pytest.approx(0.7)  # nothing ran

@@ -38,6 +38,7 @@ SAMPLE_S = 1.0  # a window: /proc counts in ticks of 10 ms, and reading a sessio
 BUSY_OTHERS = 0.25  # the group's other processes used this share of the worker's cores: the fair thread
 QUIET_OTHERS = 0.1  # at most this share for QUIET_S: the yielding thread again
 QUIET_S = 3.0
+FAILED_WAIT_S = 60.0  # after a failed read, the next try
 PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # user, nice, system: not idle, iowait or a VM's steal, nor interrupts, whose time the kernel may
@@ -84,25 +85,41 @@ def _read_usage(source: tuple[Path, float]) -> float | None:
             if key == "usage_usec":
                 return int(value) * unit
         return None
-    return int(text) * unit
+    try:
+        return int(text) * unit
+    except ValueError:
+        return None
 
 
-def _session_cpu_s(session: int) -> float:
-    """CPU seconds of every live process of `session` (utime + stime of /proc/<pid>/stat)."""
-    ticks = 0
+def _session_ticks(session: int) -> dict[int, int]:
+    """CPU time (utime + stime, in clock ticks) of every live process of `session`, by PID."""
+    ticks = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-        try:
             if int(fields[3]) == session:
-                ticks += int(fields[11]) + int(fields[12])
-        except (ValueError, IndexError):
-            continue
-    return ticks / os.sysconf("SC_CLK_TCK")
+                ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return ticks
+
+
+class _SessionCPU:
+    """The CPU time a session's processes have used while watched, in seconds: by PID, so that a process
+    that ends takes none of the others' time with it, and one that starts counts from its start."""
+
+    def __init__(self, session: int) -> None:
+        self.session = session
+        self._ticks: dict[int, int] = {}
+        self._total = 0
+
+    def __call__(self) -> float:
+        now = _session_ticks(self.session)
+        self._total += sum(max(0, t - self._ticks.get(pid, 0)) for pid, t in now.items())
+        self._ticks = now
+        return self._total / os.sysconf("SC_CLK_TCK")
 
 
 def _cores_busy_s(cores: set[int]) -> float | None:
@@ -116,7 +133,7 @@ def _cores_busy_s(cores: set[int]) -> float | None:
         name, *fields = line.split()
         if not name.startswith("cpu"):
             break
-        if int(name[3:]) in cores:
+        if name[3:].isdigit() and int(name[3:]) in cores:
             ticks += sum(int(fields[i]) for i in _BUSY_FIELDS)
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -153,7 +170,7 @@ class GroupNeighbours:
         if cgroup is not None:
             self.kind, self._group = "cgroup", lambda: _read_usage(cgroup)
         elif _autogroup():
-            self.kind, self._group = "session", lambda: _session_cpu_s(session)
+            self.kind, self._group = "session", _SessionCPU(session)
         else:
             self.kind, self._group = "every process", None
         self._last_cores: tuple[float, float, float] | None = None  # wall, the cores' busy time, this process's
@@ -198,7 +215,12 @@ class Baton:
         if now < self._next:
             return True
         self._next = now + SAMPLE_S
-        others = self.others.sample(now)
+        try:
+            others = self.others.sample(now)
+        except Exception:  # what /proc says must never stop the worker
+            log.exception("reading the scheduling group's CPU time failed; the worker keeps its thread")
+            self._next = now + FAILED_WAIT_S
+            others = None
         choice = self.choose(others, now)
         if choice == yielding:
             return True
