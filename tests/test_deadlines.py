@@ -17,12 +17,12 @@ HEADERS = {"content-type": "image/png"}
 
 
 def _first_request_is_warm(log_dir: Path) -> tuple[bool, str]:
-    """Start a fresh server; send its first request with a budget of 4x exit 1 (at least 3 ms), then nine
-    more after the same pauses: whether the first was answered in time and as fast as the others."""
+    """Start a fresh server; send its first request with a 10 ms budget, then nine more after the same
+    pauses: whether the first was answered in time and as fast as the others."""
     srv = ServerProcess(ROOT / "model_store", "fashion-mnist", log_dir=log_dir).wait_ready()
     try:
         exit1_ms = httpx.get(f"{srv.url}/v1/model").json()["stage_ms_now"][0]["1"]
-        budget = max(4 * exit1_ms, 3.0)
+        budget = 10.0
         latencies = []
         for i in range(10):
             time.sleep(0.2)
@@ -37,13 +37,16 @@ def _first_request_is_warm(log_dir: Path) -> tuple[bool, str]:
         assert srv.stop() == 0
 
 
-def test_a_fresh_server_answers_its_first_request_within_four_times_exit_1(tmp_path: Path) -> None:
+def test_a_fresh_server_answers_its_first_request_as_fast_as_the_tenth(tmp_path: Path) -> None:
     """Warm-up runs the whole request path of every protocol, in process and over the server's own socket,
     before /readyz says ready: the first request is as fast as the tenth. Each request comes after the same
-    pause (on this VM any request after an idle pause costs about 1 ms more than one in a busy stream; the
-    budget's 3 ms floor covers that). A cold request path is slow on every start (8-12 ms before the
-    warm-up covered it); a stall of the VM is not, so up to three fresh servers are tried (1 start in 8
-    of the same code missed the 3 ms by such a stall, 2026-11-29)."""
+    pause, since a request after an idle pause costs more than one in a busy stream, by how much depends on
+    the VM: 1 ms on an AMD EPYC VM, where a budget of 4x exit 1 (3 ms at least) held; 1.7 ms on an Intel
+    Xeon VM with the haltpoll idle driver, whose stages also ran at half speed after the pause (3.7 ms
+    on the server for exit 1 at 1.3 ms back to back, 2026-12-05). So the first request's budget is the
+    product's reference deadline, and the warm-up is judged against the later requests: a cold request
+    path is slow on every start (8-12 ms before the warm-up covered it); a stall of the VM is not, so up
+    to three fresh servers are tried (1 start in 8 of the same code missed by such a stall, 2026-11-29)."""
     attempts = []
     for _ in range(3):
         ok, detail = _first_request_is_warm(tmp_path)
