@@ -41,6 +41,7 @@ QUIET_S = 3.0
 FAILED_WAIT_S = 60.0  # after a failed read, the next try
 PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these ticks per second
 # user, nice, system: not idle, iowait or a VM's steal, nor interrupts, whose time the kernel may
 # account apart from the process that caused it (a server's own loopback traffic under load)
 _BUSY_FIELDS = (0, 1, 2)
@@ -119,7 +120,7 @@ class _SessionCPU:
         now = _session_ticks(self.session)
         self._total += sum(max(0, t - self._ticks.get(pid, 0)) for pid, t in now.items())
         self._ticks = now
-        return self._total / os.sysconf("SC_CLK_TCK")
+        return self._total / CLOCK_TICKS
 
 
 def _cores_busy_s(cores: set[int]) -> float | None:
@@ -135,7 +136,7 @@ def _cores_busy_s(cores: set[int]) -> float | None:
             break
         if name[3:].isdigit() and int(name[3:]) in cores:
             ticks += sum(int(fields[i]) for i in _BUSY_FIELDS)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / CLOCK_TICKS
 
 
 def _autogroup() -> bool:
