@@ -47,6 +47,7 @@ def engine_config(settings: ServiceSettings) -> EngineConfig:
         brownout_floor_pp=settings.brownout_floor_pp,
         default_priority=settings.default_priority,
         priority_step_ms=settings.priority_step_ms,
+        keep_warm_ms=settings.keep_warm_ms,
     )
 
 

@@ -64,6 +64,7 @@ class EngineConfig:
     # CPU, worker_nice > 0: a second worker thread without it takes the steps while other processes keep the
     # worker's cores busy (service/engine/priority.py); off where the neighbours are the server's own processes
     fair_when_shared: bool = False
+    keep_warm_ms: float = 0.0  # CPU: while requests come in, an idle worker runs stage 1 this often (0: never)
 
 
 class Engine:
@@ -133,6 +134,9 @@ class Engine:
         if warmup:
             self.warmup()
         nice = self.config.worker_nice if self.device.type == "cpu" else 0
+        if self.device.type == "cpu" and self.config.keep_warm_ms > 0:
+            blank = self.runner.load([torch.zeros(self.input.channels, self.input.size, self.input.size)])
+            self.worker.keep_warm(self.config.keep_warm_ms / 1e3, blank)
         name = f"anytime-worker-{self.device}"
         self._thread = threading.Thread(target=self.worker.loop, args=(nice,), name=name, daemon=True)
         if nice and self.config.fair_when_shared:

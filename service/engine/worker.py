@@ -1,7 +1,8 @@
 """The worker loop: asks the scheduler for the next batch, runs one stage and its exit for it, applies
 the exit rule (`models/exit_policy.py`) to every row at once, settles the rows that stop (one call
 per sink), and queues the rest for the next stage, where they merge with rows of other batches.
-When nothing is queued it runs shadow checks for the drift guard.
+When nothing is queued it runs shadow checks for the drift guard, and on a CPU, while requests come
+in, keeps stage 1 warm (`Worker.keep_warm`).
 
 Runs on the engine's worker thread (in the server's process, or in the engine process of several
 request processes); `Worker.step` also runs in the caller's thread for `Engine.run` (benchmarks).
@@ -36,6 +37,7 @@ from service.metrics import ModelMetrics
 
 log = logging.getLogger("anytime.engine")
 IDLE_WAIT_S = 0.05  # an idle worker wakes this often to run shadow checks and let the brownout recover
+KEEP_WARM_FOR_S = 30.0  # stage 1 is kept warm this long after the last request's run; then the worker idles
 FILL_SLEEP_S = 0.001  # waiting to fill a batch (ANYTIME_MAX_WAIT_MS), the worker polls this often
 
 
@@ -87,6 +89,8 @@ class Worker:
         self.baton: Baton | None = None  # two threads, yielding and fair: which one steps (priority.py)
         self._stage_hist = [metrics.stage(k) for k in range(self.num_exits)]
         self._stage_rows = [metrics.stage_rows(k) for k in range(self.num_exits)]
+        self._warm: tuple[float, Tensor] | None = None  # (period, stage 1's blank input): `keep_warm`
+        self._ran_at = self._served_at = -math.inf  # the last run of any kind; of a request's stage
 
     def loop(self, nice: int) -> None:
         """The worker thread's body, until `stop` is set."""
@@ -104,12 +108,49 @@ class Worker:
                 if self.shadow.pending:
                     self._shadow_step()
                     continue
-                with self._cond:
-                    if self.scheduler.queued == 0 and not self.stop.is_set():
-                        self.admission.idle(time.monotonic())
-                        self._cond.wait(timeout=IDLE_WAIT_S)
+                self._idle()
             except Exception:  # the worker must outlive any bug in one step
                 log.exception("engine step failed")
+
+    def keep_warm(self, period_s: float, blank: Tensor) -> None:
+        """While requests come in (up to `KEEP_WARM_FOR_S` after the last one's run), run stage 1 on
+        `blank` (stage 1's input for one blank sample) whenever the worker has idled `period_s`.
+
+        On a VM, a core that idles between requests loses the model's code and weights from its
+        caches to whatever else the host runs there: the next request's stage 1 ran 2-3x slower than
+        back to back (docs/server.md, "Deadlines"). A busy loop in its place does not help; running
+        the stage itself does. Invisible to admission, like a shadow check: a request arriving during
+        the run waits for it (one warm stage 1 at batch 1)."""
+        self._warm = (period_s, blank)
+
+    def _idle(self) -> None:
+        """Nothing to do: wait for work (up to `IDLE_WAIT_S`), or keep stage 1 warm when that is due."""
+        with self._cond:
+            if self.scheduler.queued or self.stop.is_set():
+                return
+            now = time.monotonic()
+            self.admission.idle(now)
+            due = self._warm_due()
+            if due is None or due > now:
+                self._cond.wait(timeout=IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, due - now))
+                return
+        self._warm_step()
+
+    def _warm_due(self) -> float | None:
+        """When the next keep-warm run is due (None: off, or no request lately)."""
+        if self._warm is None or time.monotonic() - self._served_at > KEEP_WARM_FOR_S:
+            return None
+        return self._ran_at + self._warm[0]
+
+    def _warm_step(self) -> None:
+        assert self._warm is not None
+        try:
+            self.runner.run(0, self._warm[1])
+        except Exception:  # logged once: a failing run every period would flood the log
+            log.exception("keeping stage 1 warm failed; stopped")
+            self._warm = None
+        finally:
+            self._ran_at = time.monotonic()
 
     def step(self, deliver: Deliver) -> bool:
         """Plan and run one stage for one batch; False when there was nothing to do."""
@@ -141,6 +182,7 @@ class Worker:
             failure = EngineFailure(f"inference failed: {type(exc).__name__}")
             deliver([(j, failure) for j in batch.jobs if not j.settled])
         finally:
+            self._ran_at = self._served_at = time.monotonic()
             with self._cond:
                 self.busy = False
                 self.scheduler.busy_until = 0.0
@@ -265,3 +307,5 @@ class Worker:
         except Exception:  # a failing check must not take the worker down
             log.exception("shadow check failed")
             self.shadow.current = None
+        finally:
+            self._ran_at = time.monotonic()

@@ -1,0 +1,116 @@
+"""Keeping stage 1 warm between requests (ANYTIME_KEEP_WARM_MS): when it runs, what it runs, when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifact import load_artifact
+from service.config import ServiceSettings
+from service.engine import Engine, EngineConfig, Job
+from service.engine import worker as worker_module
+from service.metrics import Metrics
+from service.options import InferenceOptions
+from service.served import engine_config
+from tests.helpers import make_artifact
+
+
+def _engine(tmp_path: Path, keep_warm_ms: float) -> Engine:
+    artifact = load_artifact(make_artifact(tmp_path, "m", "test_tiny"))
+    engine = Engine(
+        artifact, torch.device("cpu"), Metrics().for_model("m", "1", "cpu"), EngineConfig(keep_warm_ms=keep_warm_ms)
+    )
+    engine.start(warmup=False)
+    return engine
+
+
+def _stage_inputs(engine: Engine) -> list[list[torch.Tensor]]:
+    """Every input each stage runs on, as the worker runs it."""
+    seen: list[list[torch.Tensor]] = [[] for _ in range(engine.num_exits)]
+    for k, stage in enumerate(engine.model.stages):
+        stage.register_forward_hook(lambda _m, inp, _o, k=k: seen[k].append(inp[0].detach().clone()))
+    return seen
+
+
+def _request(engine: Engine) -> None:
+    """One request to the final exit, through the worker thread."""
+
+    async def one() -> None:
+        await engine.submit(Job(torch.rand(1, 28, 28) + 0.5, InferenceOptions.now(threshold=1.0)))
+
+    asyncio.run(one())
+
+
+def test_an_idle_worker_runs_stage_1_on_a_blank_input_while_requests_come_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 20 ms of idling after a request, stage 1 (and only stage 1) runs on one blank sample; none before
+    the first request, and none once `KEEP_WARM_FOR_S` has passed since the last one."""
+    monkeypatch.setattr(worker_module, "KEEP_WARM_FOR_S", 1.0)
+    engine = _engine(tmp_path, keep_warm_ms=20)
+    seen = _stage_inputs(engine)
+    try:
+        time.sleep(0.3)
+        assert seen[0] == [], "kept warm before any request"
+        _request(engine)
+        assert [len(s) for s in seen] == [1] * engine.num_exits
+        time.sleep(0.5)
+        warm = seen[0][1:]
+        assert len(warm) >= 5, f"{len(warm)} runs in 0.5 s at a 20 ms period"
+        assert all(x.shape == (1, 1, 28, 28) and not x.any() for x in warm)
+        assert [len(s) for s in seen[1:]] == [1] * (engine.num_exits - 1), "a keep-warm run went past stage 1"
+        time.sleep(0.8)  # 1.3 s after the request
+        settled = len(seen[0])
+        time.sleep(0.3)
+        assert len(seen[0]) == settled, "still kept warm after KEEP_WARM_FOR_S without requests"
+        _request(engine)  # traffic again: warm again
+        time.sleep(0.2)
+        assert len(seen[0]) >= settled + 3
+    finally:
+        engine.stop(1.0)
+
+
+def test_keep_warm_off_runs_nothing_between_requests(tmp_path: Path) -> None:
+    engine = _engine(tmp_path, keep_warm_ms=0)
+    seen = _stage_inputs(engine)
+    try:
+        _request(engine)
+        time.sleep(0.3)
+        assert len(seen[0]) == 1
+    finally:
+        engine.stop(1.0)
+
+
+def test_a_failing_keep_warm_run_is_logged_once_and_requests_are_still_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = _engine(tmp_path, keep_warm_ms=10)
+    run = engine.runner.run
+    calls = []
+
+    def failing_when_blank(k: int, h: torch.Tensor):  # type: ignore[no-untyped-def]
+        if not h.any():
+            calls.append(k)
+            raise RuntimeError("no warm run here")
+        return run(k, h)
+
+    engine.runner.run = failing_when_blank  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.ERROR, logger="anytime.engine"):
+            _request(engine)
+            time.sleep(0.3)
+            _request(engine)
+        assert calls == [0]
+        assert [r.getMessage() for r in caplog.records] == ["keeping stage 1 warm failed; stopped"]
+    finally:
+        engine.stop(1.0)
+
+
+def test_the_server_keeps_warm_every_10_ms_unless_told_otherwise() -> None:
+    assert engine_config(ServiceSettings()).keep_warm_ms == 10
+    assert engine_config(ServiceSettings(keep_warm_ms=0)).keep_warm_ms == 0
