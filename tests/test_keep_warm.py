@@ -75,6 +75,24 @@ def test_an_idle_worker_runs_stage_1_on_a_blank_input_while_requests_come_in(
         engine.stop(1.0)
 
 
+def test_waking_to_keep_warm_tells_admission_of_no_more_calm_moments_than_before(tmp_path: Path) -> None:
+    """The brownout hears the idle worker after a request's step and once per `IDLE_WAIT_S` (50 ms), not on
+    every 10 ms keep-warm wake-up."""
+    engine = _engine(tmp_path, keep_warm_ms=10)
+    calls: list[float] = []
+    idle = engine.admission.idle
+    engine.admission.idle = lambda now: (calls.append(now), idle(now))[1]  # type: ignore[method-assign]
+    seen = _stage_inputs(engine)
+    try:
+        _request(engine)
+        calls.clear()
+        time.sleep(0.5)
+        assert len(seen[0]) >= 10, "not kept warm"
+        assert 5 <= len(calls) <= 12, f"{len(calls)} calm moments in 0.5 s"
+    finally:
+        engine.stop(1.0)
+
+
 def test_keep_warm_off_runs_nothing_between_requests(tmp_path: Path) -> None:
     engine = _engine(tmp_path, keep_warm_ms=0)
     seen = _stage_inputs(engine)

@@ -91,6 +91,7 @@ class Worker:
         self._stage_rows = [metrics.stage_rows(k) for k in range(self.num_exits)]
         self._warm: tuple[float, Tensor] | None = None  # (period, stage 1's blank input): `keep_warm`
         self._ran_at = self._served_at = -math.inf  # the last run of any kind; of a request's stage
+        self._calm_at = -math.inf  # when the admission last heard the worker idle
 
     def loop(self, nice: int) -> None:
         """The worker thread's body, until `stop` is set."""
@@ -129,7 +130,11 @@ class Worker:
             if self.scheduler.queued or self.stop.is_set():
                 return
             now = time.monotonic()
-            self.admission.idle(now)
+            # Each call is a calm moment that lowers the brownout's pressure: after a request's step,
+            # else once per IDLE_WAIT_S, as without the keep-warm (its wake-ups are no extra ones).
+            if self._served_at > self._calm_at or now - self._calm_at >= IDLE_WAIT_S:
+                self._calm_at = now
+                self.admission.idle(now)
             due = self._warm_due()
             if due is None or due > now:
                 self._cond.wait(timeout=IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, due - now))
