@@ -135,15 +135,15 @@ class Worker:
             if self._served_at > self._calm_at or now - self._calm_at >= IDLE_WAIT_S:
                 self._calm_at = now
                 self.admission.idle(now)
-            due = self._warm_due()
+            due = self._warm_due(now)
             if due is None or due > now:
                 self._cond.wait(timeout=IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, due - now))
                 return
         self._warm_step()
 
-    def _warm_due(self) -> float | None:
+    def _warm_due(self, now: float) -> float | None:
         """When the next keep-warm run is due (None: off, or no request lately)."""
-        if self._warm is None or time.monotonic() - self._served_at > KEEP_WARM_FOR_S:
+        if self._warm is None or now - self._served_at > KEEP_WARM_FOR_S:
             return None
         return self._ran_at + self._warm[0]
 
