@@ -20,8 +20,10 @@ from service.served import engine_config
 from tests.helpers import make_artifact
 
 
-def _engine(tmp_path: Path, keep_warm_ms: float) -> Engine:
-    artifact = load_artifact(make_artifact(tmp_path, "m", "test_tiny"))
+def _engine(tmp_path: Path, keep_warm_ms: float, stage_ms: list[float] | None = None) -> Engine:
+    """The tiny network, or the sleepy one whose stages take `stage_ms`."""
+    network = "test_sleepy" if stage_ms else "test_tiny"
+    artifact = load_artifact(make_artifact(tmp_path, "m", network, stage_ms=stage_ms))
     engine = Engine(
         artifact, torch.device("cpu"), Metrics().for_model("m", "1", "cpu"), EngineConfig(keep_warm_ms=keep_warm_ms)
     )
@@ -71,6 +73,20 @@ def test_an_idle_worker_runs_stage_1_on_a_blank_input_while_requests_come_in(
         _request(engine)  # traffic again: warm again
         time.sleep(0.2)
         assert len(seen[0]) >= settled + 3
+    finally:
+        engine.stop(1.0)
+
+
+def test_a_stage_1_longer_than_a_tenth_of_the_period_stretches_the_period(tmp_path: Path) -> None:
+    """Stage 1 sleeps 8 ms: at a 10 ms period the keep-warm would take the core most of the time; stretched to
+    ten times the run (about 80 ms), it takes a tenth of it."""
+    engine = _engine(tmp_path, keep_warm_ms=10, stage_ms=[8, 1, 1, 1])
+    seen = _stage_inputs(engine)
+    try:
+        _request(engine)
+        time.sleep(0.5)
+        warm = len(seen[0]) - 1
+        assert 3 <= warm <= 8, f"{warm} keep-warm runs of 8 ms in 0.5 s"
     finally:
         engine.stop(1.0)
 

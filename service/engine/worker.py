@@ -38,6 +38,7 @@ from service.metrics import ModelMetrics
 log = logging.getLogger("anytime.engine")
 IDLE_WAIT_S = 0.05  # an idle worker wakes this often to run shadow checks and let the brownout recover
 KEEP_WARM_FOR_S = 30.0  # stage 1 is kept warm this long after the last request's run; then the worker idles
+KEEP_WARM_SHARE = 0.1  # the keep-warm runs take at most this share of the worker's time (its period stretches)
 FILL_SLEEP_S = 0.001  # waiting to fill a batch (ANYTIME_MAX_WAIT_MS), the worker polls this often
 
 
@@ -121,7 +122,13 @@ class Worker:
         caches to whatever else the host runs there: the next request's stage 1 ran 2-3x slower than
         back to back (docs/server.md, "Deadlines"). A busy loop in its place does not help; running
         the stage itself does. Invisible to admission, like a shadow check: a request arriving during
-        the run waits for it (one warm stage 1 at batch 1)."""
+        the run waits for it (one warm stage 1 at batch 1).
+
+        The period stretches to ten times stage 1's estimate at batch 1 (`KEEP_WARM_SHARE`): a network
+        whose stage 1 takes longer than a tenth of the period (a pretrained ResNet-50 at 224x224 takes
+        tens of milliseconds on a CPU) would otherwise keep the core busy for nothing but warmth. The
+        estimate, not the keep-warm run's own time: one run preempted by a neighbour would stretch the
+        period for nothing."""
         self._warm = (period_s, blank)
 
     def _idle(self) -> None:
@@ -145,7 +152,8 @@ class Worker:
         """When the next keep-warm run is due (None: off, or no request lately)."""
         if self._warm is None or now - self._served_at > KEEP_WARM_FOR_S:
             return None
-        return self._ran_at + self._warm[0]
+        stage_1 = self.times.predict(0, self.runner.bucket(1))
+        return self._ran_at + max(self._warm[0], stage_1 / KEEP_WARM_SHARE)
 
     def _warm_step(self) -> None:
         assert self._warm is not None
