@@ -119,7 +119,10 @@ def evaluate_in_process(artifact: Path, images: Path, threshold: float | None) -
 
 
 def _serve(store: Path, name: str, **settings: Any) -> ServerProcess:
-    server = ServerProcess(store, name, log_dir=OUT, cpus=SERVER_CPU, **settings)
+    """A server for the runs whose CPU is metered, without the keep-warm (ANYTIME_KEEP_WARM_MS=0): it runs
+    only while the worker idles, so never during these runs, but for 30 s after each one, which `metered`
+    would wait out and count against the run's requests. The SLO runs (bench/slo.py) keep it on."""
+    server = ServerProcess(store, name, log_dir=OUT, cpus=SERVER_CPU, **({"keep_warm_ms": 0} | settings))
     server.wait_ready(timeout=300)
     return server
 
