@@ -60,7 +60,7 @@ def test_refusals_come_before_decoding_and_are_counted_as_refusals(tmp_path: Pat
 
 
 def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: int) -> None:
-    """Stage 1 takes 40 ms, stage 2 300 ms (the manifest says 1 ms, so the engine runs it): a 150 ms budget is
+    """Stage 1 takes 40 ms, stage 2 300 ms (the manifest says 1 ms, so the engine runs it): a 200 ms budget is
     answered from exit 1 (reason `deadline`) before the deadline, by the server's clock, every time."""
     make_artifact(
         tmp_path, "liar", "test_sleepy", thresholds=[1.0] * 3 + [0.0], stage_ms=[40, 300, 300, 300], profile_ms=[1] * 4
@@ -69,8 +69,9 @@ def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: in
     try:
         for _ in range(8):
             # Room for a loaded two-core VM: exit 1 must be passed before the answer margin begins, or the
-            # answer waits for the deadline itself and leaves late (504); at 90 ms it once did not.
-            r = httpx.post(f"{srv.url}/classify", content=PNG, headers=_deadline(150), timeout=10)
+            # answer waits for the deadline itself and leaves late (504); at 90 ms it once did not, and at
+            # 150 once in 2-processes, now that a request may also wait for a keep-warm run of stage 1.
+            r = httpx.post(f"{srv.url}/classify", content=PNG, headers=_deadline(200), timeout=10)
             body = r.json()
             assert r.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
             time.sleep(0.4)  # stage 2 finishes: the next request finds the engine idle
