@@ -113,12 +113,12 @@ class ServiceSettings(BaseSettings):
         "priority takes the steps while other processes of the server's scheduling group keep its cores "
         "busy; 0: one worker thread at the loop's priority (docs/server.md)",
     )
-    keep_warm_ms: float = Field(
-        10.0,
+    keep_warm_ms: float | None = Field(
+        None,
         ge=0,
         description="on a CPU, while requests come in (up to 30 s after the last), an idle worker runs stage 1 "
         "on a blank input this often, so that the next request finds the model in the core's caches; "
-        "0: never (docs/server.md)",
+        "0: never; unset: 10 with one request process, 0 with several (docs/server.md)",
     )
     # A balancer checking /readyz every 1 s, down after 2 failures, stops sending within 3 s.
     drain_grace_s: float = Field(

@@ -47,8 +47,18 @@ def engine_config(settings: ServiceSettings) -> EngineConfig:
         brownout_floor_pp=settings.brownout_floor_pp,
         default_priority=settings.default_priority,
         priority_step_ms=settings.priority_step_ms,
-        keep_warm_ms=settings.keep_warm_ms,
+        keep_warm_ms=keep_warm_ms(settings),
     )
+
+
+def keep_warm_ms(settings: ServiceSettings) -> float:
+    """The keep-warm period: as set, else 10 ms in one process and off beside request processes. There the
+    engine process idles while the request processes, on the same cores, parse and answer, and a job that
+    finds a keep-warm run at nice 10 waits for it on a busy core: at 10 ms budgets it cost 3-36 points
+    of requests in time at 94-378 req/s (docs/server.md, "Deadlines")."""
+    if settings.keep_warm_ms is not None:
+        return settings.keep_warm_ms
+    return 10.0 if settings.workers <= 1 else 0.0
 
 
 class EngineClient(Protocol):

@@ -145,6 +145,8 @@ def test_a_failing_keep_warm_run_is_logged_once_and_requests_are_still_served(
         engine.stop(1.0)
 
 
-def test_the_server_keeps_warm_every_10_ms_unless_told_otherwise() -> None:
+def test_the_server_keeps_warm_every_10_ms_in_one_process_unless_told_otherwise() -> None:
     assert engine_config(ServiceSettings()).keep_warm_ms == 10
     assert engine_config(ServiceSettings(keep_warm_ms=0)).keep_warm_ms == 0
+    assert engine_config(ServiceSettings(workers=2)).keep_warm_ms == 0  # beside request processes: off
+    assert engine_config(ServiceSettings(workers=2, keep_warm_ms=5)).keep_warm_ms == 5
