@@ -79,7 +79,7 @@ def test_an_idle_worker_runs_stage_1_on_a_blank_input_while_requests_come_in(
 
 def test_a_stage_1_longer_than_a_tenth_of_the_period_stretches_the_period(tmp_path: Path) -> None:
     """Stage 1 sleeps 8 ms: at a 10 ms period the keep-warm would take the core most of the time; stretched to
-    ten times the run (about 80 ms), it takes a tenth of it."""
+    ten times stage 1's estimate (about 80 ms), it takes a tenth of it."""
     engine = _engine(tmp_path, keep_warm_ms=10, stage_ms=[8, 1, 1, 1])
     seen = _stage_inputs(engine)
     try:

@@ -70,7 +70,7 @@ def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: in
         for _ in range(8):
             # Room for a loaded two-core VM: exit 1 must be passed before the answer margin begins, or the
             # answer waits for the deadline itself and leaves late (504); at 90 ms it once did not, and at
-            # 150 once in 2-processes, now that a request may also wait for a keep-warm run of stage 1.
+            # 150 once in 2-processes under CI. In one process a request may also wait for a keep-warm run.
             r = httpx.post(f"{srv.url}/classify", content=PNG, headers=_deadline(200), timeout=10)
             body = r.json()
             assert r.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
