@@ -11,6 +11,11 @@ when that is more: a short window, so that a stall that has ended stops counting
 requests after it, and the mean rather than the maximum, since on a core shared with another
 process the loop is descheduled now and then for a time slice, and counting every request as if
 it had waited the longest slice refused 42 % of a light load (docs/server.md, "Deadlines").
+
+The timer's lateness is the wait until the loop's next round of socket reads; a request also waits
+for the reads and refusals ahead of it in that round and for the callbacks queued before its
+handler. So a request is timed from the round that read its first bytes (`ReadRound`, kept by the
+HTTP protocol, service/protocols/early.py), less the lag, not from its handler's start.
 """
 
 from __future__ import annotations
@@ -18,9 +23,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 IDLE_S = 1.0  # no request asked for this long: the timer stops until the next one
+READ_AT = "anytime.read_at"  # ASGI scope key: when the loop's round that read the request's first bytes began
+
+
+def read_at(scope: Mapping[str, Any]) -> float:
+    """When the request's first bytes were read (the start of that round of reads), else now."""
+    return scope.get(READ_AT) or time.monotonic()
+
+
+class ReadRound:
+    """When the event loop's current round of socket reads began: the first read since the loop last ran
+    its queued callbacks. Every read of one round waited in its socket at least from then."""
+
+    def __init__(self) -> None:
+        self._began: float | None = None
+
+    def began(self, loop: asyncio.AbstractEventLoop) -> float:
+        """The round's start, called as a read arrives (the first read of a round starts it)."""
+        if self._began is None:
+            self._began = time.monotonic()
+            loop.call_soon(self._end)  # runs after this round's reads, before the loop polls again
+        return self._began
+
+    def _end(self) -> None:
+        self._began = None
 
 
 class LoopLag:

@@ -6,8 +6,10 @@ decoding, warm-up traffic shadow-checked, the answer at the deadline given at th
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 from PIL import Image
@@ -78,5 +80,40 @@ def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: in
         text = httpx.get(f"{srv.url}/metrics").text
         assert metric(text, "anytime_deadline_total", model="liar", outcome="met") == 8
         assert metric(text, "anytime_deadline_total", model="liar", outcome="missed") in (None, 0)
+    finally:
+        assert srv.stop() == 0
+
+
+def _read_response(stream: BinaryIO) -> tuple[int, bytes]:
+    """One HTTP/1.1 response (status, body) from `stream`, framed by its content-length."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
+def test_a_pipelined_request_is_timed_from_when_its_bytes_were_read(tmp_path: Path, workers: int) -> None:
+    """Two requests in one write on one connection: the second waits in the server's pipeline while the
+    first takes stage 1's 50 ms. Its 80 ms budget counts from when the server read it, not from when its
+    handler began: it is refused at once (exit 1 can no longer fit), not answered 200 some 30 ms after the
+    client's deadline (as it was while the handler's start was its arrival)."""
+    make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[0.0] * 4, stage_ms=[50] * 4)
+    srv = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers).wait_ready()
+    try:
+        host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
+
+        def request(budget_ms: int) -> bytes:
+            head = f"POST /classify HTTP/1.1\r\nhost: {host}\r\ncontent-type: image/png\r\n"
+            return f"{head}x-deadline-ms: {budget_ms}\r\ncontent-length: {len(PNG)}\r\n\r\n".encode() + PNG
+
+        for _ in range(3):
+            with socket.create_connection((host, port), timeout=10) as sock, sock.makefile("rb") as stream:
+                sock.sendall(request(5000) + request(80))
+                first, second = _read_response(stream), _read_response(stream)
+            assert first[0] == 200, first
+            assert second[0] == 504 and b"deadline_exceeded" in second[1], second
     finally:
         assert srv.stop() == 0

@@ -31,6 +31,7 @@ from service.errors import (
     UNSUPPORTED_MEDIA_TYPE,
     ServiceError,
 )
+from service.loop_lag import read_at
 from service.options import NO_OPTIONS, InferenceOptions, OptionFields, budget_ms, option_fields
 from service.protocols.routes import Route
 from service.schemas import BatchClassification, Classification, ClassifyJSON, ErrorBody
@@ -193,7 +194,7 @@ def check_from_headers(
 async def classify(request: Request) -> Response:
     """Classify one image with the model the path names (the default model on /classify): multipart field
     `file`, a raw `image/*` body, or JSON `{"image": base64, ...options}`."""
-    received = time.monotonic()
+    received = read_at(request.scope)
     dp = plane(request)
     name, version = request.path_params.get("name"), request.path_params.get("version")
     checked: tuple[float, InferenceOptions] | None = request.scope.get(CHECKED)
@@ -212,7 +213,7 @@ async def classify(request: Request) -> Response:
 
 async def classify_batch(request: Request) -> Response:
     """Classify several images (multipart field `files`, repeated) with the default model."""
-    received = time.monotonic()
+    received = read_at(request.scope)
     dp = plane(request)
     async with dp.call(PROTOCOL) as model:
         if _media_type(request) != "multipart/form-data":

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import ServiceError
+from service.loop_lag import READ_AT, ReadRound
 from service.protocols import classify
 from service.pushback import Watch
 from service.served import Served
@@ -70,11 +71,23 @@ class EarlyRefusal(HttpToolsProtocol):
     """uvicorn's httptools protocol that refuses from the headers what admission would refuse."""
 
     service_app: FastAPI  # the app whose data plane decides (set by `protocol_for`)
+    reads: ReadRound  # this server's rounds of socket reads (set by `protocol_for`)
     _refused: _Refused | None = None
+    _read_at = 0.0  # the start of the round of reads in progress
+    _begun = 0.0  # the start of the round that read this request's first bytes
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = self.reads.began(self.loop)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun = self._read_at
 
     def on_headers_complete(self) -> None:
         self._refused = self._refusal()
         if self._refused is None:
+            self.scope[READ_AT] = self._begun  # type: ignore[literal-required]
             super().on_headers_complete()
 
     def _refusal(self) -> _Refused | None:
@@ -91,11 +104,11 @@ class EarlyRefusal(HttpToolsProtocol):
             return None
         start = time.monotonic()
         url = httptools.parse_url(self.url)
-        check = classify.check_from_headers(plane, url.path, url.query or b"", self.headers, start)
+        check = classify.check_from_headers(plane, url.path, url.query or b"", self.headers, self._begun)
         if check is None:
             return None
         if check.refusal is None:  # passed: the endpoint need not check again
-            self.scope[classify.CHECKED] = (start, check.options)  # type: ignore[literal-required]
+            self.scope[classify.CHECKED] = (self._begun, check.options)  # type: ignore[literal-required]
             return None
         watch = plane.pushback.watch({"client": self.client, "path": url.path.decode("latin-1")})
         return _Refused(check.model, check.refusal, start, self.parser.should_keep_alive(), watch)
@@ -154,5 +167,5 @@ class _Held:
 
 def protocol_for(app: FastAPI) -> type[EarlyRefusal]:
     """The protocol class uvicorn serves `app`'s stack with (`uvicorn.Config(http=...)`)."""
-    attributes: dict[str, Any] = {"service_app": app}
+    attributes: dict[str, Any] = {"service_app": app, "reads": ReadRound()}
     return type("EarlyRefusal", (EarlyRefusal,), attributes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from typing import Any
 
 from fastapi import Request, Response
@@ -22,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from service.dataplane import DataPlane, Protocol
 from service.errors import ServiceError, v2_status
+from service.loop_lag import read_at
 from service.options import budget_ms
 from service.protocols import v2
 from service.protocols.routes import Route
@@ -256,7 +256,7 @@ def encode(call: InferCall, model: Served, outputs: list[OutputTensor]) -> Respo
 
 async def infer(request: Request) -> Response:
     """Inference with the model (and version) the path names; JSON or binary tensor data."""
-    received = time.monotonic()
+    received = read_at(request.scope)
     dp = plane(request)
     name, version = request.path_params["name"], request.path_params.get("version")
     async with dp.call(PROTOCOL, name, version) as model:
