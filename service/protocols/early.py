@@ -14,6 +14,9 @@ complete, counted in the metrics as the endpoint counts it. A request the check 
 on to the app with its checked options (the endpoint does not check again); anything else goes on
 unchanged: pipelined requests, `Expect: 100-continue`, other routes and body forms, a draining
 server, the server's own warm-up, and every request more than `RECENT_S` after the last refusal.
+
+The protocol also stamps every request with the start of the loop's round of reads that read its
+first bytes (`ReadRound`, service/loop_lag.py): its budget counts from then, less the loop's lag.
 """
 
 from __future__ import annotations
