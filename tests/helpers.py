@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,27 @@ def metric(text: str, sample: str, **labels: str) -> float | None:
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     return sum(values) if values else None
+
+
+def raw_request(body: bytes, budget_ms: str | None = None, path: str = "/classify", extra: str = "") -> bytes:
+    """The bytes of one HTTP/1.1 `POST` of a PNG body (with `X-Deadline-Ms` when `budget_ms` is given, and any
+    `extra` header lines), for tests that write to the socket themselves (pipelining, one write for several)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
+    if budget_ms is not None:
+        head += f"X-Deadline-Ms: {budget_ms}\r\n"
+    return (head + extra + "\r\n").encode() + body
+
+
+class HttpReader:
+    """HTTP/1.1 responses, one after another, from one connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        status = int(self.file.readline().split()[1])
+        headers = {}
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, value = line.decode().split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        return status, headers, self.file.read(int(headers["content-length"]))

@@ -14,31 +14,13 @@ from PIL import Image
 
 from service.engine import QueueFull
 from service.protocols.classify import error_json
-from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
+from tests.helpers import HttpReader, ServerProcess, make_artifact, metric, png_bytes, raw_request
 
 IMAGES = [png_bytes(Image.new("L", (28, 28), shade)) for shade in range(0, 250, 10)]
 
 
 def _request(body: bytes, budget_ms: str | None = "5", path: str = "/classify", extra: str = "") -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
-    if budget_ms is not None:
-        head += f"X-Deadline-Ms: {budget_ms}\r\n"
-    return (head + extra + "\r\n").encode() + body
-
-
-class _Reader:
-    """HTTP/1.1 responses, one after another, from one connection."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.file = sock.makefile("rb")
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        status = int(self.file.readline().split()[1])
-        headers = {}
-        while (line := self.file.readline()) not in (b"\r\n", b""):
-            name, value = line.decode().split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-        return status, headers, self.file.read(int(headers["content-length"]))
+    return raw_request(body, budget_ms, path, extra)  # a 5 ms budget unless told: exit 1 cannot meet it
 
 
 def test_a_request_admission_would_refuse_is_refused_from_its_headers_as_the_endpoint_does(
@@ -50,7 +32,7 @@ def test_a_request_admission_would_refuse_is_refused_from_its_headers_as_the_end
     images = iter(IMAGES)  # another image each time: none is a resend the pushback would hold
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-            reader = _Reader(sock)
+            reader = HttpReader(sock)
             sock.sendall(_request(next(images)))  # the first refusal: by the endpoint
             by_endpoint = reader.response()
             sock.sendall(_request(next(images)))  # one just after: from the headers

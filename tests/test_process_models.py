@@ -9,12 +9,11 @@ import asyncio
 import socket
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 import httpx
 from PIL import Image
 
-from tests.helpers import ServerProcess, make_artifact, metric, png_bytes
+from tests.helpers import HttpReader, ServerProcess, make_artifact, metric, png_bytes, raw_request
 
 PNG = png_bytes(Image.new("L", (28, 28), 90))
 HEADERS = {"content-type": "image/png"}
@@ -84,17 +83,6 @@ def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: in
         assert srv.stop() == 0
 
 
-def _read_response(stream: BinaryIO) -> tuple[int, bytes]:
-    """One HTTP/1.1 response (status, body) from `stream`, framed by its content-length."""
-    status = int(stream.readline().split()[1])
-    length = 0
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return status, stream.read(length)
-
-
 def test_a_pipelined_request_is_timed_from_when_its_bytes_were_read(tmp_path: Path, workers: int) -> None:
     """Two requests in one write on one connection: the second waits in the server's pipeline while the
     first takes stage 1's 50 ms. Its 80 ms budget counts from when the server read it, not from when its
@@ -103,17 +91,12 @@ def test_a_pipelined_request_is_timed_from_when_its_bytes_were_read(tmp_path: Pa
     make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[0.0] * 4, stage_ms=[50] * 4)
     srv = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers).wait_ready()
     try:
-        host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
-
-        def request(budget_ms: int) -> bytes:
-            head = f"POST /classify HTTP/1.1\r\nhost: {host}\r\ncontent-type: image/png\r\n"
-            return f"{head}x-deadline-ms: {budget_ms}\r\ncontent-length: {len(PNG)}\r\n\r\n".encode() + PNG
-
         for _ in range(3):
-            with socket.create_connection((host, port), timeout=10) as sock, sock.makefile("rb") as stream:
-                sock.sendall(request(5000) + request(80))
-                first, second = _read_response(stream), _read_response(stream)
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                reader = HttpReader(sock)
+                sock.sendall(raw_request(PNG, "5000") + raw_request(PNG, "80"))
+                first, second = reader.response(), reader.response()
             assert first[0] == 200, first
-            assert second[0] == 504 and b"deadline_exceeded" in second[1], second
+            assert second[0] == 504 and b"deadline_exceeded" in second[2], second
     finally:
         assert srv.stop() == 0
