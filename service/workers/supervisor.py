@@ -73,7 +73,8 @@ class Supervisor:
         self.authkey = os.urandom(16)
         self.sock = bind(settings.host, settings.port)
         self.ctx = multiprocessing.get_context("spawn")
-        self.json = settings.model_dump_json()
+        # The children see how many request processes there are (0, the default, is resolved by then).
+        self.json = settings.model_copy(update={"workers": workers}).model_dump_json()
         self.engine: BaseProcess | None = None
         self.requests: dict[int, BaseProcess] = {}
         self.stopping = False
