@@ -240,14 +240,13 @@ class DataPlane:
 
         A timer set for the deadline itself fires after it, and later still when the loop is busy,
         so the loop stops waiting an answer margin early (`AnswerMargin`) when the row has passed an
-        exit to answer from; a row that has passed none is waited for until the deadline itself. Only
-        the loop's timer moves: the engine still plans to the deadline (bringing its plans forward
-        as well cost more 504s than it saved late answers; docs/server.md)."""
+        exit to answer from; a row that has passed none is waited for until the deadline itself. The
+        worker plans a row's deeper stages to that earlier time (`Job.answer_by`, set in `infer`): a
+        stage that would end after it is wasted, and on a stalled core its answer late."""
         options = job.options
         engine = model.engine
-        end = due = options.deadline
-        if options.client_deadline:
-            due -= self.margin.for_budget(options.deadline - options.received)
+        end = options.deadline
+        due = end if job.answer_by is None else job.answer_by
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=max(0.0, due - time.monotonic()))
@@ -287,6 +286,8 @@ class DataPlane:
         if options.max_exit is not None and options.max_exit > model.num_exits:
             raise ServiceError(f"max_exit: the model has {model.num_exits} exits", INVALID_OPTION)
         job = Job(x, options, shadow=not _warming())
+        if options.client_deadline:
+            job.answer_by = options.deadline - self.margin.for_budget(options.deadline - options.received)
         metrics = model.metrics
         phases = _PHASES.get()
         if phases is not None:

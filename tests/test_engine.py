@@ -157,6 +157,27 @@ def test_a_row_waiting_for_a_later_stage_is_answered_at_its_deadline(tmp_path: P
     assert took_ms < 110
 
 
+def test_a_stage_that_would_end_after_the_answer_from_the_exit_passed_is_not_run(tmp_path: Path) -> None:
+    """Stages take 30 ms and are predicted so. A job with 300 ms to its deadline, which the data plane would
+    answer from the exit it passed 50 ms after it arrived (`answer_by`), is answered from exit 1 by the worker
+    as soon as stage 1 ends (reason deadline): stage 2 would end after 50 ms, and its result be thrown away."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[30] * 4)
+    rows = _rows_per_stage(engine)
+
+    async def scenario(answer_by_ms: float | None) -> Answer:
+        job = _job(threshold=1.0, deadline_ms=300)
+        if answer_by_ms is not None:
+            job.answer_by = job.options.received + answer_by_ms / 1e3
+        return await engine.submit(job)  # only the worker answers here: no timer at the deadline
+
+    answer = asyncio.run(scenario(50))
+    assert (answer.exit, answer.reason) == (1, Reason.DEADLINE), answer
+    assert [len(r) for r in rows] == [1, 0, 0, 0]
+    answer = asyncio.run(scenario(None))  # the deadline alone: every stage fits in 300 ms
+    engine.stop(1.0)
+    assert (answer.exit, answer.reason) == (4, Reason.FINAL)
+
+
 def test_no_exit_reached_by_the_deadline_is_a_504_not_a_late_answer(tmp_path: Path) -> None:
     engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[80] * 4, profile_ms=[1] * 4)
 

@@ -42,7 +42,7 @@ def _chunk(stage: int, jobs: list[Job]) -> Chunk:
     n = len(jobs)
     return Chunk(
         stage, jobs, torch.zeros(n, 2), torch.full((n, 3), 1 / 3), np.full(n, 0.5),
-        np.array([j.deadline for j in jobs]), np.array([min(j.deadline, j.options.received + 0.5) for j in jobs]),
+        np.array([j.plan_by for j in jobs]), np.array([min(j.deadline, j.options.received + 0.5) for j in jobs]),
     )  # fmt: skip
 
 
@@ -133,6 +133,20 @@ def test_unreachable_new_jobs_leave_and_late_rows_are_answered_from_their_exit()
     plan = s.plan(0.0)  # the earlier deadline runs; after its 10 ms the other cannot finish by 12 ms
     assert plan.batch is not None and plan.batch.jobs == [first]
     assert [j for c in plan.late for j in c.jobs] == [second] and s.queued == 0
+
+
+def test_a_row_past_an_exit_runs_its_next_stage_only_if_it_ends_before_the_answer_from_that_exit() -> None:
+    """The data plane answers a row from the exit it passed at `answer_by`, before its deadline: a stage
+    that would end after that is not run, and the row is answered now; exit 1 still counts to the deadline."""
+    s = _scheduler(max_batch=4)
+    waiting, new = _job(0.0, 0.015), _job(0.0, 0.015)
+    waiting.answer_by = new.answer_by = 0.008  # stages take 10 ms
+    s.put(_chunk(1, [waiting]))
+    s.add(new)
+    plan = s.plan(0.0)
+    assert [j for c in plan.late for j in c.jobs] == [waiting]  # answered from exit 1 now, not at 8 ms
+    assert plan.batch is not None and plan.batch.jobs == [new]  # exit 1 by 10 ms meets its 15 ms deadline
+    assert not plan.unreachable
 
 
 def test_a_slow_spell_cannot_make_the_estimates_refuse_work_for_good() -> None:

@@ -82,6 +82,7 @@ class Job:
     started: float | None = None  # when its first stage began
     admitted: float | None = None  # when admission took it, predicting a wait of `predicted_wait_s` for exit 1
     predicted_wait_s: float = 0.0
+    answer_by: float | None = None  # when the data plane answers from the exit passed (None: the deadline)
     passed: Passed | None = None  # set by the worker while the job waits for a deeper stage
     fallback: Answer | None = None  # in a request process: the engine process's answer from the exit passed
     sink: Sink | None = None  # who takes the answer: a LoopSink, or another process's link
@@ -91,6 +92,12 @@ class Job:
     @property
     def deadline(self) -> float:
         return self.options.deadline
+
+    @property
+    def plan_by(self) -> float:
+        """When a row that passed an exit must have its next one: the data plane answers from the exit
+        passed then, so a stage that ends later is wasted (or, with a stalled event loop, its answer late)."""
+        return self.options.deadline if self.answer_by is None else self.answer_by
 
     @property
     def settled(self) -> bool:

@@ -70,7 +70,7 @@ class Chunk:
     h: Tensor
     p: Tensor
     conf: np.ndarray
-    deadlines: np.ndarray
+    plan_by: np.ndarray  # each row's `Job.plan_by`: when it must pass its next exit
     priorities: np.ndarray
 
     def __len__(self) -> int:
@@ -86,7 +86,7 @@ class Chunk:
         t = torch.from_numpy(idx).to(self.h.device)
         jobs = [self.jobs[i] for i in idx.tolist()]
         h, p = self.h.index_select(0, t), self.p.index_select(0, t)
-        return Chunk(self.stage, jobs, h, p, self.conf[idx], self.deadlines[idx], self.priorities[idx])
+        return Chunk(self.stage, jobs, h, p, self.conf[idx], self.plan_by[idx], self.priorities[idx])
 
 
 @dataclass
@@ -314,8 +314,9 @@ class Scheduler:
             return Plan(None, late, unreachable)
         batch = self._take(stage, now)
         run_s = self.times.predict(stage, self.bucket(len(batch.jobs)))
-        # Rows in the batch that would finish past their deadline leave now, from the exit they passed. New
-        # jobs are judged by the lower of the estimate and the warm-up figure, as admission judges them.
+        # Rows past an exit that would finish after their `Job.plan_by` leave now, from the exit they passed;
+        # new jobs, that would miss their deadline, leave unanswered. New jobs are judged by the lower of
+        # the estimate and the warm-up figure, as admission judges them.
         if stage == 0:
             first_s = min(run_s, self.times.baseline(0, self.bucket(len(batch.jobs))))
             keep = [j for j in batch.jobs if now + first_s <= j.deadline]
@@ -325,7 +326,7 @@ class Scheduler:
         else:
             kept = []
             for chunk in batch.chunks:
-                ok, gone = chunk.split(chunk.deadlines >= now + run_s)
+                ok, gone = chunk.split(chunk.plan_by >= now + run_s)
                 if gone is not None:
                     late.append(gone)
                 if ok is not None and len(ok):
@@ -474,7 +475,7 @@ class Scheduler:
         return out
 
     def _expire(self, at: float) -> list[Chunk]:
-        """Rows in deeper queues that cannot finish their stage by their deadline if it starts at `at`."""
+        """Rows in deeper queues that cannot finish their stage by their `Job.plan_by` if it starts at `at`."""
         late: list[Chunk] = []
         for k in range(1, self.num_stages):
             if not self.waiting[k]:
@@ -482,7 +483,7 @@ class Scheduler:
             need = at + self.times.predict(k, self.bucket(1))
             kept = []
             for chunk in self.waiting[k]:
-                ok, gone = chunk.split(chunk.deadlines >= need)
+                ok, gone = chunk.split(chunk.plan_by >= need)
                 if gone is not None:
                     late.append(gone)
                 if ok is not None and len(ok):

@@ -48,7 +48,7 @@ class _Rows:
 
     jobs: list[Job]
     h: Tensor
-    deadlines: np.ndarray
+    plan_by: np.ndarray  # each row's `Job.plan_by`: its next exit is wasted after it
     priorities: np.ndarray
     override: np.ndarray | None
     max_exit: np.ndarray | None
@@ -220,7 +220,7 @@ class Worker:
             return _Rows(
                 jobs,
                 self.runner.load([j.x for j in jobs]),
-                np.array([j.deadline for j in jobs]),
+                np.array([j.plan_by for j in jobs]),
                 np.array([j.priority for j in jobs]),
                 _column([j.options.threshold for j in jobs], math.nan),
                 _column([j.max_exit for j in jobs], NO_MAX_EXIT),
@@ -231,7 +231,7 @@ class Worker:
         return _Rows(
             jobs,
             h,
-            np.concatenate([c.deadlines for c in chunks]),
+            np.concatenate([c.plan_by for c in chunks]),
             np.concatenate([c.priorities for c in chunks]),
             _column([j.options.threshold for j in jobs], math.nan),
             _column([j.max_exit for j in jobs], NO_MAX_EXIT),
@@ -263,7 +263,7 @@ class Worker:
             out.conf,
             thr,
             max_exit=rows.max_exit,
-            deadline=rows.deadlines,
+            deadline=rows.plan_by,
             now=now,
             next_stage_s=self.times.predict(k + 1, self.runner.bucket(1)),
         )
@@ -304,7 +304,7 @@ class Worker:
         for r, job in enumerate(jobs):
             job.passed = Passed(p, r, k, float(conf[r]))
         announce_passed(jobs)
-        chunk = Chunk(k + 1, jobs, h, p, conf, rows.deadlines[idx], rows.priorities[idx])
+        chunk = Chunk(k + 1, jobs, h, p, conf, rows.plan_by[idx], rows.priorities[idx])
         with self._cond:
             if self.brownout.enabled and k + 1 >= self.brownout.max_exit:
                 late = chunk  # the brownout lowered the limit while these rows ran

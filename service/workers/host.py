@@ -145,7 +145,7 @@ class WorkerLink:
                 x = self.arena.tensor(record.slot, record.shape)
             else:
                 x = torch.frombuffer(bytearray(record.inline or b""), dtype=torch.float32).view(record.shape)
-            job = Job(x, record.options, shadow=record.shadow)
+            job = Job(x, record.options, shadow=record.shadow, answer_by=record.answer_by)
             model.acquire()
             with self._lock:
                 self._jobs[id(job)] = (record.id, model)

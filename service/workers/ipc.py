@@ -54,6 +54,7 @@ class JobRecord:
     inline: bytes | None
     options: InferenceOptions
     shadow: bool  # may be shadow-checked for the drift guard (warm-up traffic is not)
+    answer_by: float | None  # when the request process answers from the exit passed (`Job.answer_by`)
 
 
 @dataclass(slots=True)

@@ -198,7 +198,9 @@ class RemoteRegistry:
         slot = self._arena.put(x) if self._arena is not None else None
         inline = None if slot is not None else x.numpy().tobytes()
         self._pending[job_id] = (future, slot, job)
-        self._outbox.append(JobRecord(job_id, name, version, slot, tuple(x.shape), inline, job.options, job.shadow))
+        self._outbox.append(
+            JobRecord(job_id, name, version, slot, tuple(x.shape), inline, job.options, job.shadow, job.answer_by)
+        )
         if len(self._outbox) == 1:  # one message for every job of this turn of the event loop
             loop.call_soon(self._flush)
         return future
