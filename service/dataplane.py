@@ -243,10 +243,8 @@ class DataPlane:
         exit to answer from; a row that has passed none is waited for until the deadline itself. The
         worker plans a row's deeper stages to that earlier time (`Job.answer_by`, set in `infer`): a
         stage that would end after it is wasted, and on a stalled core its answer late."""
-        options = job.options
         engine = model.engine
-        end = options.deadline
-        due = end if job.answer_by is None else job.answer_by
+        end, due = job.deadline, job.plan_by
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=max(0.0, due - time.monotonic()))
