@@ -104,9 +104,15 @@ def v2_status(kind: Kind) -> int:
 
 
 def to_error(exc: BaseException) -> ServiceError | None:
-    """The ServiceError an exception stands for; None for an unexpected one (a bug: answered 500 and logged)."""
+    """The ServiceError an exception stands for; None for an unexpected one (a bug: answered 500 and logged).
+
+    A ServiceError comes back without its traceback: it is an answer, not a fault, and its traceback
+    holds the frames it was raised through, one of which holds the error itself (admission raises the
+    refusal it built). Kept, every refusal would be a reference cycle that only the cycle collector
+    frees, and under overload its passes stalled the event loop for up to 4 ms several times a second
+    (docs/server.md, "Refusals leave no garbage")."""
     if isinstance(exc, ServiceError):
-        return exc
+        return exc.with_traceback(None)
     if isinstance(exc, HTTPException):  # Starlette's own, e.g. its multipart parser's 400 "Too many fields"
         kind = _BY_STATUS.get(exc.status_code, BAD_REQUEST)
         return ServiceError(str(exc.detail), kind, headers=dict(exc.headers or {}))  # keeps Allow on a 405

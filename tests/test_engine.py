@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import statistics
 import threading
@@ -19,6 +20,7 @@ from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Engine, EngineConfig, EngineFailure, Job, QueueFull
 from service.engine.brownout import HOLD_S, Brownout, floor_exit
 from service.engine.scheduler import Chunk
+from service.errors import ServiceError, to_error
 from service.metrics import Metrics
 from service.options import InferenceOptions
 from service.served import engine_config
@@ -135,6 +137,28 @@ def test_admission_refuses_at_once_what_cannot_reach_exit_1(tmp_path: Path) -> N
     assert "exit 1 is predicted" in str(refused)
     assert took < 0.001
     assert all(isinstance(a, Answer) for a in done)
+
+
+def test_a_refusal_made_an_answer_leaves_nothing_for_the_cycle_collector(tmp_path: Path) -> None:
+    """Under overload most requests are refused. A refusal raised by admission and answered must be
+    freed by reference counting: as a cycle (the frame that raised it, kept in its traceback, holds it)
+    each one waited for the cycle collector, whose passes stall the event loop (`to_error` drops the
+    traceback)."""
+    engine = _engine(tmp_path, "test_sleepy", start=False, stage_ms=[40] * 4)  # exit 1 alone takes 40 ms
+    error: ServiceError | None = None
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            try:
+                engine.precheck(InferenceOptions.now(threshold=1.0, deadline_ms=5))
+            except DeadlineUnreachable as exc:
+                error = to_error(exc)
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
+    assert isinstance(error, DeadlineUnreachable) and error.__traceback__ is None
 
 
 def test_a_row_waiting_for_a_later_stage_is_answered_at_its_deadline(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ def check_from_headers(
         options = dp.options(received, fields, budgets)
         dp.precheck(model, options)
     except (DeadlineUnreachable, QueueFull) as refused:
-        return HeadersCheck(model, options, refused)
+        return HeadersCheck(model, options, refused.with_traceback(None))  # an answer, not a fault (to_error)
     except ServiceError:
         return None  # the usual path answers it, with its own error
     return HeadersCheck(model, options, None)
