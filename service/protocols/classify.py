@@ -30,6 +30,7 @@ from service.errors import (
     TOO_MANY_ITEMS,
     UNSUPPORTED_MEDIA_TYPE,
     ServiceError,
+    to_error,
 )
 from service.loop_lag import read_at
 from service.options import NO_OPTIONS, InferenceOptions, OptionFields, budget_ms, option_fields
@@ -185,7 +186,7 @@ def check_from_headers(
         options = dp.options(received, fields, budgets)
         dp.precheck(model, options)
     except (DeadlineUnreachable, QueueFull) as refused:
-        return HeadersCheck(model, options, refused.with_traceback(None))  # an answer, not a fault (to_error)
+        return HeadersCheck(model, options, to_error(refused))  # kept without its traceback
     except ServiceError:
         return None  # the usual path answers it, with its own error
     return HeadersCheck(model, options, None)
