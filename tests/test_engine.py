@@ -161,6 +161,28 @@ def test_a_refusal_made_an_answer_leaves_nothing_for_the_cycle_collector(tmp_pat
     assert isinstance(error, DeadlineUnreachable) and error.__traceback__ is None
 
 
+def test_the_check_before_decoding_holds_a_place_until_the_job_is_submitted(tmp_path: Path) -> None:
+    """One process: a request the check let through counts against the in-flight limit for the checks
+    after it while it decodes, and its submission takes the place it held."""
+    engine = _engine(tmp_path, start=False)  # nothing runs: admitted jobs stay in flight
+    engine.scheduler.limit.value = 2.0
+
+    async def scenario() -> None:
+        engine.submit(_job(deadline_ms=1000))  # one in flight
+        checked = _job(deadline_ms=1000)
+        engine.precheck(checked.options)
+        assert engine.holds.count(time.monotonic()) == 1
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            engine.precheck(InferenceOptions.now(deadline_ms=1000))
+        engine.submit(checked)
+        assert engine.holds.count(time.monotonic()) == 0 and engine.scheduler.in_flight == 2
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop(0.0)
+
+
 def test_a_row_waiting_for_a_later_stage_is_answered_at_its_deadline(tmp_path: Path) -> None:
     """The manifest says stages take 1 ms; stage 1 takes 40 ms and stage 2 200 ms. A 100 ms deadline is met
     from exit 1 (reason deadline) while stage 2 still runs, not after it."""

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.admission import Admission, precheck_forecast
+from service.engine.admission import Admission, Holds, precheck_forecast
 from service.engine.brownout import Brownout
-from service.engine.jobs import Job, QueueFull
+from service.engine.jobs import DeadlineUnreachable, Job, QueueFull
 from service.engine.limit import InflightLimit, allows
 from service.engine.scheduler import Chunk, Scheduler
 from service.engine.timing import STALE_S, AnswerMargin, StageTimes
 from service.options import InferenceOptions
 from service.workers.ipc import ForecastBoard, ModelState
-from service.workers.remote import RemoteEngine, Unsubmitted
+from service.workers.remote import RemoteEngine
 
 STAGE_S = [0.010, 0.010, 0.010]  # every stage takes 10 ms at any batch size here
 
@@ -324,20 +324,58 @@ def test_a_request_process_counts_the_requests_it_let_through_until_it_submits_t
 
 def test_a_request_let_through_and_never_submitted_is_forgotten() -> None:
     """A request that failed between the check and its submission (a bad image, a client gone) holds a
-    place for `FORGET_S` at most, or until its deadline."""
-    unsubmitted = Unsubmitted()
+    place for `FORGET_S` at most, or until its deadline; releasing says whether there was a hold."""
+    holds = Holds()
     now = 100.0
     long = InferenceOptions(received=now, deadline=now + 1.0, client_deadline=True)
     short = InferenceOptions(received=now, deadline=now + 0.01, client_deadline=True)
-    unsubmitted.add(long, now)
-    unsubmitted.add(short, now)
-    assert unsubmitted.count(now) == 2
-    assert unsubmitted.count(now + 0.02) == 1  # the short one's deadline passed
-    assert unsubmitted.count(now + Unsubmitted.FORGET_S) == 0
-    unsubmitted.add(long, now)
-    unsubmitted.submitted(long)
-    unsubmitted.submitted(short)  # not there: nothing happens
-    assert unsubmitted.count(now) == 0
+    holds.add(long, now)
+    holds.add(short, now)
+    assert holds.count(now) == 2
+    assert holds.count(now + 0.02) == 1  # the short one's deadline passed
+    assert holds.count(now + Holds.FORGET_S) == 0
+    assert not holds.release(long)  # forgotten: its submission is admitted as if unchecked
+    holds.add(long, now)
+    assert holds.release(long)
+    assert not holds.release(short)  # not there: nothing happens
+    assert holds.count(now) == 0
+
+
+def test_a_request_the_check_let_through_holds_its_place_until_admission() -> None:
+    """In one process the check before decoding counts the places held by the requests it let through
+    and that are still decoding, so a burst's later requests are refused before decoding rather than at
+    admission; a request that held a place is admitted though the limit filled or the queue grew while it
+    was decoded, and refused then only for what no queue changes (its deadline passed)."""
+    s = _scheduler(max_batch=1)
+    admission, holds = Admission(s, Brownout(3, 1, enabled=False), 100, lambda _: None), Holds()
+    s.limit.value = 2.0
+    admission.admit(_job(0.0, 1.0), 0.0)  # one job in flight
+    a = _job(0.0, 1.0)
+    admission.precheck(a.options, 0.0, holds.count(0.0))
+    holds.add(a.options, 0.0)
+    with pytest.raises(QueueFull, match="2 requests are waiting"):  # one in flight, `a` decoding
+        admission.precheck(_job(0.0, 1.0).options, 0.0, holds.count(0.0))
+    admission.admit(_job(0.0, 1.0), 0.0)  # meanwhile, one the check did not see: at the limit now
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        admission.admit(_job(0.0, 1.0), 0.001)  # unchecked: refused
+    admission.admit(a, 0.001, checked=holds.release(a.options))  # held its place: admitted all the same
+    assert s.in_flight == 3 and a.admitted == 0.001
+
+    s = _scheduler(max_batch=1)  # the queue ahead: three urgent jobs of 10 ms each
+    admission = Admission(s, Brownout(3, 1, enabled=False), 100, lambda _: None)
+    for _ in range(3):
+        admission.admit(_job(0.0, 0.03), 0.0)
+    with pytest.raises(QueueFull, match="exit 1 is predicted 40.0 ms from now"):
+        admission.admit(_job(0.0, 0.035), 0.0)
+    checked = _job(0.0, 0.035)
+    holds.add(checked.options, 0.0)
+    admission.admit(checked, 0.0, checked=holds.release(checked.options))
+    assert s.in_flight == 4
+    gone = _job(0.0, 0.035)
+    holds.add(gone.options, 0.0)
+    with pytest.raises(DeadlineUnreachable, match="deadline passed"):
+        admission.admit(gone, 0.04, checked=holds.release(gone.options))
+    assert s.in_flight == 4
 
 
 def _level(job: Job, level: int) -> Job:

@@ -7,7 +7,8 @@ nothing queued, when as many admitted jobs wait for exit 1 as the in-flight limi
 from whether they made it, service/engine/limit.py; never on an idle engine), or when the work
 queued ahead of it would make it miss exit 1. The check before decoding (`precheck`) makes the
 same decision without admitting anything, so that under overload a request is refused before the
-server spends time decoding it.
+server spends time decoding it. A request the check lets through holds a place under the in-flight
+limit until it is submitted (`Holds`), and admission then refuses it only for what no queue changes.
 
 With several request processes the check before decoding runs in a request process, from the
 `Forecast` the engine process publishes after every step (its jobs in flight after every admission
@@ -82,15 +83,49 @@ def unreached(
     )
 
 
-def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float, unsubmitted: int = 0) -> None:
+class Holds:
+    """The requests the check before decoding let through that admission has not seen yet (their body
+    still arriving, or decoding). Each holds a place under the in-flight limit for the checks after it,
+    until it is submitted, or for `FORGET_S` (one that failed on its way, a bad image or a client gone,
+    holds none for long; a later submission is then admitted as if unchecked).
+
+    Checked one after another as a round of reads brings them, the requests of a burst all found the
+    same places free, were decoded, and most were then refused at admission after all: decoding that
+    under overload took the core from admitted work (docs/server.md, "The check holds a place"). Used
+    on the thread that checks: the event loop in one process or a request process."""
+
+    FORGET_S = 0.05
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[InferenceOptions, float]] = {}  # id -> (the request's options, until)
+
+    def add(self, options: InferenceOptions, now: float) -> None:
+        self._held[id(options)] = (options, min(options.deadline, now + self.FORGET_S))
+
+    def release(self, options: InferenceOptions) -> bool:
+        """Forget the hold of the request with `options`; whether it had one (the check let it through)."""
+        held = self._held.get(id(options))
+        if held is None or held[0] is not options:
+            return False
+        del self._held[id(options)]
+        return True
+
+    def count(self, now: float) -> int:
+        """How many places are held at `now`."""
+        if any(until <= now for _, until in self._held.values()):
+            self._held = {key: held for key, held in self._held.items() if held[1] > now}
+        return len(self._held)
+
+
+def precheck_forecast(forecast: Forecast, options: InferenceOptions, now: float, held: int = 0) -> None:
     """The check before decoding from a published forecast: raises what `Admission.precheck` would,
-    without a brownout step (`unsubmitted`: checked requests admission has not seen yet)."""
+    without a brownout step (`held`: places held by checked requests admission has not seen yet)."""
     error = refusal(options, now, forecast.stopping, forecast.full, forecast.exit1_s)
     if isinstance(error, QueueFull):
         error.retry_after_s = forecast.retry_after_s
     if error is not None:
         raise error
-    in_flight = forecast.in_flight + unsubmitted
+    in_flight = forecast.in_flight + held
     if not allows(forecast.limit, in_flight):
         raise at_limit(in_flight, forecast.retry_after_s)
     if options.client_deadline:
@@ -119,21 +154,25 @@ class Admission:
         """A job of a higher level than the default: the last a brownout degrades (never, while it holds)."""
         return 0 < job.options.priority < self.default_priority
 
-    def precheck(self, options: InferenceOptions, now: float) -> None:
-        """Refuse now what admission would refuse, admitting nothing. While a brownout can still go a
-        level lower, it refuses only what would be late even then (the deeper queues cut), after
-        stepping the brownout down as admission would."""
-        self._decide(options, now, admitting=False)
+    def precheck(self, options: InferenceOptions, now: float, held: int = 0) -> None:
+        """Refuse now what admission would refuse, admitting nothing, with `held` places held by the
+        requests checked before it (`Holds`). While a brownout can still go a level lower, it refuses
+        only what would be late even then (the deeper queues cut), after stepping the brownout down as
+        admission would."""
+        self._decide(options, now, admitting=False, held=held)
 
-    def admit(self, job: Job, now: float) -> None:
-        """Queue `job` for stage 1, or raise QueueFull (503), DeadlineUnreachable (504), EngineStopped (503)."""
+    def admit(self, job: Job, now: float, checked: bool = False) -> None:
+        """Queue `job` for stage 1, or raise QueueFull (503), DeadlineUnreachable (504), EngineStopped (503).
+        A `checked` job held its place since the check before decoding: only what no queue changes
+        refuses it (`refusal`), not the in-flight limit or the queue ahead, which it was checked against."""
         job.max_exit = job.options.max_exit
         if self.brownout.enabled and self.brownout.level and not self.spared(job):
             job.max_exit = min(job.max_exit or self.scheduler.num_stages, self.brownout.max_exit)
-        wait = self._decide(job.options, now, admitting=True)
+        wait = self._decide(job.options, now, admitting=True, checked=checked)
         self.scheduler.add(job, now, wait)
 
-    def _decide(self, options: InferenceOptions, now: float, admitting: bool) -> float:
+    def _decide(self, options: InferenceOptions, now: float, admitting: bool, held: int = 0, checked: bool = False
+                ) -> float:  # fmt: skip
         """The one decision; returns the predicted wait for exit 1 (what admission queues the job with)."""
         s, b = self.scheduler, self.brownout
         error = refusal(options, now, self.stopping, s.queued >= self.queue_size, s.exit1_alone())
@@ -141,8 +180,8 @@ class Admission:
             if isinstance(error, QueueFull):
                 error.retry_after_s = s.backlog_s(now)
             raise error
-        if not (s.idle() or allows(s.limit.value, s.in_flight)):
-            raise at_limit(s.in_flight, s.backlog_s(now))
+        if not (checked or s.idle() or allows(s.limit.value, s.in_flight + held)):
+            raise at_limit(s.in_flight + held, s.backlog_s(now))
         priority = s.priority(options)
         can_degrade = b.enabled and b.max_exit > b.floor
         # Before decoding, rows a brownout could still cut do not count against the request.
@@ -155,7 +194,7 @@ class Admission:
             self.brownout_changed()
             if admitting:
                 wait, eta = s.exit1_forecast(priority, now)  # the brownout cut the deeper queues
-        if eta > options.deadline:
+        if eta > options.deadline and not checked:
             raise late_for_exit_1(eta, options.deadline, now, s.backlog_s(now))
         return wait
 

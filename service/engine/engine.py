@@ -24,7 +24,7 @@ import torch
 
 from models.artifact import Artifact
 from models.exit_policy import MAX_EXIT
-from service.engine.admission import Admission, unreached
+from service.engine.admission import Admission, Holds, unreached
 from service.engine.answers import answer_chunk, answer_passed
 from service.engine.brownout import Brownout, floor_exit
 from service.engine.drift import DriftGuard
@@ -100,6 +100,7 @@ class Engine:
         )
         floor = floor_exit([e.val_accuracy for e in manifest.exits], config.brownout_floor_pp)
         self.brownout = Brownout(self.num_exits, floor, config.overload == "degrade")
+        self.holds = Holds()  # the requests the check before decoding let through, until submitted
         self.admission = Admission(self.scheduler, self.brownout, config.queue_size, self._cut, config.default_priority)
         self._admitted: Callable[[int], None] | None = None  # the engine process's board (`publish`)
         epsilon = (manifest.policy.epsilon_pp or 0.0) / 100
@@ -223,16 +224,19 @@ class Engine:
         job.sink = sink
         now = time.monotonic()
         with self._cond:
-            self.admission.admit(job, now)
+            self.admission.admit(job, now, checked=self.holds.release(job.options))
             self.metrics.queue_depth.set(self.scheduler.queued)
             if self._admitted is not None:
                 self._admitted(self.scheduler.in_flight)
             self._cond.notify()
 
     def precheck(self, options: InferenceOptions) -> None:
-        """Refuse now what admission would refuse, before the caller decodes the input (admission.py)."""
+        """Refuse now what admission would refuse, before the caller decodes the input; what it lets
+        through holds a place until submitted (admission.py)."""
+        now = time.monotonic()
         with self._cond:
-            self.admission.precheck(options, time.monotonic())
+            self.admission.precheck(options, now, self.holds.count(now))
+            self.holds.add(options, now)
 
     def publish(self, write: Callable[[], None] | None, admitted: Callable[[int], None] | None = None) -> None:
         """Call `write` (under the lock) now, after every worker step and when the engine stops, and

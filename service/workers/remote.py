@@ -8,7 +8,7 @@ event loop go in one message. Answers come back one message per engine stage and
 futures on the event loop, errors rebuilt into the engine's typed errors; the answers of exits a
 row passed are kept on its job, so that the data plane answers from them at the deadline as it
 does in one process. The check before decoding reads the model's forecast board, and counts the
-requests this process let through and has not submitted yet as in flight (`Unsubmitted`).
+requests this process let through and has not submitted yet as in flight (`Holds`, admission.py).
 
 Runs in a request process: on its event loop, and the link's reader thread (`_read`).
 """
@@ -31,7 +31,7 @@ from typing import Any
 from models.artifact import read_manifest
 from service.config import ServiceSettings
 from service.engine import Answer, Job
-from service.engine.admission import precheck_forecast, unreached
+from service.engine.admission import Holds, precheck_forecast, unreached
 from service.engine.jobs import engine_error
 from service.errors import NOT_READY, ServiceError
 from service.metrics import Metrics
@@ -46,36 +46,6 @@ SLOTS = 128  # inputs in flight per request process before they travel inline in
 CONTROL_TIMEOUT_S = 600.0  # a load warms the model up (minutes for a large one on a CPU); an unload drains it
 
 
-class Unsubmitted:
-    """The requests this process's check before decoding let through and that it has not submitted
-    yet (their body still arriving, or decoding). The forecast they are checked against counts the
-    jobs the engine process admitted as of its last publication, and two request processes check at
-    once: the requests checked in between found the same places free, were decoded, and were refused
-    at admission after all. Under overload that was most requests, and the decoding they cost starved
-    the engine until lost jobs had cut its in-flight limit to a few (docs/server.md, "With several
-    request processes, the check counts what it let through"). The check counts them as in flight.
-    Each is forgotten when its job is submitted, or after `FORGET_S`: one that failed on its way (a
-    bad image, a client gone) holds no place for long. In one process admission's own count is
-    current, and counting these there too refused more than it saved. Used on the event loop."""
-
-    FORGET_S = 0.05
-
-    def __init__(self) -> None:
-        self._until: dict[int, float] = {}  # id of the request's options -> when it is forgotten
-
-    def add(self, options: InferenceOptions, now: float) -> None:
-        self._until[id(options)] = min(options.deadline, now + self.FORGET_S)
-
-    def submitted(self, options: InferenceOptions) -> None:
-        self._until.pop(id(options), None)
-
-    def count(self, now: float) -> int:
-        """How many there are at `now`."""
-        if any(until <= now for until in self._until.values()):
-            self._until = {key: until for key, until in self._until.items() if until > now}
-        return len(self._until)
-
-
 class RemoteEngine:
     """The data plane's engine client for a model whose engine runs in the engine process."""
 
@@ -83,14 +53,17 @@ class RemoteEngine:
         self.registry, self.name, self.version, self.num_exits = registry, state.name, state.version, num_exits
         self.board_spec = state.board
         self.board = ForecastBoard.attach(state.board) if state.board else None
-        self.unsubmitted = Unsubmitted()
+        # The forecast counts the jobs the engine process admitted as of its last publication, and two
+        # request processes check at once: the places this one's checks let through count as in flight.
+        # Its admission is the engine process's, which sees no holds and decides afresh.
+        self.holds = Holds()
 
     @property
     def alive(self) -> bool:
         return self.registry.connected
 
     def submit(self, job: Job) -> asyncio.Future:
-        self.unsubmitted.submitted(job.options)
+        self.holds.release(job.options)
         return self.registry.submit(job, self.name, self.version)
 
     def precheck(self, options: InferenceOptions) -> None:
@@ -99,8 +72,8 @@ class RemoteEngine:
         forecast = self.board.read() if self.board is not None else None
         now = time.monotonic()
         if forecast is not None:
-            precheck_forecast(forecast, options, now, self.unsubmitted.count(now))
-        self.unsubmitted.add(options, now)
+            precheck_forecast(forecast, options, now, self.holds.count(now))
+        self.holds.add(options, now)
 
     def passed(self, job: Job) -> bool:
         return job.fallback is not None
