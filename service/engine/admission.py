@@ -8,13 +8,15 @@ from whether they made it, service/engine/limit.py; never on an idle engine), or
 queued ahead of it would make it miss exit 1. The check before decoding (`precheck`) makes the
 same decision without admitting anything, so that under overload a request is refused before the
 server spends time decoding it. A request the check lets through holds a place under the in-flight
-limit until it is submitted (`Holds`), and admission then refuses it only for what no queue changes.
+limit until it is submitted (`Holds`), and admission in the same process then refuses it only for
+what no queue changes.
 
 With several request processes the check before decoding runs in a request process, from the
 `Forecast` the engine process publishes after every step (its jobs in flight after every admission
 too; service/workers/ipc.py): the same refusals, from figures at most one engine step old, and no
-brownout step (admission, in the engine process, still takes it). The request process counts the
-requests it let through and has not submitted yet as in flight (service/workers/remote.py).
+brownout step (admission, in the engine process, still takes it). The request process's holds count
+in flight there too (service/workers/remote.py); the engine process's admission sees none and decides
+afresh.
 
 Runs under the engine's lock, on the thread that admits: the event loop in a single process, a
 link's reader thread in the engine process.
@@ -171,8 +173,9 @@ class Admission:
         wait = self._decide(job.options, now, admitting=True, checked=checked)
         self.scheduler.add(job, now, wait)
 
-    def _decide(self, options: InferenceOptions, now: float, admitting: bool, held: int = 0, checked: bool = False
-                ) -> float:  # fmt: skip
+    def _decide(
+        self, options: InferenceOptions, now: float, admitting: bool, held: int = 0, checked: bool = False
+    ) -> float:
         """The one decision; returns the predicted wait for exit 1 (what admission queues the job with)."""
         s, b = self.scheduler, self.brownout
         error = refusal(options, now, self.stopping, s.queued >= self.queue_size, s.exit1_alone())
