@@ -18,6 +18,7 @@ from models.artifact import load_artifact
 from models.exit_policy import Reason
 from service.config import ServiceSettings
 from service.engine import Answer, DeadlineUnreachable, Engine, EngineConfig, EngineFailure, Job, QueueFull
+from service.engine.answers import answer_passed
 from service.engine.brownout import HOLD_S, Brownout, floor_exit
 from service.engine.scheduler import Chunk
 from service.errors import ServiceError, to_error
@@ -201,6 +202,36 @@ def test_a_row_waiting_for_a_later_stage_is_answered_at_its_deadline(tmp_path: P
     engine.stop(1.0)
     assert (answer.exit, answer.reason) == (1, Reason.DEADLINE)
     assert took_ms < 110
+
+
+def test_the_answer_at_the_deadline_is_made_by_the_worker_as_the_row_goes_on(tmp_path: Path) -> None:
+    """A row with a client's deadline that goes on past exit 1 carries its answer from exit 1, made on the
+    worker beside the stage: at the deadline the event loop (or, with several request processes, the
+    engine process's message) only times it. A row without one carries none (the server's cap answers it
+    from the exit it passed, made then)."""
+    engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[10, 200, 200, 200], profile_ms=[1] * 4)
+
+    async def scenario() -> tuple[Job, Job]:
+        timed, capped = _job(threshold=1.0, deadline_ms=5000), _job(threshold=1.0)
+        futures = [engine.submit(timed), engine.submit(capped)]
+        while timed.passed is None or capped.passed is None:  # both ran stage 1 and wait for stage 2
+            await asyncio.sleep(0.005)
+        for future in futures:
+            future.cancel()
+        return timed, capped
+
+    timed, capped = asyncio.run(scenario())
+    engine.stop(1.0)
+    assert timed.passed is not None and timed.fallback is not None  # from the last exit it passed
+    assert (timed.fallback.exit, timed.fallback.reason) == (timed.passed.exit + 1, Reason.DEADLINE)
+    assert capped.fallback is None
+    later = time.monotonic() + 0.5
+    answer = answer_passed(timed, later)
+    assert answer is not None and answer.index == timed.fallback.index
+    assert answer.compute_s == pytest.approx(later - timed.options.received - timed.fallback.queue_s)
+    made_now = answer_passed(capped, later)
+    assert capped.passed is not None and made_now is not None
+    assert (made_now.exit, made_now.reason) == (capped.passed.exit + 1, Reason.DEADLINE)
 
 
 def test_a_stage_that_would_end_after_the_answer_from_the_exit_passed_is_not_run(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 Pure functions of tensors and jobs. They run on the worker thread (rows that stop at an exit, or
 that a deadline or brownout answers from the exit they passed) and on the event loop (the answer
-at a deadline, `answer_passed_row`), in whichever process runs the engine.
+at a deadline, `answer_passed`), in whichever process runs the engine.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -46,8 +48,33 @@ def answer_chunk(chunk: Chunk, code: int, now: float) -> list[tuple[Job, Answer]
     return list(zip(jobs, answers, strict=True))
 
 
+def prepare_fallbacks(jobs: list[Job], p: Tensor, conf: np.ndarray, k: int, now: float) -> None:
+    """Rows going on past 0-based exit `k`: the answer from it (reason `deadline`) of each with a client's
+    deadline (`Job.fallback`). Made by the worker beside the stage, in either process model, so that the
+    answer at the deadline costs the event loop next to nothing: made there, on a VM whose host took
+    the core now and then, it took the loop 1-3 ms and up to 13 (docs/server.md, "The answer at the
+    deadline"). Rows without a client's deadline are answered so only at the server's cap, from `passed`."""
+    rows = [r for r, job in enumerate(jobs) if job.options.client_deadline]
+    if not rows:
+        return
+    pick = p if len(rows) == len(jobs) else p.index_select(0, torch.tensor(rows, device=p.device))
+    chosen = [jobs[r] for r in rows]
+    answers = answer_rows(chosen, pick, conf[rows], np.full(len(rows), DEADLINE), k, now)
+    for job, answer in zip(chosen, answers, strict=True):
+        job.fallback = answer
+
+
+def timed_at(answer: Answer, job: Job, now: float) -> Answer:
+    """`answer`, prepared earlier for `job`, with its compute time counted to `now`."""
+    started = job.options.received + answer.queue_s
+    return dataclasses.replace(answer, compute_s=now - started)
+
+
 def answer_passed(job: Job, now: float) -> Answer | None:
-    """The answer from the last exit `job` passed (reason `deadline`), or None if it passed none."""
+    """The answer from the last exit `job` passed (reason `deadline`), timed as of `now`: the one the
+    worker prepared (`prepare_fallbacks`), else made now; None if it passed none."""
+    if job.fallback is not None:
+        return timed_at(job.fallback, job, now)
     passed = job.passed
     if passed is None:
         return None

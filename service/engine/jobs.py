@@ -84,7 +84,9 @@ class Job:
     predicted_wait_s: float = 0.0
     answer_by: float | None = None  # when the data plane answers from the exit passed (None: the deadline)
     passed: Passed | None = None  # set by the worker while the job waits for a deeper stage
-    fallback: Answer | None = None  # in a request process: the engine process's answer from the exit passed
+    # The answer from that exit at its deadline, made by the worker beside the stage for a client's
+    # deadline (in a request process: sent by the engine process), so that the event loop only times it.
+    fallback: Answer | None = None
     sink: Sink | None = None  # who takes the answer: a LoopSink, or another process's link
     future: asyncio.Future | None = None  # an in-process job's answer (completed by its LoopSink)
     done: bool = False  # set by a sink once it has taken an answer for this job

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from models.exit_policy import CONFIDENCE, DEADLINE, GO_ON, MAX_EXIT, NO_MAX_EXIT, decide
 from service.engine.admission import Admission, unreached
-from service.engine.answers import answer_chunk, answer_rows
+from service.engine.answers import answer_chunk, answer_rows, prepare_fallbacks
 from service.engine.brownout import Brownout
 from service.engine.jobs import Answer, Deliver, EngineFailure, Job, Passed, announce_passed, settle
 from service.engine.priority import Baton
@@ -301,6 +301,7 @@ class Worker:
             h, p = out.h.index_select(0, t), out.p.index_select(0, t)
         jobs = [rows.jobs[i] for i in live]
         conf = out.conf[idx]
+        prepare_fallbacks(jobs, p, conf, k, time.monotonic())
         for r, job in enumerate(jobs):
             job.passed = Passed(p, r, k, float(conf[r]))
         announce_passed(jobs)

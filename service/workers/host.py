@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from multiprocessing.connection import Listener
 from typing import Any
 
@@ -27,7 +26,6 @@ import torch
 
 from service.config import ServiceSettings
 from service.engine import Answer, Engine, Job
-from service.engine.answers import answer_passed
 from service.engine.jobs import Outcome as EngineOutcome
 from service.errors import NOT_READY, ServiceError, internal_error, to_error
 from service.registry import ModelRegistry
@@ -89,16 +87,11 @@ class WorkerLink:
             self.link.send(("answers", items))
 
     def passed(self, jobs: list[Job]) -> None:
-        """Rows that went on past an exit: their answer from it, for the request process to answer with
-        at the deadline (only jobs with a client's deadline are ever answered so)."""
+        """Rows that went on past an exit: their answer from it (`Job.fallback`, made by the worker for a
+        client's deadline), for the request process to answer with at the deadline."""
         with self._lock:
-            ids = [(job, self._jobs.get(id(job))) for job in jobs if job.options.client_deadline]
-        now = time.monotonic()
-        items = []
-        for job, entry in ids:
-            answer = answer_passed(job, now) if entry is not None else None
-            if answer is not None:
-                items.append(Passed(entry[0], answer))
+            entries = [(self._jobs.get(id(job)), job.fallback) for job in jobs]
+        items = [Passed(entry[0], answer) for entry, answer in entries if entry is not None and answer is not None]
         if items:
             self.link.send(("passed", items))
 

@@ -16,7 +16,6 @@ Runs in a request process: on its event loop, and the link's reader thread (`_re
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -32,6 +31,7 @@ from models.artifact import read_manifest
 from service.config import ServiceSettings
 from service.engine import Answer, Job
 from service.engine.admission import Holds, precheck_forecast, unreached
+from service.engine.answers import timed_at
 from service.engine.jobs import engine_error
 from service.errors import NOT_READY, ServiceError
 from service.metrics import Metrics
@@ -85,8 +85,7 @@ class RemoteEngine:
             forecast = self.board.read() if self.board is not None else None
             exit1_s = forecast.exit1_s if forecast is not None else 0.0
             raise unreached("no exit was reached by the deadline", job.options, exit1_s)
-        started = job.options.received + answer.queue_s
-        return dataclasses.replace(answer, compute_s=time.monotonic() - started)
+        return timed_at(answer, job, time.monotonic())
 
     def close(self) -> None:
         if self.board is not None:
