@@ -51,9 +51,9 @@ def answer_chunk(chunk: Chunk, code: int, now: float) -> list[tuple[Job, Answer]
 def prepare_fallbacks(jobs: list[Job], p: Tensor, conf: np.ndarray, k: int, now: float) -> None:
     """Rows going on past 0-based exit `k`: the answer from it (reason `deadline`) of each with a client's
     deadline (`Job.fallback`). Made by the worker beside the stage, in either process model, so that the
-    answer at the deadline costs the event loop next to nothing: made there, on a VM whose host took
-    the core now and then, it took the loop 1-3 ms and up to 13 (docs/server.md, "The answer at the
-    deadline"). Rows without a client's deadline are answered so only at the server's cap, from `passed`."""
+    answer at the deadline costs the event loop next to nothing: made by the loop at the deadline, a
+    stalled core pushed it past the answer margin (docs/server.md, "The answer at the deadline"). Rows
+    without a client's deadline are answered so only at the server's cap, from `passed`."""
     rows = [r for r, job in enumerate(jobs) if job.options.client_deadline]
     if not rows:
         return
