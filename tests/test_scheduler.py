@@ -187,9 +187,12 @@ def test_the_answer_margin_learns_how_late_the_timer_fires_within_its_bounds() -
         margin.observe(1.0)
     assert margin.estimate_s == pytest.approx(5e-3)
     assert margin.for_budget(4e-3) == pytest.approx(1e-3)  # never more than a quarter of the budget
+    assert margin.for_budget(10e-3) == pytest.approx(2.5e-3)
+    assert margin.for_budget(200e-3) == pytest.approx(10e-3)  # a long budget keeps 5 % of itself
     for _ in range(10_000):  # an idle loop: back down to the floor
         margin.observe(0.0)
     assert margin.estimate_s == pytest.approx(1e-3)  # the loop's timer resolution
+    assert margin.for_budget(10e-3) == pytest.approx(1e-3) and margin.for_budget(60e-3) == pytest.approx(3e-3)
 
 
 def test_admission_learns_how_much_longer_than_predicted_jobs_wait() -> None:
