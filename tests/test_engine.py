@@ -401,27 +401,38 @@ def test_the_worker_runs_the_set_nice_steps_below_the_thread_that_started_it(tmp
 
 
 def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_path: Path) -> None:
-    """Stages take 4 ms, one row per run (about 60 jobs/s to full depth): a burst of 600 requests with 40 ms
-    deadlines in 0.3 s is mostly refused; then one request every 60 ms: every one of them after the first
-    2 s is answered in time."""
+    """Stages take 4 ms, one row per run (about 60 jobs/s to full depth): one request every 60 ms for 1.5 s
+    shows how late this machine answers when calm; a burst of 600 requests with 40 ms deadlines in 0.3 s is
+    mostly refused; then one request every 60 ms: every one of them after the first 2 s is answered in
+    time, or no later than the latest calm one on a VM whose stalls make even calm answers late."""
     engine = _engine(tmp_path, "test_sleepy", max_batch=1, stage_ms=[4] * 4)
 
-    async def scenario() -> tuple[list, list]:
+    async def paced(seconds: float) -> list[tuple[float, object, float]]:
+        """One request every 60 ms for `seconds`: (sent after, outcome, seconds after its deadline)."""
+        out, start = [], time.monotonic()
+        while time.monotonic() - start < seconds:
+            job = _job(threshold=1.0, deadline_ms=40)
+            outcome = (await _submit_all(engine, [job]))[0]
+            out.append((time.monotonic() - start, outcome, time.monotonic() - job.deadline))
+            await asyncio.sleep(0.06)
+        return out
+
+    async def scenario() -> tuple[list, list, list]:
+        calm = await paced(1.5)
         burst = []
         for _ in range(600):
             burst.append(asyncio.ensure_future(_submit_all(engine, [_job(threshold=1.0, deadline_ms=40)])))
             await asyncio.sleep(0.0005)
         await asyncio.gather(*burst)
-        after, start = [], time.monotonic()
-        while time.monotonic() - start < 3.0:
-            job = _job(threshold=1.0, deadline_ms=40)
-            outcome = (await _submit_all(engine, [job]))[0]
-            after.append((time.monotonic() - start, outcome, time.monotonic() <= job.deadline + LOOP_SLACK_S))
-            await asyncio.sleep(0.06)
-        return [r[0] for r in await asyncio.gather(*burst)], after
+        after = await paced(3.0)
+        return calm, [r[0] for r in await asyncio.gather(*burst)], after
 
-    burst, after = asyncio.run(scenario())
+    calm, burst, after = asyncio.run(scenario())
     engine.stop(1.0)
+    assert all(isinstance(o, Answer) for _, o, _ in calm), calm
+    slack_s = max(LOOP_SLACK_S, max(late for _, _, late in calm) + 0.005)
     assert sum(not isinstance(o, Answer) for o in burst) > len(burst) / 2  # the burst was an overload
-    late = [(round(t, 2), o) for t, o, in_time in after if t >= 2.0 and not (isinstance(o, Answer) and in_time)]
-    assert not late, late
+    late = [
+        (round(t, 2), o, late) for t, o, late in after if t >= 2.0 and not (isinstance(o, Answer) and late <= slack_s)
+    ]
+    assert not late, (slack_s, late)

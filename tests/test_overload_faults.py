@@ -99,15 +99,18 @@ def test_twenty_times_saturation_gives_only_200_503_504(tmp_path: Path, workers:
 @pytest.mark.slow
 def test_after_an_overload_burst_the_server_serves_normally_within_two_seconds(tmp_path: Path, workers: int) -> None:
     """The issue's recovery test end to end, in both process models: stages sleep 5 ms, one row per run,
-    and every request goes to exit 4 (about 50 req/s). A burst of 600 requests with 60 ms budgets, sent as
-    fast as the client can (several times the capacity), is largely refused; then one request every 100 ms
-    (a fifth of the capacity): every one of them sent 2 s or more after the burst's last answer is a 200
-    within its budget."""
+    and every request goes to exit 4 (about 50 req/s). One request every 100 ms (a fifth of the capacity)
+    for 1.5 s shows how this machine serves when calm; then a burst of 600 requests with 60 ms budgets,
+    sent as fast as the client can (several times the capacity), is largely refused; then one request
+    every 100 ms again: every one of them sent 2 s or more after the burst's last answer is a 200 within
+    its budget, or, on a VM so slow that calm requests take longer, within the slowest calm one's time.
+    (In CI on such a VM, requests 2 s after the burst were 200s in 61-76 ms by the client's clock.)"""
     make_artifact(tmp_path, "sleepy", "test_sleepy", thresholds=[1.0, 1.0, 1.0, 0.0], stage_ms=[5] * 4)
     srv = ServerProcess(tmp_path, "sleepy", max_batch=1, warmup="false", workers=workers).wait_ready()
     headers = {"content-type": "image/png", "x-deadline-ms": "60"}
+    Paced = list[tuple[float, int, float]]
 
-    async def scenario() -> tuple[list[int], float, list[tuple[float, int, float]]]:
+    async def scenario() -> tuple[Paced, list[int], float, Paced]:
         limits = httpx.Limits(max_connections=300)
         async with httpx.AsyncClient(base_url=srv.url, timeout=30, limits=limits) as client:
 
@@ -116,30 +119,38 @@ def test_after_an_overload_burst_the_server_serves_normally_within_two_seconds(t
                 r = await client.post("/classify", content=PNG, headers=headers)
                 return r.status_code, time.monotonic() - t0
 
+            async def paced(seconds: float) -> Paced:
+                """One request every 100 ms for `seconds`: (sent after, status, took)."""
+                out, begun = [], time.monotonic()
+                while time.monotonic() - begun < seconds:
+                    status, took = await one()
+                    out.append((time.monotonic() - begun, status, took))
+                    await asyncio.sleep(0.1)
+                return out
+
+            calm = await paced(1.5)
             burst, start = [], time.monotonic()
             for i in range(600):  # as fast as the client sends them, up to 1,000 req/s
                 await asyncio.sleep(max(0.0, start + i / 1000 - time.monotonic()))
                 burst.append(asyncio.create_task(one()))
             sent_in = time.monotonic() - start
             statuses = [s for s, _ in await asyncio.gather(*burst)]
-            after, ended = [], time.monotonic()
-            while time.monotonic() - ended < 4.0:
-                status, took = await one()
-                after.append((time.monotonic() - ended, status, took))
-                await asyncio.sleep(0.1)
-            return statuses, sent_in, after
+            return calm, statuses, sent_in, await paced(4.0)
 
     try:
-        statuses, sent_in, after = asyncio.run(scenario())
+        calm, statuses, sent_in, after = asyncio.run(scenario())
         model = httpx.get(f"{srv.url}/v1/model", timeout=10).json()
     finally:
         assert srv.stop() == 0
     counts = {s: statuses.count(s) for s in set(statuses)}
+    assert [s for _, s, _ in calm] == [200] * len(calm), calm  # a calm server answers every request
+    limit_ms = max(60 + 5, max(took for _, _, took in calm) * 1e3 + 5)
     settled = [(round(t, 2), s, round(took * 1e3, 1)) for t, s, took in after if t >= 2.0]
-    missed = [(t, s, ms) for t, s, ms in settled if s != 200 or ms > 60 + 5]
+    missed = [(t, s, ms) for t, s, ms in settled if s != 200 or ms > limit_ms]
     early = [s for t, s, _ in after if t < 2.0]
-    print(f"burst of {len(statuses)} in {sent_in:.2f} s: {counts}; in the 2 s after it {early.count(200)} of "
-          f"{len(early)} answered, then {len(settled) - len(missed)} of {len(settled)} in time; "
+    print(f"calm: {len(calm)} answered in {sorted(round(took * 1e3, 1) for _, _, took in calm)} ms; "
+          f"burst of {len(statuses)} in {sent_in:.2f} s: {counts}; in the 2 s after it {early.count(200)} of "
+          f"{len(early)} answered, then {len(settled) - len(missed)} of {len(settled)} within {limit_ms:.1f} ms; "
           f"in-flight limit {model['in_flight_limit']:.1f}, stage 1 now {model['stage_ms_now'][0]}")  # fmt: skip
     # An overload: a quarter or more refused, not half, since a slower client sends the burst at a lower
     # rate and more of it is answered at its deadline from an earlier exit.
