@@ -418,7 +418,7 @@ def test_after_an_overload_burst_normal_load_is_served_within_two_seconds(tmp_pa
         return out
 
     async def scenario() -> tuple[list, list, list]:
-        calm = await paced(1.5)
+        calm = (await paced(1.56))[1:]  # the first pays the engine's cold path
         burst = []
         for _ in range(600):
             burst.append(asyncio.ensure_future(_submit_all(engine, [_job(threshold=1.0, deadline_ms=40)])))

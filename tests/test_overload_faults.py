@@ -128,7 +128,7 @@ def test_after_an_overload_burst_the_server_serves_normally_within_two_seconds(t
                     await asyncio.sleep(0.1)
                 return out
 
-            calm = await paced(1.5)
+            calm = (await paced(1.6))[1:]  # the first pays the cold path of a server without warm-up
             burst, start = [], time.monotonic()
             for i in range(600):  # as fast as the client sends them, up to 1,000 req/s
                 await asyncio.sleep(max(0.0, start + i / 1000 - time.monotonic()))
