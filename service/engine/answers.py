@@ -1,8 +1,10 @@
 """Answers from an exit's probabilities: the class, confidence, top-k and timings of each row.
 
-Pure functions of tensors and jobs. They run on the worker thread (rows that stop at an exit, or
-that a deadline or brownout answers from the exit they passed) and on the event loop (the answer
-at a deadline, `answer_passed`), in whichever process runs the engine.
+Pure functions of tensors and jobs. They run on the worker thread (rows that stop at an exit, rows
+that a deadline or brownout answers from the exit they passed, and the answer a row with a client's
+deadline carries past an exit, `prepare_fallbacks`) and on the event loop (the answer at a deadline,
+`answer_passed`: that carried answer timed, or for a row without one, made then), in whichever
+process runs the engine.
 """
 
 from __future__ import annotations
