@@ -255,6 +255,23 @@ def test_jobs_lost_past_their_deadline_cut_the_in_flight_limit_and_successes_gro
     assert allows(limit.value, 3) and not allows(limit.value, 4)
 
 
+def test_a_job_past_its_answer_time_but_by_its_deadline_leaves_the_in_flight_limit_as_it_is() -> None:
+    """Exit 1 passed by the time the answer is due (the deadline less the answer margin) raises the limit;
+    passed after that but by the deadline (a near miss) leaves it; after the deadline cuts it."""
+    s = _scheduler(max_batch=4)
+    s.limit.value = 4.0
+    early, near, late = _job(0.0, 0.010), _job(0.0, 0.010), _job(0.0, 0.010)
+    for job in (early, near, late):
+        job.answer_by = 0.0075  # a 2.5 ms answer margin
+        s.add(job, now=0.0, wait_s=0.002)
+    s.waited([early], 0.007, ran=True)
+    assert s.limit.value == pytest.approx(4.25) and s.in_flight == 2
+    s.waited([near], 0.009, ran=True)
+    assert s.limit.value == pytest.approx(4.25) and s.in_flight == 1
+    s.waited([late], 0.011, ran=True)
+    assert s.limit.value == pytest.approx(4.25 * 0.75) and s.in_flight == 0
+
+
 def test_admission_refuses_at_the_in_flight_limit_but_never_on_an_idle_engine() -> None:
     """Jobs admitted count in flight until stage 1 ran for them or they were dropped; at the limit admission
     refuses at once (503, saying how many wait), and so does a request process's check before decoding, from

@@ -7,11 +7,16 @@ its figure, and jobs admitted by the prediction wait past their deadline in stag
 a stretched run. Work admitted and then lost costs the loop its decoding, its timer and a late
 refusal, and the worker runs whose rows nobody reads (receive livelock: Mogul & Ramakrishnan,
 1997). The limit is the cure of TCP's congestion window and of adaptive concurrency limits
-(Netflix's concurrency-limits, Envoy's adaptive concurrency): a job that passes exit 1 by its
-deadline raises it by 1/limit (one more job per limit's worth of successes), a job that does not
-cuts it by `CUT`, once per generation (jobs admitted before the last cut do not cut it again, so
-one stall's burst of losses counts once). It starts at the queue's size, so that only losses
-bring it down, and never goes below 1, so that an idle engine always admits.
+(Netflix's concurrency-limits, Envoy's adaptive concurrency): a job that passes exit 1 by the time
+its answer is due (`Job.plan_by`: its deadline less the answer margin) raises it by 1/limit (one
+more job per limit's worth of successes), a job that misses exit 1 by its deadline cuts it by
+`CUT`, once per generation (jobs admitted before the last cut do not cut it again, so one stall's
+burst of losses counts once). A job in between, exit 1 after its answer was due but by its
+deadline, is a near miss and leaves the limit as it is, as TCP Vegas stops growing its window when
+the queue's delay rises before packets are lost: raised on near misses, the limit kept probing
+into losses, and about one admitted job in seven was lost at three times the SLO capacity
+(docs/server.md, "Deadlines"). It starts at the queue's size, so that only losses bring it down,
+and never goes below 1, so that an idle engine always admits.
 
 Runs under the engine's lock, in the engine's process, like the scheduler that owns it.
 """

@@ -272,17 +272,18 @@ class Scheduler:
 
     def waited(self, jobs: Sequence[Job], now: float, ran: bool = False) -> None:
         """Admitted jobs that passed exit 1 (`ran`: stage 1 ran for them) or were dropped without it at `now`:
-        their waits teach the slowdown, and whether they made it by their deadline the in-flight limit."""
+        their waits teach the slowdown, and when they passed exit 1 the in-flight limit (`InflightLimit`)."""
         measured = [j for j in jobs if j.admitted is not None]
         if not measured:
             return
         self.slowdown.observe([j.predicted_wait_s for j in measured], [now - j.admitted for j in measured], now)
         self.in_flight = max(0, self.in_flight - len(measured))
         for job in measured:
-            if ran and now <= job.deadline:
-                self.limit.passed()
-            else:
+            if not ran or now > job.deadline:
                 self.limit.lost(job.admitted, now)
+            elif now <= job.plan_by:
+                self.limit.passed()
+            # else a near miss: exit 1 came after the answer was due, by the deadline; the limit holds
 
     def backlog_s(self, now: float) -> float:
         """Predicted seconds to run everything queued (for Retry-After)."""
