@@ -14,9 +14,9 @@ more job per limit's worth of successes), a job that misses exit 1 by its deadli
 burst of losses counts once). A job in between, exit 1 after its answer was due but by its
 deadline, is a near miss and leaves the limit as it is, as TCP Vegas stops growing its window when
 the queue's delay rises before packets are lost: raised on near misses, the limit kept probing
-into losses, and about one admitted job in seven was lost at three times the SLO capacity
-(docs/server.md, "Deadlines"). It starts at the queue's size, so that only losses bring it down,
-and never goes below 1, so that an idle engine always admits.
+into losses (docs/server.md, "Admitted work is capped by what made its deadline"). It starts at
+the queue's size, so that only losses bring it down, and never goes below 1, so that an idle
+engine always admits.
 
 Runs under the engine's lock, in the engine's process, like the scheduler that owns it.
 """
@@ -41,7 +41,7 @@ class InflightLimit:
         self._cut_at = -float("inf")  # when the limit was last cut
 
     def passed(self) -> None:
-        """A job passed exit 1 by its deadline."""
+        """A job passed exit 1 by the time its answer was due."""
         self.value = min(self.ceiling, self.value + 1.0 / self.value)
 
     def lost(self, admitted: float, now: float) -> None:
