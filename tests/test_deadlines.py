@@ -113,13 +113,19 @@ def test_refusals_come_at_once_and_no_answer_comes_after_its_deadline(tmp_path: 
         too_short = httpx.post(f"{honest.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "20"})
         message = too_short.json()["error"]["message"]
         assert too_short.status_code == 504 and "of the 20.0 ms budget" in message and "exit 1 needs about" in message
-        t0 = time.perf_counter()
         # 150 ms: exit 1 at 60 ms leaves room for the first job of a server without warm-up, whose cold path
         # over an engine process's link took 18 ms more (a fresh-clone CI run missed 90 ms once, 2026-12-01)
         # and, on a VM whose host took the cores now and then, over 45 (105 ms missed in 2 of 3, 2026-12-06).
-        answered = httpx.post(f"{liar.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "150"})
-        took = time.perf_counter() - t0
-        body = answered.json()
+        # A stall across the answer margin (7.5 ms here) makes the answer ready after the deadline: refused
+        # (504), not sent late, which is the promise kept; the request is then sent once more.
+        for _ in range(2):
+            t0 = time.perf_counter()
+            answered = httpx.post(f"{liar.url}/classify", content=PNG, headers={**HEADERS, "x-deadline-ms": "150"})
+            took = time.perf_counter() - t0
+            body = answered.json()
+            if not (answered.status_code == 504 and "after the deadline" in body["error"]["message"]):
+                break
+            time.sleep(0.5)  # stage 2 (200 ms) finishes
         assert answered.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
         assert body["latency_ms"] <= 150 + 2 and took < 0.25  # at the deadline, not after stage 2 (at 260 ms)
     finally:
