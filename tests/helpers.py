@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -100,6 +101,12 @@ def metric(text: str, sample: str, **labels: str) -> float | None:
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     return sum(values) if values else None
+
+
+def ready_late(response: httpx.Response) -> bool:
+    """Whether `response` is the 504 of an answer that was ready only after its deadline (the loop stalled
+    across the answer margin): the promise kept by refusing, not a 200 sent late."""
+    return response.status_code == 504 and "after the deadline" in response.json()["error"]["message"]
 
 
 def raw_request(body: bytes, budget_ms: str | None = None, path: str = "/classify", extra: str = "") -> bytes:

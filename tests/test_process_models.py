@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.helpers import HttpReader, ServerProcess, make_artifact, metric, png_bytes, raw_request
+from tests.helpers import HttpReader, ServerProcess, make_artifact, metric, png_bytes, raw_request, ready_late
 
 PNG = png_bytes(Image.new("L", (28, 28), 90))
 HEADERS = {"content-type": "image/png"}
@@ -76,19 +76,17 @@ def test_the_answer_at_the_deadline_leaves_before_it(tmp_path: Path, workers: in
     try:
         for _ in range(8):
             r = httpx.post(f"{srv.url}/classify", content=PNG, headers=_deadline(200), timeout=10)
-            body = r.json()
-            if r.status_code == 504 and "after the deadline" in body["error"]["message"]:
+            if ready_late(r):
                 late += 1
             else:
+                body = r.json()
                 assert r.status_code == 200 and (body["exit"], body["reason"]) == (1, "deadline"), body
                 assert body["latency_ms"] < 200, body
             time.sleep(0.4)  # stage 2 finishes: the next request finds the engine idle
         assert late <= 1, f"{late} of 8 answers were ready only after their deadline"
         text = httpx.get(f"{srv.url}/metrics").text
         assert metric(text, "anytime_deadline_total", model="liar", outcome="met") == 8 - late
-        assert metric(text, "anytime_deadline_total", model="liar", outcome="missed") in (
-            (None, 0) if not late else (late,)
-        )
+        assert (metric(text, "anytime_deadline_total", model="liar", outcome="missed") or 0) == late
     finally:
         assert srv.stop() == 0
 
