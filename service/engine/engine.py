@@ -219,12 +219,14 @@ class Engine:
         self.submit_to(job, sink)
         return job.future
 
-    def submit_to(self, job: Job, sink: Sink) -> None:
-        """Admit `job`, whose answer goes to `sink`; raises like `submit`."""
+    def submit_to(self, job: Job, sink: Sink, checked: bool = False) -> None:
+        """Admit `job`, whose answer goes to `sink`; raises like `submit`. `checked`: a request process's check
+        before decoding let it through and held its place (a job this engine's own check let through counts
+        as checked as well)."""
         job.sink = sink
         now = time.monotonic()
         with self._cond:
-            self.admission.admit(job, now, checked=self.holds.release(job.options))
+            self.admission.admit(job, now, checked=self.holds.release(job.options) or checked)
             self.metrics.queue_depth.set(self.scheduler.queued)
             if self._admitted is not None:
                 self._admitted(self.scheduler.in_flight)

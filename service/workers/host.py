@@ -143,7 +143,7 @@ class WorkerLink:
             with self._lock:
                 self._jobs[id(job)] = (record.id, model)
             try:
-                model.engine.submit_to(job, self)
+                model.engine.submit_to(job, self, checked=record.checked)
             except Exception:
                 with self._lock:
                     self._jobs.pop(id(job), None)

@@ -55,6 +55,7 @@ class JobRecord:
     options: InferenceOptions
     shadow: bool  # may be shadow-checked for the drift guard (warm-up traffic is not)
     answer_by: float | None  # when the request process answers from the exit passed (`Job.answer_by`)
+    checked: bool = False  # the sender's check before decoding let it through and held its place (`Holds`)
 
 
 @dataclass(slots=True)

@@ -8,7 +8,8 @@ event loop go in one message. Answers come back one message per engine stage and
 futures on the event loop, errors rebuilt into the engine's typed errors; the answers of exits a
 row passed are kept on its job, so that the data plane answers from them at the deadline as it
 does in one process. The check before decoding reads the model's forecast board, and counts the
-requests this process let through and has not submitted yet as in flight (`Holds`, admission.py).
+requests this process let through and has not submitted yet as in flight (`Holds`, admission.py);
+a job it let through says so, and the engine process admits it as one process admits a checked job.
 
 Runs in a request process: on its event loop, and the link's reader thread (`_read`).
 """
@@ -55,7 +56,7 @@ class RemoteEngine:
         self.board = ForecastBoard.attach(state.board) if state.board else None
         # The forecast counts the jobs the engine process admitted as of its last publication, and two
         # request processes check at once: the places this one's checks let through count as in flight.
-        # Its admission is the engine process's, which sees no holds and decides afresh.
+        # A job sent with its place held is admitted by the engine process as one checked in its own.
         self.holds = Holds()
 
     @property
@@ -63,8 +64,7 @@ class RemoteEngine:
         return self.registry.connected
 
     def submit(self, job: Job) -> asyncio.Future:
-        self.holds.release(job.options)
-        return self.registry.submit(job, self.name, self.version)
+        return self.registry.submit(job, self.name, self.version, checked=self.holds.release(job.options))
 
     def precheck(self, options: InferenceOptions) -> None:
         """What admission would refuse, from the forecast the engine published after its last step or
@@ -158,8 +158,9 @@ class RemoteRegistry:
         return held(self.get(name, version), self.metrics)
 
     # -- jobs --------------------------------------------------------------------------------------
-    def submit(self, job: Job, name: str, version: str) -> asyncio.Future:
-        """Send `job` to the engine process; its future completes when the answer comes back."""
+    def submit(self, job: Job, name: str, version: str, checked: bool = False) -> asyncio.Future:
+        """Send `job` to the engine process; its future completes when the answer comes back. `checked`: this
+        process's check before decoding let it through and held its place."""
         link = self._link
         if link is None or not self.connected:
             raise ServiceError("the engine process is not reachable; retry shortly", NOT_READY)
@@ -171,7 +172,9 @@ class RemoteRegistry:
         inline = None if slot is not None else x.numpy().tobytes()
         self._pending[job_id] = (future, slot, job)
         self._outbox.append(
-            JobRecord(job_id, name, version, slot, tuple(x.shape), inline, job.options, job.shadow, job.answer_by)
+            JobRecord(
+                job_id, name, version, slot, tuple(x.shape), inline, job.options, job.shadow, job.answer_by, checked
+            )
         )
         if len(self._outbox) == 1:  # one message for every job of this turn of the event loop
             loop.call_soon(self._flush)
