@@ -26,8 +26,6 @@ from service.errors import ServiceError, to_error
 from service.metrics import Metrics
 from service.options import InferenceOptions
 from service.served import engine_config
-from service.workers.ipc import ModelState
-from service.workers.remote import RemoteEngine
 from tests.helpers import make_artifact
 
 LOOP_SLACK_S = 0.001  # a client's 1 ms of slack: a check read after an await includes the loop's wake-up
@@ -188,24 +186,11 @@ def test_the_check_before_decoding_holds_a_place_until_the_job_is_submitted(tmp_
 
 
 def test_a_job_a_request_process_let_through_is_admitted_as_one_checked_in_process(tmp_path: Path) -> None:
-    """Several request processes: the request process's check before decoding holds the job's place and
-    sends the job as checked; the engine process's admission then refuses it only for what no queue
-    changes (a deadline exit 1 cannot meet), as in one process, while a job sent unchecked is judged afresh."""
+    """Several request processes: a job the request process's check let through comes as checked
+    (tests/test_scheduler.py), and the engine process's admission then refuses it only for what no queue
+    changes (a deadline exit 1 cannot meet), as in one process; a job that comes unchecked is judged afresh."""
     engine = _engine(tmp_path, start=False)  # nothing runs: admitted jobs stay in flight
     engine.scheduler.limit.value = 1.0
-    sent: list[bool] = []
-
-    class Registry:  # what RemoteEngine sends through
-        def submit(self, job: Job, name: str, version: str, checked: bool = False) -> None:
-            sent.append(checked)
-
-    remote = RemoteEngine(Registry(), ModelState("m", "1", str(tmp_path), "cpu", None), engine.num_exits)  # type: ignore[arg-type]
-    let_through = _job(deadline_ms=1000)
-    remote.precheck(let_through.options)
-    remote.submit(let_through)
-    remote.submit(_job(deadline_ms=1000))  # never checked
-    assert sent == [True, False]
-
     sink = LoopSink(asyncio.new_event_loop())  # never called: nothing runs
     try:
         engine.submit_to(_job(deadline_ms=1000), sink)  # the one the limit allows

@@ -308,21 +308,27 @@ def test_admission_refuses_at_the_in_flight_limit_but_never_on_an_idle_engine() 
 
 
 class _Registry:
-    """What `RemoteEngine.submit` hands a job to (the link to the engine process), here nowhere."""
+    """What `RemoteEngine.submit` hands a job to (the link to the engine process), here nowhere: it keeps
+    whether each job went as checked."""
 
-    def submit(self, job: Job, name: str, version: str) -> None:
-        return None
+    def __init__(self) -> None:
+        self.checked: list[bool] = []
+
+    def submit(self, job: Job, name: str, version: str, checked: bool = False) -> None:
+        self.checked.append(checked)
 
 
 def test_a_request_process_counts_the_requests_it_let_through_until_it_submits_them() -> None:
     """Between two publications of the forecast a request process's check counts the requests it let
     through and has not submitted (their bodies arriving, or decoding) as in flight, with what the engine
     process published after its last admission: the third request against a limit of 2 is refused before
-    decoding, not after it at admission."""
+    decoding, not after it at admission. A job it let through goes to the engine process as checked, and
+    the engine process admits it as one process admits a checked job (tests/test_engine.py)."""
     s = _scheduler(max_batch=4)
     s.limit.value = 2.0
     board = ForecastBoard.create(max_batch=4, queue_size=100)
-    engine = RemoteEngine(_Registry(), ModelState("m", "1", "/nowhere", "cpu", board.spec), num_exits=3)  # type: ignore[arg-type]
+    registry = _Registry()
+    engine = RemoteEngine(registry, ModelState("m", "1", "/nowhere", "cpu", board.spec), num_exits=3)  # type: ignore[arg-type]
     try:
         board.write(s.forecast(0.0, deep=True))  # nothing in flight
         first, second, third = (InferenceOptions.now(deadline_ms=1000) for _ in range(3))
@@ -331,6 +337,8 @@ def test_a_request_process_counts_the_requests_it_let_through_until_it_submits_t
         with pytest.raises(QueueFull, match="2 requests are waiting"):
             engine.precheck(third)
         engine.submit(Job(torch.zeros(1), first))  # submitted: admission counts it now, as the engine publishes
+        engine.submit(Job(torch.zeros(1), InferenceOptions.now(deadline_ms=1000)))  # never checked
+        assert registry.checked == [True, False]
         engine.precheck(third)
         board.set_in_flight(1)  # the engine process admitted `first`
         published = board.read()
