@@ -16,8 +16,8 @@ With several request processes the check before decoding runs in a request proce
 too; service/workers/ipc.py): the same refusals, from figures at most one engine step old, and no
 brownout step (admission, in the engine process, still takes it). The request process's holds count
 in flight there too (service/workers/remote.py), and a job it let through is sent as checked: the
-engine process's admission then refuses it only for what no queue changes, as in one process (it
-refused such jobs on its own figures before, after they were decoded: slow refusals).
+engine process's admission then refuses it only for what no queue changes, as in one process, since
+judging it afresh on the engine's own figures would refuse after decoding what the check let through.
 
 Runs under the engine's lock, on the thread that admits: the event loop in a single process, a
 link's reader thread in the engine process.
